@@ -1,0 +1,228 @@
+//! Types shared by the kernel program (`collector-ebpf`) and the agent (`collector`).
+//!
+//! Everything here is `#[repr(C)]` and read by both sides byte for byte: changing a layout means
+//! rebuilding both (`cargo xtask build-ebpf` then the agent).
+#![no_std]
+
+/// The most ports one agent captures (`--port` list length).
+pub const MAX_PORTS: usize = 16;
+
+/// Entries of the `PORTS` array map: indexed by destination port, non-zero = captured. An array
+/// indexed by port is a single inlined lookup in the verifier-rewritten program, cheaper than a
+/// hash of at most [`MAX_PORTS`] entries.
+pub const PORT_MAP_ENTRIES: u32 = 65536;
+
+/// Default ring buffer size (bytes, a power-of-two multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
+
+/// Link-layer framing of the captured interface, set by the agent as a load-time constant.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// No L2 header: the packet starts at the IP header (tun, wireguard, raw IP).
+    RawIp = 0,
+    /// Ethernet header (also loopback, which carries a zeroed Ethernet header).
+    Ethernet = 1,
+}
+
+/// Payload capacities of the record sizes in the ring buffer. `bpf_ringbuf_reserve` takes only
+/// a constant size, so the program picks the smallest class that holds the payload (a record is
+/// the header plus the capacity). Powers of two, so that the program can prove a length in
+/// 1..=capacity to the verifier with a mask instead of a branch.
+pub const RECORD_CAPACITIES: [u32; 3] = [256, 2048, 16384];
+
+/// Records one segment may take: a segment larger than the biggest class is handed over as
+/// several records, each with the sequence number of its first byte. Four cover 64 KiB, the
+/// largest segment of loopback and GRO; anything beyond is cut and counted as truncated.
+pub const MAX_RECORDS_PER_SEGMENT: u32 = 4;
+
+/// Most payload bytes handed over per segment.
+pub const MAX_SEGMENT_CAPTURE: u32 = RECORD_CAPACITIES[2] * MAX_RECORDS_PER_SEGMENT;
+
+/// `family` values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// TCP flag bits as in the header's 13th byte.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Header of every ring buffer record; `cap_len` payload bytes follow it.
+///
+/// Addresses are in network byte order; an IPv4 address fills the first 4 bytes of the 16.
+/// Ports and the other integers are host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// `bpf_ktime_get_ns()` when the program saw the segment (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// TCP sequence number of the first payload byte in this record (segment seq + `offset`).
+    pub seq: u32,
+    /// Payload length of the whole TCP segment.
+    pub payload_len: u32,
+    /// Where this record's bytes start within the segment's payload.
+    pub offset: u32,
+    /// Payload bytes carried by this record.
+    pub cap_len: u32,
+    pub ifindex: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Why a packet was counted. One per-CPU `u64` per reason, in the `COUNTERS` map (one entry,
+/// a `[u64; COUNTER_COUNT]`), indexed by this value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet the program ran on.
+    Packets = 0,
+    /// L3 neither IPv4 nor IPv6 (ARP, LLDP, ...).
+    NotIp,
+    /// IP, but not TCP.
+    NotTcp,
+    /// TCP to a port that is not captured.
+    OtherPort,
+    /// TCP segments to a captured port (TotalPacket).
+    TcpToPort,
+    /// Of those, segments with payload (ValidPacket).
+    WithPayload,
+    /// Payload-less segments (pure ACKs, SYN, FIN...), dropped in the kernel.
+    NoPayload,
+    /// Records submitted to the ring buffer.
+    Records,
+    /// Payload bytes submitted to the ring buffer.
+    Bytes,
+    /// Segments not (or not wholly) handed over because the ring buffer was full.
+    RingFull,
+    /// Segments cut by the snapshot length.
+    Truncated,
+    /// IP fragments: not TCP segments, skipped.
+    Fragment,
+    /// `bpf_skb_load_bytes` failed on a payload that the headers said was there.
+    LoadFailed,
+    /// IP length 0 (GSO / BIG TCP): payload length taken from the skb length instead.
+    GsoLength,
+    /// Parse failures, one per kind.
+    EthShort,
+    VlanShort,
+    VlanTooDeep,
+    Ipv4Short,
+    Ipv4BadIhl,
+    Ipv4BadLength,
+    Ipv6Short,
+    Ipv6BadLength,
+    Ipv6ExtShort,
+    Ipv6ExtTooDeep,
+    TcpShort,
+    TcpBadOffset,
+    /// Headers not in the skb's linear data (the program reads headers directly).
+    HeaderNonlinear,
+}
+
+pub const COUNTER_COUNT: usize = Counter::HeaderNonlinear as usize + 1;
+
+/// The per-CPU counter block (one map entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters(pub [u64; COUNTER_COUNT]);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self([0; COUNTER_COUNT])
+    }
+}
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT] = [
+        Counter::Packets,
+        Counter::NotIp,
+        Counter::NotTcp,
+        Counter::OtherPort,
+        Counter::TcpToPort,
+        Counter::WithPayload,
+        Counter::NoPayload,
+        Counter::Records,
+        Counter::Bytes,
+        Counter::RingFull,
+        Counter::Truncated,
+        Counter::Fragment,
+        Counter::LoadFailed,
+        Counter::GsoLength,
+        Counter::EthShort,
+        Counter::VlanShort,
+        Counter::VlanTooDeep,
+        Counter::Ipv4Short,
+        Counter::Ipv4BadIhl,
+        Counter::Ipv4BadLength,
+        Counter::Ipv6Short,
+        Counter::Ipv6BadLength,
+        Counter::Ipv6ExtShort,
+        Counter::Ipv6ExtTooDeep,
+        Counter::TcpShort,
+        Counter::TcpBadOffset,
+        Counter::HeaderNonlinear,
+    ];
+
+    /// Stable snake_case name, used in status output and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::NotIp => "not_ip",
+            Counter::NotTcp => "not_tcp",
+            Counter::OtherPort => "other_port",
+            Counter::TcpToPort => "tcp_to_port",
+            Counter::WithPayload => "with_payload",
+            Counter::NoPayload => "no_payload",
+            Counter::Records => "records",
+            Counter::Bytes => "bytes",
+            Counter::RingFull => "ring_full",
+            Counter::Truncated => "truncated",
+            Counter::Fragment => "fragment",
+            Counter::LoadFailed => "load_failed",
+            Counter::GsoLength => "gso_length",
+            Counter::EthShort => "eth_short",
+            Counter::VlanShort => "vlan_short",
+            Counter::VlanTooDeep => "vlan_too_deep",
+            Counter::Ipv4Short => "ipv4_short",
+            Counter::Ipv4BadIhl => "ipv4_bad_ihl",
+            Counter::Ipv4BadLength => "ipv4_bad_length",
+            Counter::Ipv6Short => "ipv6_short",
+            Counter::Ipv6BadLength => "ipv6_bad_length",
+            Counter::Ipv6ExtShort => "ipv6_ext_short",
+            Counter::Ipv6ExtTooDeep => "ipv6_ext_too_deep",
+            Counter::TcpShort => "tcp_short",
+            Counter::TcpBadOffset => "tcp_bad_offset",
+            Counter::HeaderNonlinear => "header_nonlinear",
+        }
+    }
+
+    /// True for the counters that mean "a malformed or unparseable packet".
+    pub const fn is_parse_error(self) -> bool {
+        (self as u32) >= (Counter::EthShort as u32)
+    }
+}
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers and byte arrays, no padding the kernel leaves
+    // uninitialised in what we read (the explicit `_pad` is part of the layout).
+    unsafe impl aya::Pod for super::RecordHeader {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+const _: () = assert!(core::mem::size_of::<RecordHeader>() == 72);
+const _: () = assert!(core::mem::size_of::<RecordHeader>() % 8 == 0);

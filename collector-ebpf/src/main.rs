@@ -1,0 +1,441 @@
+//! TC ingress program: hands every client payload byte arriving on the MySQL port(s) to user
+//! space through a ring buffer, and counts everything it does not hand over.
+//!
+//! It only observes: every path returns `TC_ACT_UNSPEC` ("continue"; `TCX_NEXT` under TCX), so
+//! the packet and the programs after this one are untouched.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, mem::size_of, ptr};
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::{classifier, map},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use collector_common::{
+    COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, LinkKind,
+    MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE, PORT_MAP_ENTRIES, RECORD_CAPACITIES,
+    RecordHeader,
+};
+
+/// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::set_global`); the
+/// verifier sees them as constants and prunes the branches they rule out.
+#[unsafe(no_mangle)]
+static LINK_KIND: u8 = LinkKind::Ethernet as u8;
+/// Most payload bytes handed over per segment; 0 = the whole segment.
+#[unsafe(no_mangle)]
+static SNAP_LEN: u32 = 0;
+
+#[map]
+static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers skipped before giving up (counted as too deep).
+const MAX_IPV6_EXT: usize = 6;
+
+const HDR: usize = size_of::<RecordHeader>();
+const CAP_SMALL: u32 = RECORD_CAPACITIES[0];
+const CAP_MEDIUM: u32 = RECORD_CAPACITIES[1];
+const CAP_LARGE: u32 = RECORD_CAPACITIES[2];
+
+#[classifier]
+pub fn mrte_capture(ctx: TcContext) -> i32 {
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: a per-CPU map value, only this CPU touches it while the program runs.
+    let counters = unsafe { &mut *counters };
+    bump(counters, Counter::Packets);
+    if let Err(reason) = capture(&ctx, counters) {
+        bump(counters, reason);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn bump(c: &mut Counters, which: Counter) {
+    let i = which as usize;
+    if i < COUNTER_COUNT {
+        c.0[i] += 1;
+    }
+}
+
+/// What the headers say about one TCP segment.
+struct Segment {
+    family: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+    /// Offset of the payload from `skb->data`.
+    payload_off: u32,
+    payload_len: u32,
+}
+
+/// Bounds of the packet as the program may read it directly.
+struct Packet {
+    data: usize,
+    data_end: usize,
+    /// `skb->len`: the whole packet, linear part and fragments.
+    len: usize,
+}
+
+impl Packet {
+    /// Reads the header `T` at `off`, bounds-checked against the linear data. Each header is
+    /// read whole through the one checked pointer: a field read through a pointer recomputed
+    /// from another base after a variable-length hop is rejected by the verifier.
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize, short: Counter) -> Result<T, Counter> {
+        let start = self.data + off;
+        if start + size_of::<T>() > self.data_end {
+            return Err(if off + size_of::<T>() > self.len {
+                short
+            } else {
+                Counter::HeaderNonlinear
+            });
+        }
+        // SAFETY: `size_of::<T>()` bytes at `start` are inside the linear packet data; all
+        // header types are byte arrays (alignment 1).
+        Ok(unsafe { ptr::read_unaligned(start as *const T) })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    ver_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Ext {
+    next: u8,
+    len: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHdr {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    seq: [u8; 4],
+    ack: [u8; 4],
+    doff: u8,
+    flags: u8,
+    window: [u8; 2],
+    check: [u8; 2],
+    urg: [u8; 2],
+}
+
+#[inline(always)]
+fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer the kernel passed in.
+    let (len, protocol, ifindex) = unsafe { ((*skb).len, (*skb).protocol, (*skb).ifindex) };
+    let pkt = Packet {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        len: len as usize,
+    };
+
+    // L2. The outer VLAN tag (if any) is already in skb metadata at TC ingress; an inner
+    // (QinQ) tag, or both when the frame comes from BPF_PROG_TEST_RUN, is still in the bytes.
+    // SAFETY: a load-time constant.
+    let link = unsafe { ptr::read_volatile(&LINK_KIND) };
+    let (mut l3_proto, mut off) = if link == LinkKind::Ethernet as u8 {
+        let eth: [u8; ETH_HLEN] = pkt.read(0, Counter::EthShort)?;
+        (u16::from_be_bytes([eth[12], eth[13]]), ETH_HLEN)
+    } else {
+        (u16::from_be(protocol as u16), 0)
+    };
+    for _ in 0..2 {
+        if l3_proto != ETH_P_8021Q && l3_proto != ETH_P_8021AD {
+            break;
+        }
+        let tag: [u8; 4] = pkt.read(off, Counter::VlanShort)?;
+        l3_proto = u16::from_be_bytes([tag[2], tag[3]]);
+        off += 4;
+    }
+    if l3_proto == ETH_P_8021Q || l3_proto == ETH_P_8021AD {
+        return Err(Counter::VlanTooDeep);
+    }
+
+    let (seg, gso) = match l3_proto {
+        ETH_P_IP => parse_ipv4(&pkt, off)?,
+        ETH_P_IPV6 => parse_ipv6(&pkt, off)?,
+        _ => return Err(Counter::NotIp),
+    };
+    if gso {
+        bump(counters, Counter::GsoLength);
+    }
+
+    match PORTS.get(seg.dport as u32) {
+        Some(v) if *v != 0 => {}
+        _ => return Err(Counter::OtherPort),
+    }
+    bump(counters, Counter::TcpToPort);
+    if seg.payload_len == 0 {
+        return Err(Counter::NoPayload);
+    }
+    bump(counters, Counter::WithPayload);
+    emit(ctx, counters, &seg, ifindex)
+}
+
+/// The segment, and whether the IP length was 0 (GSO / BIG TCP) so that the payload length
+/// came from `skb->len`.
+type Parsed = (Segment, bool);
+
+#[inline(always)]
+fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, Counter> {
+    let ip: Ipv4Hdr = pkt.read(off, Counter::Ipv4Short)?;
+    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < 20 {
+        return Err(Counter::Ipv4BadIhl);
+    }
+    // Options: the whole header must be there too, checked at its real length.
+    if off + ihl > pkt.len {
+        return Err(Counter::Ipv4Short);
+    }
+    let available = pkt.len - off;
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let (ip_len, gso) = if tot_len == 0 {
+        (available, true)
+    } else if tot_len < ihl || tot_len > available {
+        return Err(Counter::Ipv4BadLength);
+    } else {
+        (tot_len, false)
+    };
+    // MF set or a fragment offset: not a whole TCP segment.
+    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+        return Err(Counter::Fragment);
+    }
+    if ip.proto != IPPROTO_TCP {
+        return Err(Counter::NotTcp);
+    }
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    saddr[..4].copy_from_slice(&ip.saddr);
+    daddr[..4].copy_from_slice(&ip.daddr);
+    let seg = parse_tcp(pkt, off + ihl, ip_len - ihl, FAMILY_V4, saddr, daddr)?;
+    Ok((seg, gso))
+}
+
+#[inline(always)]
+fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, Counter> {
+    let ip: Ipv6Hdr = pkt.read(off, Counter::Ipv6Short)?;
+    if ip.ver_class_flow[0] >> 4 != 6 {
+        return Err(Counter::Ipv6Short);
+    }
+    let available = pkt.len - off - IPV6_HLEN;
+    let plen = u16::from_be_bytes(ip.payload_len) as usize;
+    let (plen, gso) = if plen == 0 {
+        (available, true)
+    } else if plen > available {
+        return Err(Counter::Ipv6BadLength);
+    } else {
+        (plen, false)
+    };
+    let end = off + IPV6_HLEN + plen;
+    let mut next = ip.next;
+    let mut l4 = off + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT {
+        if !matches!(next, 0 | 43 | 60 | 51) {
+            break;
+        }
+        let ext: Ipv6Ext = pkt.read(l4, Counter::Ipv6ExtShort)?;
+        l4 += if next == 51 {
+            // Authentication header: (len + 2) * 4 bytes.
+            (ext.len as usize + 2) * 4
+        } else {
+            // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+            (ext.len as usize + 1) * 8
+        };
+        next = ext.next;
+        if l4 > end {
+            return Err(Counter::Ipv6ExtShort);
+        }
+    }
+    match next {
+        IPPROTO_TCP => {}
+        0 | 43 | 60 | 51 => return Err(Counter::Ipv6ExtTooDeep),
+        44 => return Err(Counter::Fragment),
+        _ => return Err(Counter::NotTcp),
+    }
+    let seg = parse_tcp(pkt, l4, end - l4, FAMILY_V6, ip.saddr, ip.daddr)?;
+    Ok((seg, gso))
+}
+
+#[inline(always)]
+fn parse_tcp(
+    pkt: &Packet,
+    off: usize,
+    l4_len: usize,
+    family: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+) -> Result<Segment, Counter> {
+    let tcp: TcpHdr = pkt.read(off, Counter::TcpShort)?;
+    if l4_len < size_of::<TcpHdr>() {
+        return Err(Counter::TcpShort);
+    }
+    let doff = (tcp.doff >> 4) as usize * 4;
+    if doff < size_of::<TcpHdr>() || doff > l4_len {
+        return Err(Counter::TcpBadOffset);
+    }
+    Ok(Segment {
+        family,
+        saddr,
+        daddr,
+        sport: u16::from_be_bytes(tcp.sport),
+        dport: u16::from_be_bytes(tcp.dport),
+        seq: u32::from_be_bytes(tcp.seq),
+        flags: tcp.flags,
+        payload_off: (off + doff) as u32,
+        payload_len: (l4_len - doff) as u32,
+    })
+}
+
+/// Hands the payload over as one record, or several for payloads above the largest class.
+#[inline(always)]
+fn emit(
+    ctx: &TcContext,
+    counters: &mut Counters,
+    seg: &Segment,
+    ifindex: u32,
+) -> Result<(), Counter> {
+    // SAFETY: a load-time constant.
+    let snap = unsafe { ptr::read_volatile(&SNAP_LEN) };
+    let mut want = seg.payload_len;
+    if snap != 0 && want > snap {
+        want = snap;
+    }
+    if want > MAX_SEGMENT_CAPTURE {
+        want = MAX_SEGMENT_CAPTURE;
+    }
+    if want < seg.payload_len {
+        bump(counters, Counter::Truncated);
+    }
+    let mut hdr = RecordHeader {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        saddr: seg.saddr,
+        daddr: seg.daddr,
+        seq: seg.seq,
+        payload_len: seg.payload_len,
+        offset: 0,
+        cap_len: 0,
+        ifindex,
+        sport: seg.sport,
+        dport: seg.dport,
+        family: seg.family,
+        tcp_flags: seg.flags,
+        _pad: [0; 6],
+    };
+    let mut done = 0u32;
+    for _ in 0..MAX_RECORDS_PER_SEGMENT {
+        if done >= want {
+            break;
+        }
+        let n = want - done;
+        hdr.offset = done;
+        hdr.seq = seg.seq.wrapping_add(done);
+        let from = seg.payload_off + done;
+        let sent = if n <= CAP_SMALL {
+            emit_one::<{ HDR + CAP_SMALL as usize }, CAP_SMALL>(ctx, &mut hdr, from, n)
+        } else if n <= CAP_MEDIUM {
+            emit_one::<{ HDR + CAP_MEDIUM as usize }, CAP_MEDIUM>(ctx, &mut hdr, from, n)
+        } else {
+            emit_one::<{ HDR + CAP_LARGE as usize }, CAP_LARGE>(ctx, &mut hdr, from, n)
+        }?;
+        bump(counters, Counter::Records);
+        counters.0[Counter::Bytes as usize] += sent as u64;
+        done += sent;
+    }
+    Ok(())
+}
+
+/// One record of `SIZE` bytes (header + `CAP`) carrying up to `CAP` of the `n` bytes at `from`.
+#[inline(always)]
+fn emit_one<const SIZE: usize, const CAP: u32>(
+    ctx: &TcContext,
+    hdr: &mut RecordHeader,
+    from: u32,
+    n: u32,
+) -> Result<u32, Counter> {
+    let n = if n > CAP { CAP } else { n };
+    // The verifier must see the length in 1..=CAP at the helper call. A volatile read hides
+    // the range from LLVM, so that the mask (a no-op for 1..=CAP, CAP a power of two) is kept
+    // rather than folded away together with the check it would replace.
+    // SAFETY: reads a local.
+    let n = unsafe { ptr::read_volatile(&n) };
+    let n = (n.wrapping_sub(1) & (CAP - 1)) + 1;
+    let Some(mut entry) = RECORDS.reserve::<[u8; SIZE]>(0) else {
+        return Err(Counter::RingFull);
+    };
+    hdr.cap_len = n;
+    let base = entry.as_mut_ptr() as *mut u8;
+    // SAFETY: ring buffer entries are 8-aligned and SIZE bytes; the header takes the first HDR.
+    unsafe { ptr::write(base as *mut RecordHeader, *hdr) };
+    // SAFETY: `n` <= CAP bytes fit after the header; the helper bounds-checks the skb side.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            from,
+            base.add(HDR) as *mut c_void,
+            n,
+        )
+    };
+    if ret < 0 {
+        entry.discard(0);
+        return Err(Counter::LoadFailed);
+    }
+    entry.submit(0);
+    Ok(n)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,602 @@
+//! Capture: loads the TC ingress program, attaches it, and drains its ring buffer into typed
+//! [`Record`]s handed to a [`RecordSink`].
+//!
+//! Attach is TCX-first: a TCX link is owned by the agent's file descriptor, so the kernel
+//! detaches it by itself if the agent dies. Kernels without TCX get a clsact qdisc and a netlink
+//! filter, both removed on drop (the qdisc only if this agent added it).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::OwnedFd,
+    process::Command,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
+    },
+};
+use bytes::{Bytes, BytesMut};
+use collector_common::{
+    COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, LinkKind, MAX_PORTS,
+    RecordHeader,
+};
+use tokio::io::{Interest, unix::AsyncFd};
+
+/// The kernel program, embedded at build time (see `build.rs`).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MRTE_EBPF_OBJECT"));
+
+/// Name of the classifier in the object, and the name the kernel shows for it: how a later
+/// start recognises a hook that a killed instance left behind.
+pub const PROGRAM_NAME: &str = "mrte_capture";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "missing privileges: {missing} (run as root, or grant the binary CAP_BPF, CAP_NET_ADMIN \
+         and CAP_PERFMON: setcap cap_bpf,cap_net_admin,cap_perfmon+ep mrte-collector)"
+    )]
+    NotPrivileged { missing: String },
+    #[error("unknown interface {name:?}; interfaces on this host: {available}")]
+    UnknownInterface { name: String, available: String },
+    #[error(
+        "interface {name:?} has link type {arphrd}, which the capture program cannot parse \
+         (supported: Ethernet, loopback, raw IP such as tun)"
+    )]
+    UnsupportedLink { name: String, arphrd: u32 },
+    #[error("{count} ports given; at most {MAX_PORTS} can be captured at once")]
+    TooManyPorts { count: usize },
+    #[error("no port to capture")]
+    NoPorts,
+    #[error("loading the eBPF object failed")]
+    Object(#[from] aya::EbpfError),
+    #[error("the kernel refused the capture program")]
+    Load(#[source] ProgramError),
+    #[error("attaching to {interface} ingress ({mode}) failed")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the eBPF object has no {what} named {name}")]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
+    #[error("registering the ring buffer with the runtime")]
+    Ring(#[source] io::Error),
+}
+
+/// How to attach. `Auto` is TCX where the kernel has it (6.6+), netlink otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    pub interface: String,
+    pub ports: Vec<u16>,
+    /// Most payload bytes handed over per segment; 0 = whole segments.
+    pub snap_len: u32,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_bytes: u32,
+    pub attach_mode: AttachMode,
+}
+
+impl CaptureConfig {
+    pub fn new(interface: impl Into<String>, ports: Vec<u16>) -> Self {
+        Self {
+            interface: interface.into(),
+            ports,
+            snap_len: 0,
+            ring_bytes: DEFAULT_RING_BYTES,
+            attach_mode: AttachMode::Auto,
+        }
+    }
+}
+
+/// One captured piece of a client's TCP stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// CLOCK_MONOTONIC nanoseconds when the kernel saw the segment.
+    pub ts_ns: u64,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP sequence number of `data[0]`.
+    pub seq: u32,
+    pub tcp_flags: u8,
+    /// Payload length of the whole segment this record came from.
+    pub segment_len: u32,
+    /// Where `data` starts within that segment's payload.
+    pub offset: u32,
+    pub ifindex: u32,
+    pub data: Bytes,
+}
+
+/// Where drained records go: the later pipeline stages implement this.
+pub trait RecordSink {
+    fn push(&mut self, record: Record);
+    /// Called after each drain of the ring buffer (a natural batch boundary).
+    fn flush(&mut self) {}
+}
+
+/// What the drain handed over; `malformed` (an item shorter than its header says) should
+/// never move.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DrainStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub malformed: u64,
+}
+
+/// The loaded and attached capture program.
+pub struct Capture {
+    ebpf: Ebpf,
+    link: Option<SchedClassifierLinkId>,
+    ring: Option<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, Counters>,
+    interface: String,
+    ifindex: u32,
+    /// Set when the netlink fallback added the clsact qdisc, which drop then removes.
+    added_clsact: bool,
+    mode: &'static str,
+}
+
+impl Capture {
+    /// Checks privileges and the interface, loads the program, sets its ports and attaches it
+    /// to the interface's ingress.
+    pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        check_privileges()?;
+        let ifindex = interface_index(&cfg.interface)?;
+        let link_kind = link_kind(&cfg.interface)?;
+        if cfg.ports.is_empty() {
+            return Err(CaptureError::NoPorts);
+        }
+        if cfg.ports.len() > MAX_PORTS {
+            return Err(CaptureError::TooManyPorts {
+                count: cfg.ports.len(),
+            });
+        }
+        let link_kind = link_kind as u8;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LINK_KIND", &link_kind, true)
+            .override_global("SNAP_LEN", &cfg.snap_len, true)
+            .map_max_entries("RECORDS", cfg.ring_bytes)
+            .load(EBPF_OBJECT)?;
+
+        let mut ports: Array<_, u8> =
+            Array::try_from(ebpf.map_mut("PORTS").ok_or(CaptureError::Missing {
+                what: "map",
+                name: "PORTS",
+            })?)
+            .map_err(|source| CaptureError::Map {
+                name: "PORTS",
+                source,
+            })?;
+        for &port in &cfg.ports {
+            ports
+                .set(port as u32, 1, 0)
+                .map_err(|source| CaptureError::Map {
+                    name: "PORTS",
+                    source,
+                })?;
+        }
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(|source| {
+                CaptureError::Map {
+                    name: "COUNTERS",
+                    source,
+                }
+            })?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, "RECORDS")?).map_err(|source| {
+            CaptureError::Map {
+                name: "RECORDS",
+                source,
+            }
+        })?;
+
+        let prog = classifier(&mut ebpf)?;
+        prog.load().map_err(CaptureError::Load)?;
+        let (link, mode, added_clsact) = attach_program(prog, &cfg.interface, cfg.attach_mode)?;
+        tracing::info!(
+            interface = %cfg.interface, ifindex, mode, ports = ?cfg.ports,
+            "capture program attached to ingress"
+        );
+        Ok(Self {
+            ebpf,
+            link: Some(link),
+            ring: Some(ring),
+            counters,
+            interface: cfg.interface.clone(),
+            ifindex,
+            added_clsact,
+            mode,
+        })
+    }
+
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// "tcx" or "netlink".
+    pub fn attach_mode(&self) -> &'static str {
+        self.mode
+    }
+
+    /// A handle that reads the kernel counters, usable from another task.
+    pub fn counters(&self) -> &PerCpuArray<MapData, Counters> {
+        &self.counters
+    }
+
+    /// Kernel counters summed over CPUs.
+    pub fn read_counters(&self) -> Result<Counters, CaptureError> {
+        sum_counters(&self.counters)
+    }
+
+    /// The kernel's id of the loaded program (for `bpf_stats` run time / count).
+    pub fn program_info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        prog.info()
+    }
+
+    /// Takes the ring buffer out for a [`Drain`]; `None` if already taken.
+    pub fn take_drain(&mut self) -> Result<Option<Drain>, CaptureError> {
+        match self.ring.take() {
+            None => Ok(None),
+            Some(ring) => Ok(Some(Drain::new(ring)?)),
+        }
+    }
+
+    /// Detaches the program (and removes a clsact qdisc this agent added).
+    pub fn detach(mut self) -> Result<(), CaptureError> {
+        self.detach_inner()
+    }
+
+    fn detach_inner(&mut self) -> Result<(), CaptureError> {
+        if let Some(link) = self.link.take() {
+            let prog = classifier(&mut self.ebpf)?;
+            prog.detach(link).map_err(|source| CaptureError::Attach {
+                interface: self.interface.clone(),
+                mode: self.mode,
+                source,
+            })?;
+            tracing::info!(interface = %self.interface, "capture program detached");
+        }
+        if self.added_clsact {
+            self.added_clsact = false;
+            remove_clsact(&self.interface);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach_inner() {
+            tracing::warn!("detaching on drop: {e}");
+        }
+    }
+}
+
+/// Sums a per-CPU counter block over all CPUs.
+pub fn sum_counters(map: &PerCpuArray<MapData, Counters>) -> Result<Counters, CaptureError> {
+    let per_cpu = map.get(&0, 0).map_err(|source| CaptureError::Map {
+        name: "COUNTERS",
+        source,
+    })?;
+    let mut total = Counters::default();
+    for cpu in per_cpu.iter() {
+        for i in 0..COUNTER_COUNT {
+            total.0[i] += cpu.0[i];
+        }
+    }
+    Ok(total)
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name)
+        .ok_or(CaptureError::Missing { what: "map", name })
+}
+
+fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or(CaptureError::Missing {
+            what: "program",
+            name: PROGRAM_NAME,
+        })?
+        .try_into()
+        .map_err(CaptureError::Load)
+}
+
+fn attach_program(
+    prog: &mut SchedClassifier,
+    interface: &str,
+    mode: AttachMode,
+) -> Result<(SchedClassifierLinkId, &'static str, bool), CaptureError> {
+    if mode != AttachMode::Netlink {
+        match prog.attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(Default::default()),
+        ) {
+            Ok(link) => return Ok((link, "tcx", false)),
+            Err(source) if mode == AttachMode::Tcx => {
+                return Err(CaptureError::Attach {
+                    interface: interface.into(),
+                    mode: "tcx",
+                    source,
+                });
+            }
+            Err(e) => tracing::info!("TCX attach failed ({e}); falling back to clsact + netlink"),
+        }
+    }
+    // clsact already present (another tool's, or ours from a previous run) is left as found.
+    let added_clsact = match qdisc_add_clsact(interface) {
+        Ok(()) => true,
+        Err(aya::programs::tc::TcError::IoError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+            false
+        }
+        Err(e) => {
+            return Err(CaptureError::Attach {
+                interface: interface.into(),
+                mode: "netlink",
+                source: ProgramError::from(e),
+            });
+        }
+    };
+    match prog.attach_with_options(
+        interface,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions::default()),
+    ) {
+        Ok(link) => Ok((link, "netlink", added_clsact)),
+        Err(source) => {
+            if added_clsact {
+                remove_clsact(interface);
+            }
+            Err(CaptureError::Attach {
+                interface: interface.into(),
+                mode: "netlink",
+                source,
+            })
+        }
+    }
+}
+
+/// aya adds a clsact qdisc but has no call to remove one; iproute2's `tc` does.
+fn remove_clsact(interface: &str) {
+    match Command::new("tc")
+        .args(["qdisc", "del", "dev", interface, "clsact"])
+        .status()
+    {
+        Ok(s) if s.success() => tracing::info!(interface, "removed the clsact qdisc we added"),
+        Ok(s) => tracing::warn!(interface, "tc qdisc del clsact exited with {s}"),
+        Err(e) => tracing::warn!(interface, "could not run tc to remove clsact: {e}"),
+    }
+}
+
+/// Reads the effective capability set: loading needs CAP_BPF (or CAP_SYS_ADMIN) and attaching
+/// needs CAP_NET_ADMIN; checking first gives a clearer message than the kernel's EPERM.
+fn check_privileges() -> Result<(), CaptureError> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+    else {
+        // No /proc: let the kernel decide.
+        return Ok(());
+    };
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CaptureError::NotPrivileged {
+            missing: missing.join(" and "),
+        })
+    }
+}
+
+/// The interface's index, or an error listing the interfaces that do exist.
+pub fn interface_index(name: &str) -> Result<u32, CaptureError> {
+    nix::net::if_::if_nametoindex(name).map_err(|_| CaptureError::UnknownInterface {
+        name: name.into(),
+        available: nix::net::if_::if_nameindex()
+            .map(|list| {
+                list.iter()
+                    .map(|i| i.name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default(),
+    })
+}
+
+/// The framing the program must parse, from the interface's ARPHRD type.
+fn link_kind(name: &str) -> Result<LinkKind, CaptureError> {
+    const ARPHRD_ETHER: u32 = 1;
+    const ARPHRD_PPP: u32 = 512;
+    const ARPHRD_RAWIP: u32 = 519;
+    const ARPHRD_LOOPBACK: u32 = 772;
+    const ARPHRD_NONE: u32 = 65534;
+    let arphrd = std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(ARPHRD_ETHER);
+    match arphrd {
+        ARPHRD_ETHER | ARPHRD_LOOPBACK => Ok(LinkKind::Ethernet),
+        ARPHRD_NONE | ARPHRD_RAWIP | ARPHRD_PPP => Ok(LinkKind::RawIp),
+        arphrd => Err(CaptureError::UnsupportedLink {
+            name: name.into(),
+            arphrd,
+        }),
+    }
+}
+
+/// The ring buffer, registered with tokio: wakes on epoll, never sleep-polls.
+pub struct Drain {
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Arena the records' payloads are copied into; split off per record so that one
+    /// allocation serves many records.
+    arena: BytesMut,
+    pub stats: DrainStats,
+}
+
+const ARENA_CHUNK: usize = 1 << 20;
+
+impl Drain {
+    fn new(ring: RingBuf<MapData>) -> Result<Self, CaptureError> {
+        Ok(Self {
+            // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
+            ring: unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                .map_err(|e| CaptureError::Ring(e.into()))?,
+            arena: BytesMut::with_capacity(ARENA_CHUNK),
+            stats: DrainStats::default(),
+        })
+    }
+
+    /// Waits until the ring buffer has records, then hands all of them to `sink`.
+    pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
+        let mut guard = self.ring.readable_mut().await.map_err(CaptureError::Ring)?;
+        let n = drain_ring(
+            guard.get_inner_mut(),
+            &mut self.arena,
+            &mut self.stats,
+            sink,
+        );
+        guard.clear_ready();
+        sink.flush();
+        Ok(n)
+    }
+
+    /// Hands over whatever is in the ring buffer now, without waiting.
+    pub fn drain_now(&mut self, sink: &mut impl RecordSink) -> usize {
+        let n = drain_ring(self.ring.get_mut(), &mut self.arena, &mut self.stats, sink);
+        sink.flush();
+        n
+    }
+
+    /// Drains until `shutdown` completes, then once more for what arrived meanwhile.
+    pub async fn run(
+        &mut self,
+        sink: &mut impl RecordSink,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), CaptureError> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                r = self.drain_once(sink) => { r?; }
+                _ = &mut shutdown => break,
+            }
+        }
+        self.drain_now(sink);
+        Ok(())
+    }
+}
+
+fn drain_ring(
+    ring: &mut RingBuf<MapData>,
+    arena: &mut BytesMut,
+    stats: &mut DrainStats,
+    sink: &mut impl RecordSink,
+) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        match decode(&item, arena) {
+            Some(rec) => {
+                stats.records += 1;
+                stats.bytes += rec.data.len() as u64;
+                n += 1;
+                sink.push(rec);
+            }
+            None => stats.malformed += 1,
+        }
+    }
+    n
+}
+
+/// Decodes one ring buffer item (header + payload) into a [`Record`].
+pub fn decode(item: &[u8], arena: &mut BytesMut) -> Option<Record> {
+    const H: usize = std::mem::size_of::<RecordHeader>();
+    if item.len() < H {
+        return None;
+    }
+    // SAFETY: RecordHeader is Pod, and `item` has at least H bytes.
+    let hdr: RecordHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    let payload = item.get(H..H + hdr.cap_len as usize)?;
+    if arena.capacity() - arena.len() < payload.len() {
+        *arena = BytesMut::with_capacity(ARENA_CHUNK.max(payload.len()));
+    }
+    arena.extend_from_slice(payload);
+    let data = arena.split().freeze();
+    let (src, dst) = if hdr.family == FAMILY_V4 {
+        (v4(&hdr.saddr), v4(&hdr.daddr))
+    } else {
+        (
+            IpAddr::V6(Ipv6Addr::from(hdr.saddr)),
+            IpAddr::V6(Ipv6Addr::from(hdr.daddr)),
+        )
+    };
+    Some(Record {
+        ts_ns: hdr.ts_ns,
+        src,
+        dst,
+        sport: hdr.sport,
+        dport: hdr.dport,
+        seq: hdr.seq,
+        tcp_flags: hdr.tcp_flags,
+        segment_len: hdr.payload_len,
+        offset: hdr.offset,
+        ifindex: hdr.ifindex,
+        data,
+    })
+}
+
+fn v4(a: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+}
+
+/// Turns on the kernel's BPF run-time statistics while the returned fd lives.
+pub fn enable_bpf_stats() -> Result<OwnedFd, aya::sys::SyscallError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+}
+
+/// Named counters, in [`Counter::ALL`] order, for display.
+pub fn named(c: &Counters) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    Counter::ALL.iter().map(move |&k| (k.name(), c.get(k)))
+}

@@ -1,0 +1,62 @@
+//! Command-line flags. Names follow the original collector (`--name=value`, snake_case) so that
+//! existing start scripts keep working; `--name value` works too.
+
+use clap::Parser;
+
+use crate::capture::AttachMode;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mrte-collector",
+    version,
+    about = "Captures MySQL client requests with an eBPF TC ingress program.",
+    long_about = None,
+    rename_all = "snake_case",
+)]
+pub struct Cli {
+    /// Network interface to capture on (e.g. eth0, lo).
+    #[arg(long)]
+    pub interface: String,
+
+    /// MySQL server port(s) to capture: one port or a comma list, at most 16.
+    #[arg(long, value_delimiter = ',', default_value = "3306", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+
+    /// Most payload bytes handed over per TCP segment; 0 carries whole segments (up to 64 KiB).
+    /// Every cut segment is counted (kernel counter `truncated`).
+    #[arg(long, default_value_t = 0, value_parser = snapshot_len)]
+    pub snapshot_len: u32,
+
+    /// Kernel ring buffer size in MiB (a power of two).
+    #[arg(long, default_value_t = 64, value_parser = ring_mb)]
+    pub ring_buffer_mb: u32,
+
+    /// How to attach: tcx (kernel 6.6+, detached by the kernel if the agent dies), netlink
+    /// (clsact qdisc + filter), or auto (tcx where the kernel has it).
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach_mode: AttachMode,
+
+    /// Seconds between status lines.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub status_interval: u64,
+}
+
+fn snapshot_len(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v == 0 || (64..=65535).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is outside 64..=65535 (or 0 for whole segments)"
+        ))
+    }
+}
+
+fn ring_mb(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if (1..=1024).contains(&v) && v.is_power_of_two() {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a power of two in 1..=1024"))
+    }
+}

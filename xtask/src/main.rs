@@ -1,0 +1,141 @@
+//! Build, set-up and test tasks: `cargo xtask --help`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent): rust-src for nightly, LLVM 22,
+    /// bpf-linker, MariaDB, RabbitMQ, iproute2, nftables; start MariaDB and RabbitMQ.
+    Setup,
+    /// Build the kernel program into target/ebpf/collector-ebpf.o.
+    BuildEbpf {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the kernel program and the agent (release).
+    Build,
+    /// Set up, build, and run mrte-collector (release) with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, then run every test (unit and integration) plus fmt and clippy checks.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    run(Command::new("bash").arg(root().join("scripts/setup.sh")))
+}
+
+fn build_ebpf(release: bool) -> anyhow::Result<()> {
+    let root = root();
+    let dir = root.join("collector-ebpf");
+    let target_dir = root.join("target/ebpf-build");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        // The user-space toolchain's variables would point the nightly build at the wrong rustc.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO")
+        .args([
+            "+nightly",
+            "build",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    let built = target_dir.join(format!("bpfel-unknown-none/{profile}/collector-ebpf"));
+    let out = root.join("target/ebpf/collector-ebpf.o");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    // Copy only when changed, so that the agent's build script does not rebuild needlessly.
+    let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    if std::fs::read(&out).ok().as_deref() != Some(&new[..]) {
+        std::fs::write(&out, &new).with_context(|| format!("writing {}", out.display()))?;
+    }
+    eprintln!("eBPF object: {}", out.display());
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root());
+    c
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf { release } => build_ebpf(release),
+        Cmd::Build => {
+            build_ebpf(true)?;
+            run(cargo().args(["build", "--release", "-p", "collector"]))
+        }
+        Cmd::Run { args } => {
+            setup()?;
+            build_ebpf(true)?;
+            run(cargo().args(["build", "--release", "-p", "collector"]))?;
+            run(Command::new(root().join("target/release/mrte-collector")).args(args))
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            build_ebpf(true)?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            // The integration tests run the real binary too.
+            run(cargo().args(["build", "-p", "collector"]))?;
+            // Tests share the kernel, the interfaces and the services: one at a time.
+            run(cargo()
+                .args(["test", "--workspace", "--", "--test-threads=1"])
+                .args(args))
+        }
+    }
+}
