@@ -225,4 +225,4 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<RecordHeader>() == 72);
-const _: () = assert!(core::mem::size_of::<RecordHeader>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<RecordHeader>().is_multiple_of(8));

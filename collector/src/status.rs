@@ -85,7 +85,7 @@ impl StatusLine {
         let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
         let p = &self.prev;
         let mut out = String::new();
-        if self.lines % HEADER_EVERY == 0 {
+        if self.lines.is_multiple_of(HEADER_EVERY) {
             out.push_str(&Self::header());
             out.push('\n');
         }

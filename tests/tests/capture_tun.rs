@@ -1,0 +1,126 @@
+//! The raw-IP path: a tun device (no L2 header). Packets written to the tun file descriptor
+//! arrive on the device's ingress, where the program must parse them from the IP header on.
+
+mod common;
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use collector_common::Counter;
+use common::*;
+
+const PORT: u16 = 13307;
+
+/// A tun device; closing the descriptor (on drop) removes it.
+struct Tun {
+    name: String,
+    file: File,
+}
+
+nix::ioctl_write_ptr_bad!(tunsetiff, 0x400454ca, libc::ifreq);
+
+impl Tun {
+    fn new() -> Self {
+        let name = unique("mtun");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("/dev/net/tun");
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        unsafe { tunsetiff(file.as_raw_fd(), &req) }.expect("TUNSETIFF");
+        sh(&["ip", "addr", "add", "198.18.9.1/24", "dev", &name]);
+        sh(&["ip", "link", "set", &name, "up"]);
+        Self { name, file }
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4_tcp(src: [u8; 4], sport: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&[198, 18, 9, 1]);
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&PORT.to_be_bytes());
+    p[24..28].copy_from_slice(&seq.to_be_bytes());
+    p[32] = 5 << 4;
+    p[33] = 0x18;
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv6_tcp(sport: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 60];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    p[6] = 6;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&"2001:2::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p[24..40].copy_from_slice(&"2001:2::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p[40..42].copy_from_slice(&sport.to_be_bytes());
+    p[42..44].copy_from_slice(&PORT.to_be_bytes());
+    p[44..48].copy_from_slice(&seq.to_be_bytes());
+    p[52] = 5 << 4;
+    p[53] = 0x18;
+    p.extend_from_slice(payload);
+    p
+}
+
+#[tokio::test]
+async fn raw_ip_device_is_parsed_from_the_ip_header() {
+    let mut tun = Tun::new();
+    let mut cap = TestCapture::start(&tun.name, &[PORT]);
+    let a = pattern(1200, 3);
+    let b = pattern(700, 4);
+    let c = pattern(333, 5);
+    tun.file
+        .write_all(&ipv4_tcp([198, 18, 9, 2], 41000, 7, &a))
+        .unwrap();
+    tun.file
+        .write_all(&ipv4_tcp([198, 18, 9, 2], 41000, 7 + 1200, &b))
+        .unwrap();
+    tun.file.write_all(&ipv6_tcp(41001, 99, &c)).unwrap();
+    // A pure ACK: dropped in the kernel.
+    tun.file
+        .write_all(&ipv4_tcp([198, 18, 9, 2], 41000, 1907, b""))
+        .unwrap();
+    cap.collect_until(Duration::from_secs(5), "three records", |recs, c| {
+        recs.len() >= 3 && c.get(Counter::NoPayload) >= 1
+    })
+    .await;
+    let got = streams(&cap.records, PORT);
+    let mut ab = a.clone();
+    ab.extend_from_slice(&b);
+    assert_eq!(got[&(IpAddr::from([198, 18, 9, 2]), 41000)], ab);
+    assert_eq!(got[&("2001:2::9".parse().unwrap(), 41001)], c);
+    let (records, counters, _) = cap.stop().await;
+    assert_eq!(records.len(), 3);
+    assert_eq!(counters.get(Counter::TcpToPort), 4);
+    assert_eq!(counters.get(Counter::EthShort), 0);
+    drop(tun);
+}
