@@ -25,6 +25,21 @@ pub enum LinkKind {
     Ethernet = 1,
 }
 
+/// How records reach user space (a load-time constant; the verifier prunes the others).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// BPF ring buffer, smallest record class that holds the payload (the default).
+    RingClasses = 0,
+    /// BPF ring buffer, every record of the largest class (for comparison).
+    RingFixed = 1,
+    /// Per-CPU perf buffers, the skb appended by `bpf_perf_event_output` itself.
+    PerfSkb = 2,
+}
+
+/// Largest perf sample the program emits: the perf record size is a u16.
+pub const PERF_MAX_SAMPLE: u32 = 65000;
+
 /// Payload capacities of the record sizes in the ring buffer. `bpf_ringbuf_reserve` takes only
 /// a constant size, so the program picks the smallest class that holds the payload (a record is
 /// the header plus the capacity). Powers of two, so that the program can prove a length in
@@ -74,7 +89,10 @@ pub struct RecordHeader {
     pub dport: u16,
     pub family: u8,
     pub tcp_flags: u8,
-    pub _pad: [u8; 6],
+    /// Bytes to skip after the header before the payload: 0 for ring buffer records; the
+    /// packet headers for perf records, where the helper appends the skb from its start.
+    pub data_skip: u16,
+    pub _pad: [u8; 4],
 }
 
 /// Why a packet was counted. One per-CPU `u64` per reason, in the `COUNTERS` map (one entry,

@@ -10,15 +10,16 @@ use core::{ffi::c_void, mem::size_of, ptr};
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    bindings::BPF_F_CURRENT_CPU,
+    helpers::{bpf_ktime_get_ns, bpf_perf_event_output, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, PerfEventByteArray, RingBuf},
     programs::TcContext,
 };
 use collector_common::{
     COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, LinkKind,
-    MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE, PORT_MAP_ENTRIES, RECORD_CAPACITIES,
-    RecordHeader,
+    MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE, PERF_MAX_SAMPLE, PORT_MAP_ENTRIES,
+    RECORD_CAPACITIES, RecordHeader, Transport,
 };
 
 /// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::set_global`); the
@@ -28,6 +29,9 @@ static LINK_KIND: u8 = LinkKind::Ethernet as u8;
 /// Most payload bytes handed over per segment; 0 = the whole segment.
 #[unsafe(no_mangle)]
 static SNAP_LEN: u32 = 0;
+/// A `Transport`.
+#[unsafe(no_mangle)]
+static TRANSPORT: u8 = Transport::RingClasses as u8;
 
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
@@ -37,6 +41,10 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Used only with `Transport::PerfSkb`.
+#[map]
+static PERF_RECORDS: PerfEventByteArray = PerfEventByteArray::new(0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -366,8 +374,15 @@ fn emit(
         dport: seg.dport,
         family: seg.family,
         tcp_flags: seg.flags,
-        _pad: [0; 6],
+        data_skip: 0,
+        _pad: [0; 4],
     };
+    // SAFETY: a load-time constant.
+    let transport = unsafe { ptr::read_volatile(&TRANSPORT) };
+    if transport == Transport::PerfSkb as u8 {
+        return emit_perf(ctx, counters, seg, &mut hdr, want);
+    }
+    let fixed = transport == Transport::RingFixed as u8;
     let mut done = 0u32;
     for _ in 0..MAX_RECORDS_PER_SEGMENT {
         if done >= want {
@@ -377,7 +392,9 @@ fn emit(
         hdr.offset = done;
         hdr.seq = seg.seq.wrapping_add(done);
         let from = seg.payload_off + done;
-        let sent = if n <= CAP_SMALL {
+        let sent = if fixed {
+            emit_one::<{ HDR + CAP_LARGE as usize }, CAP_LARGE>(ctx, &mut hdr, from, n)
+        } else if n <= CAP_SMALL {
             emit_one::<{ HDR + CAP_SMALL as usize }, CAP_SMALL>(ctx, &mut hdr, from, n)
         } else if n <= CAP_MEDIUM {
             emit_one::<{ HDR + CAP_MEDIUM as usize }, CAP_MEDIUM>(ctx, &mut hdr, from, n)
@@ -428,6 +445,47 @@ fn emit_one<const SIZE: usize, const CAP: u32>(
     }
     entry.submit(0);
     Ok(n)
+}
+
+/// One perf sample: the header, then the skb from its first byte through the captured payload,
+/// appended by the helper itself (no copy through the program). The perf record size is a u16,
+/// so a segment whose headers and payload exceed `PERF_MAX_SAMPLE` is cut (and counted).
+#[inline(always)]
+fn emit_perf(
+    ctx: &TcContext,
+    counters: &mut Counters,
+    seg: &Segment,
+    hdr: &mut RecordHeader,
+    want: u32,
+) -> Result<(), Counter> {
+    let room = PERF_MAX_SAMPLE.saturating_sub(seg.payload_off);
+    let n = if want > room {
+        if want == seg.payload_len {
+            bump(counters, Counter::Truncated);
+        }
+        room
+    } else {
+        want
+    };
+    hdr.cap_len = n;
+    hdr.data_skip = seg.payload_off as u16;
+    let skb_len = (seg.payload_off + n) as u64;
+    // SAFETY: the map is a perf event array; the header is on the stack, HDR bytes long.
+    let ret = unsafe {
+        bpf_perf_event_output(
+            ctx.skb.skb as *mut c_void,
+            &PERF_RECORDS as *const PerfEventByteArray as *mut c_void,
+            (skb_len << 32) | BPF_F_CURRENT_CPU,
+            hdr as *mut RecordHeader as *mut c_void,
+            HDR as u64,
+        )
+    };
+    if ret < 0 {
+        return Err(Counter::RingFull);
+    }
+    bump(counters, Counter::Records);
+    counters.0[Counter::Bytes as usize] += n as u64;
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -14,13 +14,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{
+        Array, MapData, MapError, PerCpuArray, RingBuf,
+        perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
     },
 };
 use bytes::{Bytes, BytesMut};
+pub use collector_common::Transport;
 use collector_common::{
     COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, LinkKind, MAX_PORTS,
     RecordHeader,
@@ -74,8 +78,16 @@ pub enum CaptureError {
         what: &'static str,
         name: &'static str,
     },
-    #[error("registering the ring buffer with the runtime")]
+    #[error("registering the record buffer with the runtime")]
     Ring(#[source] io::Error),
+    #[error("opening the perf buffer of CPU {cpu}")]
+    PerfOpen {
+        cpu: u32,
+        #[source]
+        source: aya::maps::perf::PerfBufferError,
+    },
+    #[error("listing online CPUs ({0})")]
+    Cpus(&'static str, #[source] io::Error),
 }
 
 /// How to attach. `Auto` is TCX where the kernel has it (6.6+), netlink otherwise.
@@ -96,6 +108,8 @@ pub struct CaptureConfig {
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_bytes: u32,
     pub attach_mode: AttachMode,
+    /// How records reach user space; the ring buffer with size classes unless measuring.
+    pub transport: Transport,
 }
 
 impl CaptureConfig {
@@ -106,6 +120,7 @@ impl CaptureConfig {
             snap_len: 0,
             ring_bytes: DEFAULT_RING_BYTES,
             attach_mode: AttachMode::Auto,
+            transport: Transport::RingClasses,
         }
     }
 }
@@ -137,20 +152,21 @@ pub trait RecordSink {
     fn flush(&mut self) {}
 }
 
-/// What the drain handed over; `malformed` (an item shorter than its header says) should
-/// never move.
+/// What the drain handed over. `malformed` (an item shorter than its header says) should
+/// never move; `lost` is what the perf transport reports as dropped.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DrainStats {
     pub records: u64,
     pub bytes: u64,
     pub malformed: u64,
+    pub lost: u64,
 }
 
 /// The loaded and attached capture program.
 pub struct Capture {
     ebpf: Ebpf,
     link: Option<SchedClassifierLinkId>,
-    ring: Option<RingBuf<MapData>>,
+    source: Option<RawSource>,
     counters: PerCpuArray<MapData, Counters>,
     interface: String,
     ifindex: u32,
@@ -175,10 +191,14 @@ impl Capture {
             });
         }
         let link_kind = link_kind as u8;
+        let transport = cfg.transport as u8;
+        let perf = cfg.transport == Transport::PerfSkb;
         let mut ebpf = EbpfLoader::new()
             .override_global("LINK_KIND", &link_kind, true)
             .override_global("SNAP_LEN", &cfg.snap_len, true)
-            .map_max_entries("RECORDS", cfg.ring_bytes)
+            .override_global("TRANSPORT", &transport, true)
+            // The unused transport's map is kept at its minimum size.
+            .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
             .load(EBPF_OBJECT)?;
 
         let mut ports: Array<_, u8> =
@@ -205,12 +225,34 @@ impl Capture {
                     source,
                 }
             })?;
-        let ring = RingBuf::try_from(take_map(&mut ebpf, "RECORDS")?).map_err(|source| {
-            CaptureError::Map {
-                name: "RECORDS",
-                source,
+        let source = if perf {
+            let mut array = PerfEventArray::try_from(take_map(&mut ebpf, "PERF_RECORDS")?)
+                .map_err(|source| CaptureError::Map {
+                    name: "PERF_RECORDS",
+                    source,
+                })?;
+            // Per-CPU buffers sharing ring_bytes, each a power of two in pages.
+            let cpus = aya::util::online_cpus().map_err(|(what, e)| CaptureError::Cpus(what, e))?;
+            let pages = ((cfg.ring_bytes / page_size()) as usize / cpus.len().max(1))
+                .max(1)
+                .next_power_of_two();
+            let mut bufs = Vec::new();
+            for cpu in cpus {
+                bufs.push(
+                    array
+                        .open(cpu, Some(pages))
+                        .map_err(|source| CaptureError::PerfOpen { cpu, source })?,
+                );
             }
-        })?;
+            RawSource::Perf(bufs)
+        } else {
+            RawSource::Ring(RingBuf::try_from(take_map(&mut ebpf, "RECORDS")?).map_err(
+                |source| CaptureError::Map {
+                    name: "RECORDS",
+                    source,
+                },
+            )?)
+        };
 
         let prog = classifier(&mut ebpf)?;
         prog.load().map_err(CaptureError::Load)?;
@@ -222,7 +264,7 @@ impl Capture {
         Ok(Self {
             ebpf,
             link: Some(link),
-            ring: Some(ring),
+            source: Some(source),
             counters,
             interface: cfg.interface.clone(),
             ifindex,
@@ -264,11 +306,11 @@ impl Capture {
         prog.info()
     }
 
-    /// Takes the ring buffer out for a [`Drain`]; `None` if already taken.
+    /// Takes the record buffer out for a [`Drain`]; `None` if already taken.
     pub fn take_drain(&mut self) -> Result<Option<Drain>, CaptureError> {
-        match self.ring.take() {
+        match self.source.take() {
             None => Ok(None),
-            Some(ring) => Ok(Some(Drain::new(ring)?)),
+            Some(source) => Ok(Some(Drain::new(source)?)),
         }
     }
 
@@ -468,9 +510,26 @@ fn link_kind(name: &str) -> Result<LinkKind, CaptureError> {
     }
 }
 
-/// The ring buffer, registered with tokio: wakes on epoll, never sleep-polls.
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u32 }
+}
+
+/// The record buffer as the loader hands it over.
+enum RawSource {
+    Ring(RingBuf<MapData>),
+    Perf(Vec<PerfEventArrayBuffer<MapData>>),
+}
+
+/// The record buffer registered with tokio: wakes on epoll, never sleep-polls.
+enum Source {
+    Ring(AsyncFd<RingBuf<MapData>>),
+    Perf(Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>),
+}
+
+/// Drains the record buffer into a [`RecordSink`].
 pub struct Drain {
-    ring: AsyncFd<RingBuf<MapData>>,
+    source: Source,
     /// Arena the records' payloads are copied into; split off per record so that one
     /// allocation serves many records.
     arena: BytesMut,
@@ -479,34 +538,68 @@ pub struct Drain {
 
 const ARENA_CHUNK: usize = 1 << 20;
 
+fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, CaptureError> {
+    // SAFETY: the map (or perf buffer) owns its fd for as long as the AsyncFd owns it.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| CaptureError::Ring(e.into()))
+}
+
 impl Drain {
-    fn new(ring: RingBuf<MapData>) -> Result<Self, CaptureError> {
+    fn new(source: RawSource) -> Result<Self, CaptureError> {
+        let source = match source {
+            RawSource::Ring(ring) => Source::Ring(register(ring)?),
+            RawSource::Perf(bufs) => {
+                Source::Perf(bufs.into_iter().map(register).collect::<Result<_, _>>()?)
+            }
+        };
         Ok(Self {
-            // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
-            ring: unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-                .map_err(|e| CaptureError::Ring(e.into()))?,
+            source,
             arena: BytesMut::with_capacity(ARENA_CHUNK),
             stats: DrainStats::default(),
         })
     }
 
-    /// Waits until the ring buffer has records, then hands all of them to `sink`.
+    /// Waits until the buffer has records, then hands all of them to `sink`.
     pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
-        let mut guard = self.ring.readable_mut().await.map_err(CaptureError::Ring)?;
-        let n = drain_ring(
-            guard.get_inner_mut(),
-            &mut self.arena,
-            &mut self.stats,
-            sink,
-        );
-        guard.clear_ready();
+        let n = match &mut self.source {
+            Source::Ring(ring) => {
+                let mut guard = ring.readable_mut().await.map_err(CaptureError::Ring)?;
+                let n = drain_ring(
+                    guard.get_inner_mut(),
+                    &mut self.arena,
+                    &mut self.stats,
+                    sink,
+                );
+                guard.clear_ready();
+                n
+            }
+            Source::Perf(bufs) => {
+                {
+                    let ready = bufs.iter().map(|b| Box::pin(b.readable()));
+                    let (guard, _, _) = futures_util::future::select_all(ready).await;
+                    // Cleared before draining: data arriving meanwhile wakes us again.
+                    guard.map_err(CaptureError::Ring)?.clear_ready();
+                }
+                bufs.iter_mut()
+                    .map(|b| drain_perf(b.get_mut(), &mut self.arena, &mut self.stats, sink))
+                    .sum()
+            }
+        };
         sink.flush();
         Ok(n)
     }
 
-    /// Hands over whatever is in the ring buffer now, without waiting.
+    /// Hands over whatever is in the buffer now, without waiting.
     pub fn drain_now(&mut self, sink: &mut impl RecordSink) -> usize {
-        let n = drain_ring(self.ring.get_mut(), &mut self.arena, &mut self.stats, sink);
+        let n = match &mut self.source {
+            Source::Ring(ring) => {
+                drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
+            }
+            Source::Perf(bufs) => bufs
+                .iter_mut()
+                .map(|b| drain_perf(b.get_mut(), &mut self.arena, &mut self.stats, sink))
+                .sum(),
+        };
         sink.flush();
         n
     }
@@ -529,6 +622,26 @@ impl Drain {
     }
 }
 
+fn deliver(
+    item: &[u8],
+    arena: &mut BytesMut,
+    stats: &mut DrainStats,
+    sink: &mut impl RecordSink,
+) -> usize {
+    match decode(item, arena) {
+        Some(rec) => {
+            stats.records += 1;
+            stats.bytes += rec.data.len() as u64;
+            sink.push(rec);
+            1
+        }
+        None => {
+            stats.malformed += 1;
+            0
+        }
+    }
+}
+
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
     arena: &mut BytesMut,
@@ -537,16 +650,32 @@ fn drain_ring(
 ) -> usize {
     let mut n = 0;
     while let Some(item) = ring.next() {
-        match decode(&item, arena) {
-            Some(rec) => {
-                stats.records += 1;
-                stats.bytes += rec.data.len() as u64;
-                n += 1;
-                sink.push(rec);
-            }
-            None => stats.malformed += 1,
-        }
+        n += deliver(&item, arena, stats, sink);
     }
+    n
+}
+
+fn drain_perf(
+    buf: &mut PerfEventArrayBuffer<MapData>,
+    arena: &mut BytesMut,
+    stats: &mut DrainStats,
+    sink: &mut impl RecordSink,
+) -> usize {
+    let mut n = 0;
+    let mut joined = Vec::new();
+    buf.for_each(|ev| match ev {
+        PerfEvent::Sample { head, tail } if tail.is_empty() => {
+            n += deliver(head, arena, stats, sink);
+        }
+        PerfEvent::Sample { head, tail } => {
+            // A sample that wraps around the end of the buffer.
+            joined.clear();
+            joined.extend_from_slice(head);
+            joined.extend_from_slice(tail);
+            n += deliver(&joined, arena, stats, sink);
+        }
+        PerfEvent::Lost { count } => stats.lost += count,
+    });
     n
 }
 
@@ -558,7 +687,8 @@ pub fn decode(item: &[u8], arena: &mut BytesMut) -> Option<Record> {
     }
     // SAFETY: RecordHeader is Pod, and `item` has at least H bytes.
     let hdr: RecordHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    let payload = item.get(H..H + hdr.cap_len as usize)?;
+    let start = H + hdr.data_skip as usize;
+    let payload = item.get(start..start + hdr.cap_len as usize)?;
     if arena.capacity() - arena.len() < payload.len() {
         *arena = BytesMut::with_capacity(ARENA_CHUNK.max(payload.len()));
     }

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 
-use crate::capture::AttachMode;
+use crate::capture::{AttachMode, Transport};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -36,9 +36,33 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach_mode: AttachMode,
 
+    /// How records reach user space: ring (BPF ring buffer, record sized to the payload),
+    /// ring_fixed (ring buffer, every record 16 KiB) or perf (per-CPU perf buffers, the skb
+    /// appended by the helper). `ring` measured best (README, "Record transport").
+    #[arg(long, value_enum, default_value_t = TransportArg::Ring)]
+    pub transport: TransportArg,
+
     /// Seconds between status lines.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub status_interval: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum TransportArg {
+    Ring,
+    RingFixed,
+    Perf,
+}
+
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Ring => Transport::RingClasses,
+            TransportArg::RingFixed => Transport::RingFixed,
+            TransportArg::Perf => Transport::PerfSkb,
+        }
+    }
 }
 
 fn snapshot_len(s: &str) -> Result<u32, String> {

@@ -48,6 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         snap_len: cli.snapshot_len,
         ring_bytes: cli.ring_buffer_mb << 20,
         attach_mode: cli.attach_mode,
+        transport: cli.transport.into(),
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
