@@ -664,7 +664,7 @@ fn drain_perf(
     let mut n = 0;
     let mut joined = Vec::new();
     buf.for_each(|ev| match ev {
-        PerfEvent::Sample { head, tail } if tail.is_empty() => {
+        PerfEvent::Sample { head, tail: [] } => {
             n += deliver(head, arena, stats, sink);
         }
         PerfEvent::Sample { head, tail } => {
