@@ -32,6 +32,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build, then run the benchmarks; tables land in target/bench/.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, build, then run every test (unit and integration) plus fmt and clippy checks.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -117,6 +122,20 @@ fn main() -> anyhow::Result<()> {
             build_ebpf(true)?;
             run(cargo().args(["build", "--release", "-p", "collector"]))?;
             run(Command::new(root().join("target/release/mrte-collector")).args(args))
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            build_ebpf(true)?;
+            run(cargo()
+                .args([
+                    "bench",
+                    "-p",
+                    "integration-tests",
+                    "--bench",
+                    "transport",
+                    "--",
+                ])
+                .args(args))
         }
         Cmd::Test { args } => {
             setup()?;

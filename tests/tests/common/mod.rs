@@ -2,6 +2,8 @@
 //! are removed on drop, also when a test panics), a recording TCP relay, and a sink server.
 #![allow(dead_code)]
 
+pub mod frames;
+
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
