@@ -250,13 +250,21 @@ fn main() {
             let lost: u64 = samples[i].iter().map(|s| s.lost).sum();
             let cap: u64 = samples[i].iter().map(|s| s.captured_bytes).sum();
             let sent: u64 = samples[i].iter().map(|s| s.sent_bytes).sum();
-            md.push_str(&format!(
-                "| {size} B | {name} | {lo:.0} / {m:.0} / {hi:.0} | {:.2} | {k:.0} | {:.2} | {d:.0} | {:.2} | {lost} | {:.4} |\n",
-                m / base_rate,
-                k / base_k,
-                d / base_d,
-                cap as f64 / sent.max(1) as f64,
-            ));
+            if transports[i].0.is_none() {
+                // Nothing captured: only the kernel cost means something.
+                md.push_str(&format!(
+                    "| {size} B | {name} | - | - | {k:.0} | {:.2} | - | - | - | - |\n",
+                    k / base_k
+                ));
+            } else {
+                md.push_str(&format!(
+                    "| {size} B | {name} | {lo:.0} / {m:.0} / {hi:.0} | {:.2} | {k:.0} | {:.2} | {d:.0} | {:.2} | {lost} | {:.4} |\n",
+                    m / base_rate,
+                    k / base_k,
+                    d / base_d,
+                    cap as f64 / sent.max(1) as f64,
+                ));
+            }
             json.push(serde_json::json!({
                 "payload": size, "transport": name,
                 "segments_per_sec": {"min": lo, "median": m, "max": hi},
