@@ -10,6 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::OwnedFd,
     process::Command,
+    time::Duration,
 };
 
 use aya::{
@@ -33,6 +34,9 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 /// The kernel program, embedded at build time (see `build.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MRTE_EBPF_OBJECT"));
+
+/// Default least time between two wake-ups of the ring buffer's reader.
+pub const DEFAULT_WAKEUP_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Name of the classifier in the object, and the name the kernel shows for it: how a later
 /// start recognises a hook that a killed instance left behind.
@@ -112,6 +116,8 @@ pub struct CaptureConfig {
     pub attach_mode: AttachMode,
     /// How records reach user space; the ring buffer with size classes unless measuring.
     pub transport: Transport,
+    /// Least time between reader wake-ups; zero wakes on nearly every record.
+    pub wakeup_interval: Duration,
 }
 
 impl CaptureConfig {
@@ -123,6 +129,7 @@ impl CaptureConfig {
             ring_bytes: DEFAULT_RING_BYTES,
             attach_mode: AttachMode::Auto,
             transport: Transport::RingClasses,
+            wakeup_interval: DEFAULT_WAKEUP_INTERVAL,
         }
     }
 }
@@ -175,6 +182,7 @@ pub struct Capture {
     /// Set when the netlink fallback added the clsact qdisc, which drop then removes.
     added_clsact: bool,
     mode: &'static str,
+    recheck_after: Duration,
 }
 
 impl Capture {
@@ -194,11 +202,13 @@ impl Capture {
         }
         let link_kind = link_kind as u8;
         let transport = cfg.transport as u8;
+        let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
         let perf = cfg.transport == Transport::PerfSkb;
         let mut ebpf = EbpfLoader::new()
             .override_global("LINK_KIND", &link_kind, true)
             .override_global("SNAP_LEN", &cfg.snap_len, true)
             .override_global("TRANSPORT", &transport, true)
+            .override_global("WAKE_INTERVAL_NS", &wake_ns, true)
             // The unused transport's map is kept at its minimum size.
             .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
             .load(EBPF_OBJECT)?;
@@ -272,6 +282,7 @@ impl Capture {
             ifindex,
             added_clsact,
             mode,
+            recheck_after: cfg.wakeup_interval * 2,
         })
     }
 
@@ -312,7 +323,7 @@ impl Capture {
     pub fn take_drain(&mut self) -> Result<Option<Drain>, CaptureError> {
         match self.source.take() {
             None => Ok(None),
-            Some(source) => Ok(Some(Drain::new(source)?)),
+            Some(source) => Ok(Some(Drain::new(source, self.recheck_after)?)),
         }
     }
 
@@ -532,6 +543,10 @@ enum Source {
 /// Drains the record buffer into a [`RecordSink`].
 pub struct Drain {
     source: Source,
+    /// The kernel skips wake-ups for records within its wake-up interval; after a drain that
+    /// found records, look once more this long after it (none while idle).
+    recheck_after: Duration,
+    recheck_at: Option<tokio::time::Instant>,
     /// Arena the records' payloads are copied into; split off per record so that one
     /// allocation serves many records.
     arena: BytesMut,
@@ -547,7 +562,7 @@ fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, CaptureErro
 }
 
 impl Drain {
-    fn new(source: RawSource) -> Result<Self, CaptureError> {
+    fn new(source: RawSource, recheck_after: Duration) -> Result<Self, CaptureError> {
         let source = match source {
             RawSource::Ring(ring) => Source::Ring(register(ring)?),
             RawSource::Perf(bufs) => {
@@ -556,30 +571,37 @@ impl Drain {
         };
         Ok(Self {
             source,
+            recheck_after,
+            recheck_at: None,
             arena: BytesMut::with_capacity(ARENA_CHUNK),
             stats: DrainStats::default(),
         })
     }
 
-    /// Waits until the buffer has records, then hands all of them to `sink`.
+    /// Waits until the buffer has records (or a re-check is due), then hands all of them to
+    /// `sink`.
     pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
         let n = match &mut self.source {
             Source::Ring(ring) => {
-                let mut guard = ring.readable_mut().await.map_err(CaptureError::Ring)?;
-                let n = drain_ring(
-                    guard.get_inner_mut(),
-                    &mut self.arena,
-                    &mut self.stats,
-                    sink,
-                );
-                guard.clear_ready();
-                n
+                let recheck = self.recheck_at;
+                tokio::select! {
+                    guard = ring.readable_mut() => {
+                        let mut guard = guard.map_err(CaptureError::Ring)?;
+                        // Cleared before draining: data arriving meanwhile wakes us again.
+                        guard.clear_ready();
+                        drain_ring(guard.get_inner_mut(), &mut self.arena, &mut self.stats, sink)
+                    }
+                    _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)),
+                        if recheck.is_some() =>
+                    {
+                        drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
+                    }
+                }
             }
             Source::Perf(bufs) => {
                 {
                     let ready = bufs.iter().map(|b| Box::pin(b.readable()));
                     let (guard, _, _) = futures_util::future::select_all(ready).await;
-                    // Cleared before draining: data arriving meanwhile wakes us again.
                     guard.map_err(CaptureError::Ring)?.clear_ready();
                 }
                 bufs.iter_mut()
@@ -587,6 +609,8 @@ impl Drain {
                     .sum()
             }
         };
+        self.recheck_at = (n > 0 && !self.recheck_after.is_zero())
+            .then(|| tokio::time::Instant::now() + self.recheck_after);
         sink.flush();
         Ok(n)
     }

@@ -42,6 +42,17 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = TransportArg::Ring)]
     pub transport: TransportArg,
 
+    /// Least microseconds between two wake-ups of the agent by the kernel program. Waking on
+    /// every record costs the server a self-IPI per request; a record whose wake-up was skipped
+    /// waits at most about twice this long. 0 wakes on (nearly) every record.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub wakeup_interval_us: u64,
+
+    /// Turn on the kernel's BPF run-time statistics while running, and print the capture
+    /// program's average ns per packet in the exit summary (costs two clock reads per packet).
+    #[arg(long)]
+    pub bpf_stats: bool,
+
     /// Seconds between status lines.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub status_interval: u64,

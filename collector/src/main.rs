@@ -49,11 +49,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_bytes: cli.ring_buffer_mb << 20,
         attach_mode: cli.attach_mode,
         transport: cli.transport.into(),
+        wakeup_interval: std::time::Duration::from_micros(cli.wakeup_interval_us),
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let mut capture = Capture::attach(&cfg)?;
+    let stats_fd = if cli.bpf_stats {
+        Some(collector::capture::enable_bpf_stats().context("enabling BPF run-time statistics")?)
+    } else {
+        None
+    };
+    let info0 = capture.program_info().ok();
     let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
     let if_dropped_base = if_rx_dropped(&cli.interface);
     let totals = |capture: &Capture| -> anyhow::Result<Totals> {
@@ -83,8 +90,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     drain.drain_now(&mut sink);
     let end = totals(&capture)?;
+    let mut summary = StatusLine::summary(&end);
+    if let (Some(_), Some(a), Ok(b)) = (&stats_fd, info0, capture.program_info()) {
+        let runs = b.run_count() - a.run_count();
+        let ns = (b.run_time() - a.run_time()).as_nanos();
+        if runs > 0 {
+            summary.push_str(&format!(
+                " kernel_runs={runs} kernel_ns_per_packet={:.0}",
+                ns as f64 / runs as f64
+            ));
+        }
+    }
     capture.detach()?;
-    println!("{}", StatusLine::summary(&end));
+    println!("{summary}");
     tracing::info!(records = sink.records, "stopped");
     Ok(())
 }

@@ -217,3 +217,31 @@ async fn every_transport_hands_over_the_same_bytes() {
         assert_eq!(counters.get(Counter::Truncated) > 0, perf, "{transport:?}");
     }
 }
+
+#[tokio::test]
+async fn a_record_submitted_without_a_wakeup_still_arrives() {
+    use collector::capture::CaptureConfig;
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap()).await;
+    let port = sink.addr.port();
+    let mut cfg = CaptureConfig::new("lo", vec![port]);
+    // Long enough that the second segment is surely inside the interval: the kernel does not
+    // wake the reader for it, and nothing follows it. Only the reader's re-check finds it.
+    cfg.wakeup_interval = Duration::from_millis(300);
+    let mut cap = TestCapture::start_with(cfg);
+    let mut s = std::net::TcpStream::connect(sink.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    std::io::Write::write_all(&mut s, b"first").unwrap();
+    cap.collect_until(Duration::from_secs(5), "first record", |r, _| r.len() == 1)
+        .await;
+    std::io::Write::write_all(&mut s, b"second").unwrap();
+    let sent = std::time::Instant::now();
+    cap.collect_until(Duration::from_secs(5), "second record", |r, _| r.len() == 2)
+        .await;
+    // Within about two intervals, not at the next unrelated wake-up.
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(&cap.records[1].data[..], b"second");
+}

@@ -61,6 +61,38 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, passing its output through, and ends with one line that adds up every
+/// test binary's result: `tests: N passed, N failed`.
+fn test_and_sum(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
 fn setup() -> anyhow::Result<()> {
     run(Command::new("bash").arg(root().join("scripts/setup.sh")))
 }
@@ -152,9 +184,12 @@ fn main() -> anyhow::Result<()> {
             // The integration tests run the real binary too.
             run(cargo().args(["build", "-p", "collector"]))?;
             // Tests share the kernel, the interfaces and the services: one at a time.
-            run(cargo()
-                .args(["test", "--workspace", "--", "--test-threads=1"])
-                .args(args))
+            test_and_sum(
+                cargo()
+                    .args(["test", "--workspace", "--lib", "--bins", "--tests"])
+                    .args(["--", "--test-threads=1"])
+                    .args(args),
+            )
         }
     }
 }
