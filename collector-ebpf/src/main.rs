@@ -422,6 +422,13 @@ fn emit(
         counters.0[Counter::Bytes as usize] += sent as u64;
         done += sent;
     }
+    // The forced wake-up really went out (its record was submitted): start a new interval.
+    if wake == BPF_RB_FORCE_WAKEUP {
+        if let Some(last) = LAST_WAKE.get_ptr_mut(0) {
+            // SAFETY: a pointer into the map's one value; a lost race means one extra wake-up.
+            unsafe { *last = hdr.ts_ns };
+        }
+    }
     Ok(())
 }
 
@@ -467,8 +474,9 @@ fn emit_one<const SIZE: usize, const CAP: u32>(
 
 /// Submit flags for a segment's last record: wake the reader at most once per
 /// `WAKE_INTERVAL_NS`, or at once when the ring is over a quarter full. A record submitted
-/// without a wake-up waits for the next one, or for the reader's own re-check (it re-checks
-/// once, two intervals after any drain that found records).
+/// without a wake-up waits for the next one, or for the reader's own re-check (two intervals
+/// after its last drain that found records). `emit` starts the next interval once a forcing
+/// submit has succeeded.
 #[inline(always)]
 fn wake_flags(now: u64) -> u64 {
     // SAFETY: a load-time constant.
@@ -476,14 +484,11 @@ fn wake_flags(now: u64) -> u64 {
     if interval == 0 {
         return 0;
     }
-    let Some(last) = LAST_WAKE.get_ptr_mut(0) else {
+    let Some(last) = LAST_WAKE.get(0) else {
         return 0;
     };
-    // SAFETY: a pointer into the map's one value.
-    let due = now.wrapping_sub(unsafe { *last }) >= interval;
+    let due = now.wrapping_sub(*last) >= interval;
     if due || RECORDS.query(BPF_RB_AVAIL_DATA) > RECORDS.query(BPF_RB_RING_SIZE) / 4 {
-        // SAFETY: as above; a lost race only means one extra wake-up.
-        unsafe { *last = now };
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

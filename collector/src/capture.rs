@@ -10,6 +10,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::OwnedFd,
     process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -163,12 +167,39 @@ pub trait RecordSink {
 
 /// What the drain handed over. `malformed` (an item shorter than its header says) should
 /// never move; `lost` is what the perf transport reports as dropped.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DrainStats {
     pub records: u64,
     pub bytes: u64,
     pub malformed: u64,
     pub lost: u64,
+}
+
+/// [`DrainStats`] readable from other tasks (the status line); published after each drain.
+#[derive(Debug, Default)]
+pub struct SharedDrainStats {
+    records: AtomicU64,
+    bytes: AtomicU64,
+    malformed: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl SharedDrainStats {
+    fn publish(&self, s: &DrainStats) {
+        self.records.store(s.records, Ordering::Relaxed);
+        self.bytes.store(s.bytes, Ordering::Relaxed);
+        self.malformed.store(s.malformed, Ordering::Relaxed);
+        self.lost.store(s.lost, Ordering::Relaxed);
+    }
+
+    pub fn load(&self) -> DrainStats {
+        DrainStats {
+            records: self.records.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The loaded and attached capture program.
@@ -551,6 +582,7 @@ pub struct Drain {
     /// allocation serves many records.
     arena: BytesMut,
     pub stats: DrainStats,
+    shared: Arc<SharedDrainStats>,
 }
 
 const ARENA_CHUNK: usize = 1 << 20;
@@ -575,7 +607,13 @@ impl Drain {
             recheck_at: None,
             arena: BytesMut::with_capacity(ARENA_CHUNK),
             stats: DrainStats::default(),
+            shared: Arc::default(),
         })
+    }
+
+    /// The drain's counters, for another task to read.
+    pub fn shared_stats(&self) -> Arc<SharedDrainStats> {
+        self.shared.clone()
     }
 
     /// Waits until the buffer has records (or a re-check is due), then hands all of them to
@@ -594,6 +632,10 @@ impl Drain {
                     _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)),
                         if recheck.is_some() =>
                     {
+                        // Only the re-check itself, finding nothing, ends the re-checking: a
+                        // wake-up for records already drained must not cancel it while records
+                        // submitted without a wake-up may still follow.
+                        self.recheck_at = None;
                         drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
                     }
                 }
@@ -609,8 +651,10 @@ impl Drain {
                     .sum()
             }
         };
-        self.recheck_at = (n > 0 && !self.recheck_after.is_zero())
-            .then(|| tokio::time::Instant::now() + self.recheck_after);
+        if n > 0 && !self.recheck_after.is_zero() {
+            self.recheck_at = Some(tokio::time::Instant::now() + self.recheck_after);
+        }
+        self.shared.publish(&self.stats);
         sink.flush();
         Ok(n)
     }
@@ -626,6 +670,7 @@ impl Drain {
                 .map(|b| drain_perf(b.get_mut(), &mut self.arena, &mut self.stats, sink))
                 .sum(),
         };
+        self.shared.publish(&self.stats);
         sink.flush();
         n
     }

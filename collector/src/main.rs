@@ -62,10 +62,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let info0 = capture.program_info().ok();
     let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
+    let drain_stats = drain.shared_stats();
     let if_dropped_base = if_rx_dropped(&cli.interface);
     let totals = |capture: &Capture| -> anyhow::Result<Totals> {
+        let d = drain_stats.load();
         Ok(Totals {
             kernel: capture.read_counters()?,
+            // Records lost or unreadable between the kernel and the pipeline.
+            user_dropped: d.lost + d.malformed,
             if_dropped: if_rx_dropped(&cli.interface).saturating_sub(if_dropped_base),
             ..Totals::default()
         })
@@ -103,6 +107,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     capture.detach()?;
     println!("{summary}");
-    tracing::info!(records = sink.records, "stopped");
+    let d = drain.stats;
+    tracing::info!(
+        records = sink.records,
+        bytes = d.bytes,
+        malformed = d.malformed,
+        lost = d.lost,
+        "stopped"
+    );
     Ok(())
 }
