@@ -91,6 +91,21 @@ fn sink() -> (u16, Arc<AtomicBool>) {
     (port, stop)
 }
 
+/// The capture's drain, registered with a runtime of its own (to run on another thread).
+fn drain_with_runtime(
+    capture: &mut Capture,
+) -> (tokio::runtime::Runtime, collector::capture::Drain) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let drain = {
+        let _in_rt = rt.enter();
+        capture.take_drain().unwrap().unwrap()
+    };
+    (rt, drain)
+}
+
 #[derive(Clone, Copy, Default, Debug)]
 struct Sample {
     segs_per_sec: f64,
@@ -109,15 +124,7 @@ fn run_one(transport: Option<Transport>, size: usize, a: &Args) -> Sample {
     let transport = transport.unwrap_or(Transport::RingClasses);
     cfg.transport = transport;
     let mut capture = Capture::attach(&cfg).expect("attach");
-    // The drain runs on its own thread and runtime; register it with that runtime's reactor.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut drain = {
-        let _in_rt = rt.enter();
-        capture.take_drain().unwrap().unwrap()
-    };
+    let (rt, mut drain) = drain_with_runtime(&mut capture);
     let info0 = capture.program_info().unwrap();
 
     let done = Arc::new(AtomicBool::new(false));
@@ -308,14 +315,7 @@ fn frame(dport: u16, flags: u8, payload: usize) -> Vec<u8> {
 fn hot_cost() -> String {
     const PORT: u16 = 3;
     let mut capture = Capture::attach(&CaptureConfig::new("lo", vec![PORT])).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut drain = {
-        let _g = rt.enter();
-        capture.take_drain().unwrap().unwrap()
-    };
+    let (_rt, mut drain) = drain_with_runtime(&mut capture);
     let mut out = String::from(
         "\nKernel program alone, hot cache (BPF_PROG_TEST_RUN, average of 5000 runs, the ring drained between frames):\n\n| frame | ns/packet |\n|---|---|\n",
     );
