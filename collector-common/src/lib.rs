@@ -58,13 +58,6 @@ pub const MAX_SEGMENT_CAPTURE: u32 = RECORD_CAPACITIES[2] * MAX_RECORDS_PER_SEGM
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// TCP flag bits as in the header's 13th byte.
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
-
 /// Header of every ring buffer record; `cap_len` payload bytes follow it.
 ///
 /// Addresses are in network byte order; an IPv4 address fills the first 4 bytes of the 16.

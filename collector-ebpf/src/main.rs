@@ -22,7 +22,7 @@ use collector_common::{
     RECORD_CAPACITIES, RecordHeader, Transport,
 };
 
-/// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::set_global`); the
+/// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::override_global`); the
 /// verifier sees them as constants and prunes the branches they rule out.
 #[unsafe(no_mangle)]
 static LINK_KIND: u8 = LinkKind::Ethernet as u8;
@@ -38,6 +38,9 @@ static TRANSPORT: u8 = Transport::RingClasses as u8;
 /// triggered it: coalescing them is most of this program's cost saving under real load.
 #[unsafe(no_mangle)]
 static WAKE_INTERVAL_NS: u64 = 2_000_000;
+/// Unread bytes in the ring that force a wake-up at once: a quarter of its size.
+#[unsafe(no_mangle)]
+static WAKE_AT_BYTES: u64 = DEFAULT_RING_BYTES as u64 / 4;
 
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
@@ -65,7 +68,6 @@ const IPPROTO_TCP: u8 = 6;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers skipped before giving up (counted as too deep).
 const MAX_IPV6_EXT: usize = 6;
@@ -488,7 +490,9 @@ fn wake_flags(now: u64) -> u64 {
         return 0;
     };
     let due = now.wrapping_sub(*last) >= interval;
-    if due || RECORDS.query(BPF_RB_AVAIL_DATA) > RECORDS.query(BPF_RB_RING_SIZE) / 4 {
+    // SAFETY: a load-time constant.
+    let wake_at = unsafe { ptr::read_volatile(&WAKE_AT_BYTES) };
+    if due || RECORDS.query(BPF_RB_AVAIL_DATA) > wake_at {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -234,12 +234,14 @@ impl Capture {
         let link_kind = link_kind as u8;
         let transport = cfg.transport as u8;
         let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
+        let wake_at = cfg.ring_bytes as u64 / 4;
         let perf = cfg.transport == Transport::PerfSkb;
         let mut ebpf = EbpfLoader::new()
             .override_global("LINK_KIND", &link_kind, true)
             .override_global("SNAP_LEN", &cfg.snap_len, true)
             .override_global("TRANSPORT", &transport, true)
             .override_global("WAKE_INTERVAL_NS", &wake_ns, true)
+            .override_global("WAKE_AT_BYTES", &wake_at, true)
             // The unused transport's map is kept at its minimum size.
             .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
             .load(EBPF_OBJECT)?;
@@ -317,37 +319,43 @@ impl Capture {
         })
     }
 
-    pub fn interface(&self) -> &str {
-        &self.interface
-    }
-
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
 
-    /// "tcx" or "netlink".
-    pub fn attach_mode(&self) -> &'static str {
-        self.mode
-    }
-
-    /// A handle that reads the kernel counters, usable from another task.
-    pub fn counters(&self) -> &PerCpuArray<MapData, Counters> {
-        &self.counters
-    }
-
     /// Kernel counters summed over CPUs.
     pub fn read_counters(&self) -> Result<Counters, CaptureError> {
-        sum_counters(&self.counters)
+        let per_cpu = self
+            .counters
+            .get(&0, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+        let mut total = Counters::default();
+        for cpu in per_cpu.iter() {
+            for i in 0..COUNTER_COUNT {
+                total.0[i] += cpu.0[i];
+            }
+        }
+        Ok(total)
     }
 
-    /// The kernel's id of the loaded program (for `bpf_stats` run time / count).
-    pub fn program_info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
-        let prog: &SchedClassifier = self
-            .ebpf
+    /// The loaded program.
+    fn program(&self) -> Result<&SchedClassifier, CaptureError> {
+        self.ebpf
             .program(PROGRAM_NAME)
-            .ok_or(ProgramError::NotLoaded)?
-            .try_into()?;
-        prog.info()
+            .ok_or(CaptureError::Missing {
+                what: "program",
+                name: PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(CaptureError::Load)
+    }
+
+    /// The kernel's view of the loaded program (`bpf_stats` run time / count).
+    pub fn program_info(&self) -> Result<aya::programs::ProgramInfo, CaptureError> {
+        self.program()?.info().map_err(CaptureError::Load)
     }
 
     /// Takes the record buffer out for a [`Drain`]; `None` if already taken.
@@ -387,21 +395,6 @@ impl Drop for Capture {
             tracing::warn!("detaching on drop: {e}");
         }
     }
-}
-
-/// Sums a per-CPU counter block over all CPUs.
-pub fn sum_counters(map: &PerCpuArray<MapData, Counters>) -> Result<Counters, CaptureError> {
-    let per_cpu = map.get(&0, 0).map_err(|source| CaptureError::Map {
-        name: "COUNTERS",
-        source,
-    })?;
-    let mut total = Counters::default();
-    for cpu in per_cpu.iter() {
-        for i in 0..COUNTER_COUNT {
-            total.0[i] += cpu.0[i];
-        }
-    }
-    Ok(total)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
@@ -619,15 +612,13 @@ impl Drain {
     /// Waits until the buffer has records (or a re-check is due), then hands all of them to
     /// `sink`.
     pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
-        let n = match &mut self.source {
+        match &self.source {
             Source::Ring(ring) => {
                 let recheck = self.recheck_at;
                 tokio::select! {
-                    guard = ring.readable_mut() => {
-                        let mut guard = guard.map_err(CaptureError::Ring)?;
+                    guard = ring.readable() => {
                         // Cleared before draining: data arriving meanwhile wakes us again.
-                        guard.clear_ready();
-                        drain_ring(guard.get_inner_mut(), &mut self.arena, &mut self.stats, sink)
+                        guard.map_err(CaptureError::Ring)?.clear_ready();
                     }
                     _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)),
                         if recheck.is_some() =>
@@ -636,26 +627,19 @@ impl Drain {
                         // wake-up for records already drained must not cancel it while records
                         // submitted without a wake-up may still follow.
                         self.recheck_at = None;
-                        drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
                     }
                 }
             }
             Source::Perf(bufs) => {
-                {
-                    let ready = bufs.iter().map(|b| Box::pin(b.readable()));
-                    let (guard, _, _) = futures_util::future::select_all(ready).await;
-                    guard.map_err(CaptureError::Ring)?.clear_ready();
-                }
-                bufs.iter_mut()
-                    .map(|b| drain_perf(b.get_mut(), &mut self.arena, &mut self.stats, sink))
-                    .sum()
+                let ready = bufs.iter().map(|b| Box::pin(b.readable()));
+                let (guard, _, _) = futures_util::future::select_all(ready).await;
+                guard.map_err(CaptureError::Ring)?.clear_ready();
             }
-        };
+        }
+        let n = self.drain_now(sink);
         if n > 0 && !self.recheck_after.is_zero() {
             self.recheck_at = Some(tokio::time::Instant::now() + self.recheck_after);
         }
-        self.shared.publish(&self.stats);
-        sink.flush();
         Ok(n)
     }
 
@@ -840,16 +824,7 @@ impl Capture {
             batch_size: u32,
             _pad: u32,
         }
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .ok_or(CaptureError::Missing {
-                what: "program",
-                name: PROGRAM_NAME,
-            })?
-            .try_into()
-            .map_err(CaptureError::Load)?;
-        let fd = prog.fd().map_err(CaptureError::Load)?;
+        let fd = self.program()?.fd().map_err(CaptureError::Load)?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut attr = TestAttr {
             prog_fd: fd.as_fd().as_raw_fd() as u32,

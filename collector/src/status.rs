@@ -29,7 +29,9 @@ impl Totals {
     }
     /// PacketDropped: every loss inside the collector, kernel buffer full included.
     pub fn dropped(&self) -> u64 {
-        self.kernel.get(Counter::RingFull) + self.user_dropped
+        self.kernel.get(Counter::RingFull)
+            + self.kernel.get(Counter::LoadFailed)
+            + self.user_dropped
     }
     pub fn parse_errors(&self) -> u64 {
         Counter::ALL
