@@ -60,6 +60,13 @@ pub enum CaptureError {
          (supported: Ethernet, loopback, raw IP such as tun)"
     )]
     UnsupportedLink { name: String, arphrd: u32 },
+    #[error(
+        "interface {name:?} has no IPv4 address for the messages' LOCAL_IP field: give one with \
+         --local_ip"
+    )]
+    NoIpv4 { name: String },
+    #[error("listing interface addresses")]
+    Addresses(#[source] io::Error),
     #[error("{count} ports given; at most {MAX_PORTS} can be captured at once")]
     TooManyPorts { count: usize },
     #[error("no port to capture")]
@@ -125,6 +132,23 @@ pub struct CaptureConfig {
 }
 
 impl CaptureConfig {
+    /// What can be checked without loading anything: privileges, the interface and its link
+    /// type, the ports. Returns the interface's index and framing.
+    pub fn check(&self) -> Result<(u32, LinkKind), CaptureError> {
+        check_privileges()?;
+        let ifindex = interface_index(&self.interface)?;
+        let link_kind = link_kind(&self.interface)?;
+        if self.ports.is_empty() {
+            return Err(CaptureError::NoPorts);
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(CaptureError::TooManyPorts {
+                count: self.ports.len(),
+            });
+        }
+        Ok((ifindex, link_kind))
+    }
+
     pub fn new(interface: impl Into<String>, ports: Vec<u16>) -> Self {
         Self {
             interface: interface.into(),
@@ -220,17 +244,7 @@ impl Capture {
     /// Checks privileges and the interface, loads the program, sets its ports and attaches it
     /// to the interface's ingress.
     pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
-        check_privileges()?;
-        let ifindex = interface_index(&cfg.interface)?;
-        let link_kind = link_kind(&cfg.interface)?;
-        if cfg.ports.is_empty() {
-            return Err(CaptureError::NoPorts);
-        }
-        if cfg.ports.len() > MAX_PORTS {
-            return Err(CaptureError::TooManyPorts {
-                count: cfg.ports.len(),
-            });
-        }
+        let (ifindex, link_kind) = cfg.check()?;
         let link_kind = link_kind as u8;
         let transport = cfg.transport as u8;
         let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
@@ -524,6 +538,15 @@ pub fn interface_index(name: &str) -> Result<u32, CaptureError> {
             })
             .unwrap_or_default(),
     })
+}
+
+/// The interface's first IPv4 address: LOCAL_IP in every MRTE message.
+pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr, CaptureError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| CaptureError::Addresses(e.into()))?;
+    addrs
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .ok_or_else(|| CaptureError::NoIpv4 { name: name.into() })
 }
 
 /// The framing the program must parse, from the interface's ARPHRD type.

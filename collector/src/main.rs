@@ -1,13 +1,19 @@
-use std::{io::IsTerminal as _, process::ExitCode, time::Instant};
+use std::{io::IsTerminal as _, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use collector::{
-    capture::{Capture, CaptureConfig, Record, RecordSink},
+    capture::{self, Capture, CaptureConfig},
     cli::Cli,
-    status::{StatusLine, Totals, if_rx_dropped},
+    flow::Pipeline,
+    publish::{BatchLimits, Broker, BrokerConfig, Fanout, MemoryBudget},
+    status::{PipelineCounters, StatusLine, Totals, if_rx_dropped},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use collector_common::Counters;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::Instant,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,7 +22,8 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MRTE_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // lapin logs the broker errors this agent reports itself, with advice.
+                .unwrap_or_else(|_| "info,lapin=off".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -29,13 +36,6 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Where records go until the publishers (the next stage) plug in; the drain counts them.
-struct Discard;
-
-impl RecordSink for Discard {
-    fn push(&mut self, _record: Record) {}
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = CaptureConfig {
         interface: cli.interface.clone(),
@@ -44,14 +44,72 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_bytes: cli.ring_buffer_mb << 20,
         attach_mode: cli.attach_mode,
         transport: cli.transport.into(),
-        wakeup_interval: std::time::Duration::from_micros(cli.wakeup_interval_us),
+        wakeup_interval: Duration::from_micros(cli.wakeup_interval_us),
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    // Everything that can be wrong with the input is found before the program is attached.
+    cfg.check()?;
+    let local_ip = match cli.local_ip {
+        Some(ip) => ip,
+        None => capture::interface_ipv4(&cli.interface)?,
+    };
+    if cli.snapshot_len != 0 {
+        tracing::warn!(
+            snapshot_len = cli.snapshot_len,
+            "segments longer than --snapshot_len are cut (counted as Truncated); a cut \
+             session cannot be replayed. 0, the default, keeps whole segments"
+        );
+    }
+    let broker_cfg = BrokerConfig {
+        host: cli.rabbitmq_host.clone(),
+        port: cli.rabbitmq_port,
+        user: cli.rabbitmq_user.clone(),
+        password: cli.rabbitmq_password.clone(),
+        vhost: cli.rabbitmq_vhost.clone(),
+        exchange: cli.rabbitmq_exchange_name.clone(),
+        routing_key: cli.rabbitmq_routing_key.clone(),
+        declare: cli.rabbitmq_declare,
+        queue: cli.rabbitmq_queue.clone(),
+        confirm: cli.rabbitmq_confirm,
+        connect_timeout: Duration::from_secs(cli.rabbitmq_connect_timeout),
+    };
+    let broker = Broker::connect(&broker_cfg).await?;
+    tracing::info!(
+        broker = %broker.addr(),
+        exchange = %cli.rabbitmq_exchange_name,
+        routing_key = %cli.rabbitmq_routing_key,
+        %local_ip,
+        "connected to RabbitMQ"
+    );
+    let counters = Arc::new(PipelineCounters::default());
+    let budget = Arc::new(MemoryBudget::new(cli.max_mem_mb << 20));
+    let publishers = broker
+        .start_publishers(
+            cli.thread_count.into(),
+            cli.queue_size as usize,
+            budget.clone(),
+            counters.clone(),
+        )
+        .await?;
+    let limits = BatchLimits {
+        segments: cli.batch_segments,
+        bytes: cli.batch_bytes as usize,
+        max_wait: Duration::from_millis(cli.read_timeout),
+    };
+    let fanout = Fanout::new(
+        local_ip,
+        publishers.senders.clone(),
+        limits,
+        budget,
+        counters.clone(),
+    );
+    let mut pipeline = Pipeline::new(fanout, counters.clone());
+
     let mut capture = Capture::attach(&cfg)?;
     let stats_fd = if cli.bpf_stats {
-        Some(collector::capture::enable_bpf_stats().context("enabling BPF run-time statistics")?)
+        Some(capture::enable_bpf_stats().context("enabling BPF run-time statistics")?)
     } else {
         None
     };
@@ -59,56 +117,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
     let drain_stats = drain.shared_stats();
     let if_dropped_base = if_rx_dropped(&cli.interface);
-    let totals = |capture: &Capture| -> anyhow::Result<Totals> {
-        let d = drain_stats.load();
-        Ok(Totals {
-            kernel: capture.read_counters()?,
-            // Records lost or unreadable between the kernel and the pipeline.
-            user_dropped: d.lost + d.malformed,
-            if_dropped: if_rx_dropped(&cli.interface).saturating_sub(if_dropped_base),
-            ..Totals::default()
-        })
+    let totals = |kernel: Counters, waiting: u64| Totals {
+        kernel,
+        drain: drain_stats.load(),
+        pipeline: counters.load(),
+        if_dropped: if_rx_dropped(&cli.interface).saturating_sub(if_dropped_base),
+        waiting,
     };
 
-    let mut sink = Discard;
     let mut status = StatusLine::new();
-    let period = std::time::Duration::from_secs(cli.status_interval);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let period = Duration::from_secs(cli.status_interval);
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     let mut last = Instant::now();
     loop {
+        let due = pipeline.fanout.next_due();
         tokio::select! {
-            r = drain.drain_once(&mut sink) => { r?; }
+            r = drain.drain_once(&mut pipeline) => { r?; }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                pipeline.fanout.send_due(Instant::now());
+            }
             _ = ticker.tick() => {
-                let now = totals(&capture)?;
+                let now = totals(capture.read_counters()?, pipeline.fanout.waiting());
                 println!("{}", status.next(&now, last.elapsed()));
                 last = Instant::now();
+                pipeline.flows.expire(last, FLOW_IDLE);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
-    drain.drain_now(&mut sink);
-    let end = totals(&capture)?;
-    let mut summary = StatusLine::summary(&end);
+    drain.drain_now(&mut pipeline);
+    let kernel = capture.read_counters()?;
+    let mut kernel_cost = String::new();
     if let (Some(_), Some(a), Ok(b)) = (&stats_fd, info0, capture.program_info()) {
         let runs = b.run_count() - a.run_count();
         let ns = (b.run_time() - a.run_time()).as_nanos();
         if runs > 0 {
-            summary.push_str(&format!(
+            kernel_cost = format!(
                 " kernel_runs={runs} kernel_ns_per_packet={:.0}",
                 ns as f64 / runs as f64
-            ));
+            );
         }
     }
     capture.detach()?;
-    println!("{summary}");
-    let d = drain.stats;
-    tracing::info!(
-        records = d.records,
-        bytes = d.bytes,
-        malformed = d.malformed,
-        lost = d.lost,
-        "stopped"
-    );
+
+    // What was captured is published before the agent exits.
+    pipeline.fanout.send_all(Instant::now());
+    let waiting = pipeline.fanout.waiting();
+    drop(pipeline);
+    let late = publishers.join(SHUTDOWN_GRACE).await;
+    if late > 0 {
+        tracing::error!(
+            publishers = late,
+            batches_waiting = waiting,
+            "publishers did not finish within {SHUTDOWN_GRACE:?}; their queued messages are lost"
+        );
+    }
+    broker.close().await;
+    let end = totals(kernel, if late > 0 { waiting } else { 0 });
+    println!("{}{kernel_cost}", StatusLine::summary(&end));
     Ok(())
 }
+
+/// Sessions silent this long are forgotten by the flow table.
+const FLOW_IDLE: Duration = Duration::from_secs(15 * 60);
+/// How long publishers get at exit to hand their queues to the broker.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

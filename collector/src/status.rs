@@ -1,21 +1,88 @@
 //! The status line: every `--status_interval` seconds one line of per-second rates, a header
 //! every 20 lines, in the original collector's columns, then this collector's own.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use collector_common::{Counter, Counters};
+
+use crate::capture::DrainStats;
+
+/// Declares the user-side counters once: the shared atomics the pipeline bumps, and the plain
+/// snapshot the status line subtracts.
+macro_rules! pipeline_counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counters of the user-side pipeline (flow handling, fan-out, publishers), shared
+        /// between the tasks that bump them and the status line.
+        #[derive(Debug, Default)]
+        pub struct PipelineCounters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A snapshot of [`PipelineCounters`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct PipelineTotals {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl PipelineCounters {
+            pub fn load(&self) -> PipelineTotals {
+                PipelineTotals { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl PipelineTotals {
+            /// Every counter with its name, for the exit summary.
+            pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($name), self.$name)),*].into_iter()
+            }
+        }
+    };
+}
+
+pipeline_counters! {
+    /// Segments whose every byte had been published already (retransmissions).
+    retransmitted,
+    /// Bytes not published again: whole retransmissions and the overlapping heads of others.
+    retransmitted_bytes,
+    /// Segments that started past the next expected byte (a segment went missing or comes
+    /// later out of order).
+    seq_gaps,
+    /// Segments from IPv6 clients, which the MRTE format cannot carry.
+    unencodable,
+    /// Segments dropped because their publisher's queue was full.
+    queue_full,
+    /// Segments dropped because the queued bytes would pass `--max_mem_mb`.
+    mem_limit,
+    /// Messages handed to the broker, and the units and bytes in them.
+    published_msgs,
+    published_units,
+    published_bytes,
+    /// Failed publishes and nacks (MQError), and the units those messages held.
+    mq_errors,
+    mq_error_units,
+}
+
+impl PipelineCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
 
 /// Totals since start; the status line prints the difference of two of these.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub kernel: Counters,
-    /// Segments the collector lost after the kernel handed them over (queues full, ...).
-    pub user_dropped: u64,
+    /// What the drain lost or could not read between the kernel and the pipeline.
+    pub drain: DrainStats,
+    pub pipeline: PipelineTotals,
     /// The interface's rx_dropped counter.
     pub if_dropped: u64,
-    /// Items waiting in the publisher queues (a gauge, not a rate).
+    /// Batches waiting in the publisher queues (a gauge, not a rate).
     pub waiting: u64,
-    pub mq_errors: u64,
 }
 
 impl Totals {
@@ -27,11 +94,18 @@ impl Totals {
     pub fn valid_packets(&self) -> u64 {
         self.kernel.get(Counter::WithPayload)
     }
-    /// PacketDropped: every loss inside the collector, kernel buffer full included.
+    /// PacketDropped: every loss inside the collector, from the kernel buffer to the
+    /// publisher queues. Publish failures are MQError.
     pub fn dropped(&self) -> u64 {
         self.kernel.get(Counter::RingFull)
             + self.kernel.get(Counter::LoadFailed)
-            + self.user_dropped
+            + self.drain.lost
+            + self.drain.malformed
+            + self.pipeline.queue_full
+            + self.pipeline.mem_limit
+    }
+    pub fn mq_errors(&self) -> u64 {
+        self.pipeline.mq_errors
     }
     pub fn parse_errors(&self) -> u64 {
         Counter::ALL
@@ -66,7 +140,7 @@ impl StatusLine {
 
     pub fn header() -> String {
         format!(
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}",
             "DateTime",
             "TotalPacket",
             "ValidPacket",
@@ -78,6 +152,9 @@ impl StatusLine {
             "NoPayload",
             "Truncated",
             "ParseError",
+            "Retransmit",
+            "Unencodable",
+            "Messages",
         )
     }
 
@@ -93,14 +170,14 @@ impl StatusLine {
         }
         let _ = write!(
             out,
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}",
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
             rate(now.total_packets(), p.total_packets()),
             rate(now.valid_packets(), p.valid_packets()),
             rate(now.dropped(), p.dropped()),
             rate(now.if_dropped, p.if_dropped),
             now.waiting,
-            rate(now.mq_errors, p.mq_errors),
+            rate(now.mq_errors(), p.mq_errors()),
             rate(now.kernel.get(Counter::Bytes), p.kernel.get(Counter::Bytes)) / 1024,
             rate(
                 now.kernel.get(Counter::NoPayload),
@@ -111,13 +188,16 @@ impl StatusLine {
                 p.kernel.get(Counter::Truncated)
             ),
             rate(now.parse_errors(), p.parse_errors()),
+            rate(now.pipeline.retransmitted, p.pipeline.retransmitted),
+            rate(now.pipeline.unencodable, p.pipeline.unencodable),
+            rate(now.pipeline.published_msgs, p.pipeline.published_msgs),
         );
         self.lines += 1;
         self.prev = now.clone();
         out
     }
 
-    /// One line of totals since start, for exit; every kernel counter that moved is listed.
+    /// One line of totals since start, for exit; every counter that moved is listed.
     pub fn summary(now: &Totals) -> String {
         let mut out = format!(
             "Totals: TotalPacket={} ValidPacket={} PacketDropped={} PacketIfDropped={} \
@@ -127,12 +207,13 @@ impl StatusLine {
             now.dropped(),
             now.if_dropped,
             now.waiting,
-            now.mq_errors,
+            now.mq_errors(),
         );
-        for c in Counter::ALL {
-            let v = now.kernel.get(c);
+        let kernel = Counter::ALL.iter().map(|&c| (c.name(), now.kernel.get(c)));
+        let drain = [("lost", now.drain.lost), ("malformed", now.drain.malformed)];
+        for (name, v) in kernel.chain(drain).chain(now.pipeline.named()) {
             if v != 0 {
-                let _ = write!(out, " {}={v}", c.name());
+                let _ = write!(out, " {name}={v}");
             }
         }
         out
@@ -168,7 +249,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0"
         );
         // The header comes back every 20 lines.
         for _ in 0..19 {

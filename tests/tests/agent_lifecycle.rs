@@ -3,117 +3,27 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
 
-use std::os::unix::process::CommandExt as _;
-
-use aya::programs::{SchedClassifier, TcAttachType};
 use collector::capture::PROGRAM_NAME;
-use nix::{sys::signal::Signal, unistd::Pid};
-
-fn binary() -> PathBuf {
-    let path = std::env::var_os("MRTE_COLLECTOR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mrte-collector")
-        });
-    assert!(
-        path.is_file(),
-        "{} not found: build it first (cargo build -p collector; `cargo xtask test` does)",
-        path.display()
-    );
-    path
-}
-
-/// Our programs attached to `interface`'s TCX ingress.
-fn ours_attached(interface: &str) -> usize {
-    let (_, progs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress).unwrap();
-    progs
-        .iter()
-        .filter(|p| p.name_as_str() == Some(PROGRAM_NAME))
-        .count()
-}
-
-/// Kills the agent if a test fails half-way.
-struct Agent(Option<Child>);
-
-impl Agent {
-    fn start(args: &[&str]) -> Self {
-        let child = Command::new(binary())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Self(Some(child))
-    }
-
-    /// Waits for the "attached" log line.
-    fn wait_attached(&mut self) {
-        let stderr = self.0.as_mut().unwrap().stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("attached") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("the agent did not report the program attached");
-    }
-
-    fn signal(&self, sig: Signal) {
-        nix::sys::signal::kill(Pid::from_raw(self.0.as_ref().unwrap().id() as i32), sig).unwrap();
-    }
-
-    fn wait(mut self) -> Output {
-        let child = self.0.take().unwrap();
-        let start = Instant::now();
-        let pid = Pid::from_raw(child.id() as i32);
-        // Bounded wait: a hung agent fails the test instead of hanging it.
-        let out = std::thread::spawn(move || child.wait_with_output().unwrap());
-        while !out.is_finished() {
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-                panic!("the agent did not exit within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        out.join().unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_detached(interface: &str) {
-    let start = Instant::now();
-    while ours_attached(interface) != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "our program is still attached to {interface}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{
+    agent::{Agent, binary, ours_attached, wait_detached},
+    broker::TestExchange,
+};
+use nix::sys::signal::Signal;
 
 #[test]
 fn sigint_and_sigterm_detach_and_print_totals() {
+    let mq = TestExchange::new("lifecycle");
+    let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         let before = ours_attached("lo");
-        let mut agent = Agent::start(&["--interface=lo", "--port=3306", "--status_interval=1"]);
+        let mut agent = Agent::start(&[
+            "--interface=lo",
+            "--port=3306",
+            "--status_interval=1",
+            &exchange,
+        ]);
         agent.wait_attached();
         assert_eq!(ours_attached("lo"), before + 1, "{sig}: attached once");
         std::thread::sleep(Duration::from_millis(1500));
@@ -135,8 +45,17 @@ fn sigint_and_sigterm_detach_and_print_totals() {
 
 #[test]
 fn sigkill_leaves_no_hook_and_a_new_start_works() {
+    let mq = TestExchange::new("sigkill");
+    let args = [
+        "--interface",
+        "lo",
+        "--port",
+        "3306",
+        "--rabbitmq_exchange_name",
+        &mq.exchange,
+    ];
     let before = ours_attached("lo");
-    let mut agent = Agent::start(&["--interface", "lo", "--port", "3306"]);
+    let mut agent = Agent::start(&args);
     agent.wait_attached();
     assert_eq!(ours_attached("lo"), before + 1);
     agent.signal(Signal::SIGKILL);
@@ -146,7 +65,7 @@ fn sigkill_leaves_no_hook_and_a_new_start_works() {
     wait_detached("lo");
     assert_eq!(ours_attached("lo"), before);
 
-    let mut again = Agent::start(&["--interface", "lo", "--port", "3306"]);
+    let mut again = Agent::start(&args);
     again.wait_attached();
     again.signal(Signal::SIGINT);
     assert!(again.wait().status.success());
@@ -178,7 +97,7 @@ fn bad_input_says_what_to_fix() {
     fails_with(&["--interface=lo", "--port=0"], &["--port", "0"]);
     fails_with(
         &["--interface=lo", "--snapshot_len=10"],
-        &["--snapshot_len", "64..=65535"],
+        &["--snapshot_len", "4096..=65535"],
     );
     fails_with(&["--interface=lo", "--no_such_flag=1"], &["--no_such_flag"]);
     fails_with(&[], &["--interface"]);
@@ -210,7 +129,14 @@ fn netlink_mode_removes_its_filter_and_qdisc() {
     let ns = common::NetNs::new();
     common::sh(&["ip", "link", "set", &ns.host, "up"]);
     assert!(!tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
-    let mut agent = Agent::start(&[&format!("--interface={}", ns.host), "--attach_mode=netlink"]);
+    let mq = TestExchange::new("netlink");
+    let mut agent = Agent::start(&[
+        &format!("--interface={}", ns.host),
+        "--attach_mode=netlink",
+        // The veth end has no address of its own.
+        "--local_ip=198.18.0.1",
+        &format!("--rabbitmq_exchange_name={}", mq.exchange),
+    ]);
     agent.wait_attached();
     assert!(tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
     let filters = tc_show(&["filter", "show", "dev", &ns.host, "ingress"]);

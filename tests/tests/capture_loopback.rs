@@ -9,16 +9,6 @@ use collector_common::Counter;
 use common::*;
 use mysql_async::prelude::*;
 
-fn opts(addr: std::net::SocketAddr) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(MYSQL_USER))
-        .pass(Some(MYSQL_PASSWORD))
-        .prefer_socket(false)
-        .into()
-}
-
 /// Waits until the capture holds, for every relayed connection, as many bytes as were sent.
 async fn assert_streams_match(cap: &mut TestCapture, relay: &Relay, connections: u32) {
     let sent = relay.sent_when_closed(connections).await;
@@ -50,7 +40,9 @@ async fn mariadb_sessions_are_captured_byte_for_byte() {
 
     // One connection with a 1 MiB query (spread over many 64 KiB loopback segments).
     let big = "x".repeat(1 << 20);
-    let mut conn = mysql_async::Conn::new(opts(relay.addr)).await.unwrap();
+    let mut conn = mysql_async::Conn::new(mysql_opts(relay.addr))
+        .await
+        .unwrap();
     let len: Option<u64> = conn
         .query_first(format!("SELECT LENGTH('{big}')"))
         .await
@@ -63,7 +55,7 @@ async fn mariadb_sessions_are_captured_byte_for_byte() {
     for c in 0..20 {
         let addr = relay.addr;
         tasks.push(tokio::spawn(async move {
-            let mut conn = mysql_async::Conn::new(opts(addr)).await.unwrap();
+            let mut conn = mysql_async::Conn::new(mysql_opts(addr)).await.unwrap();
             for q in 0..10 {
                 let v: Option<u32> = conn
                     .query_first(format!("SELECT {c} * 100 + {q} /* conn {c} query {q} */"))

@@ -2,6 +2,8 @@
 //! are removed on drop, also when a test panics), a recording TCP relay, and a sink server.
 #![allow(dead_code)]
 
+pub mod agent;
+pub mod broker;
 pub mod frames;
 
 use std::{
@@ -28,6 +30,17 @@ use tokio::{
 pub const MYSQL_ADDR: &str = "127.0.0.1:3306";
 pub const MYSQL_USER: &str = "mrte";
 pub const MYSQL_PASSWORD: &str = "mrte";
+
+/// Connection options for the test user through `addr` (MariaDB itself or a relay).
+pub fn mysql_opts(addr: SocketAddr) -> mysql_async::Opts {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        .user(Some(MYSQL_USER))
+        .pass(Some(MYSQL_PASSWORD))
+        .prefer_socket(false)
+        .into()
+}
 
 /// Runs a command and panics with its output if it fails.
 pub fn sh(args: &[&str]) {

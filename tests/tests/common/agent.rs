@@ -1,0 +1,137 @@
+//! The `mrte-collector` binary as a child process, killed on drop if a test fails half-way.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use collector::capture::PROGRAM_NAME;
+use nix::{sys::signal::Signal, unistd::Pid};
+
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("MRTE_COLLECTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mrte-collector")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (cargo build -p collector; `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// Our programs attached to `interface`'s TCX ingress.
+pub fn ours_attached(interface: &str) -> usize {
+    let (_, progs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress).unwrap();
+    progs
+        .iter()
+        .filter(|p| p.name_as_str() == Some(PROGRAM_NAME))
+        .count()
+}
+
+/// Kills the agent if a test fails half-way.
+pub struct Agent {
+    child: Option<Child>,
+    /// What the agent logged so far (stderr), once `wait_attached` took it over.
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Self {
+        let child = Command::new(binary())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self {
+            child: Some(child),
+            log: Arc::default(),
+        }
+    }
+
+    /// Waits for the "attached" log line; the log keeps being collected into `self.log`.
+    pub fn wait_attached(&mut self) {
+        let stderr = self.child.as_mut().unwrap().stderr.take().unwrap();
+        let log = self.log.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("capture program attached") {
+                    let _ = tx.send(());
+                }
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            panic!(
+                "the agent did not report the program attached; its log:\n{}",
+                self.log.lock().unwrap()
+            );
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        nix::sys::signal::kill(Pid::from_raw(pid), sig).unwrap();
+    }
+
+    /// Waits (at most 30 s) for the agent to exit.
+    pub fn wait(mut self) -> Output {
+        let child = self.child.take().unwrap();
+        let start = Instant::now();
+        let pid = Pid::from_raw(child.id() as i32);
+        // Bounded wait: a hung agent fails the test instead of hanging it.
+        let out = std::thread::spawn(move || child.wait_with_output().unwrap());
+        while !out.is_finished() {
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                panic!("the agent did not exit within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        out.join().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_detached(interface: &str) {
+    let start = Instant::now();
+    while ours_attached(interface) != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "our program is still attached to {interface}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The exit summary (`Totals: Name=value ...`) as a map; a counter that never moved is 0.
+pub fn totals(stdout: &str) -> std::collections::HashMap<String, u64> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Totals: "))
+        .unwrap_or_else(|| panic!("no Totals line in: {stdout}"));
+    line.split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_owned(), v.parse().unwrap())
+        })
+        .collect()
+}
