@@ -185,8 +185,8 @@ pub struct Record {
 /// Where drained records go: the later pipeline stages implement this.
 pub trait RecordSink {
     fn push(&mut self, record: Record);
-    /// Called after each drain of the ring buffer (a natural batch boundary).
-    fn flush(&mut self) {}
+    /// Called before each drain hands over its first record.
+    fn begin(&mut self) {}
 }
 
 /// What the drain handed over. `malformed` (an item shorter than its header says) should
@@ -668,6 +668,7 @@ impl Drain {
 
     /// Hands over whatever is in the buffer now, without waiting.
     pub fn drain_now(&mut self, sink: &mut impl RecordSink) -> usize {
+        sink.begin();
         let n = match &mut self.source {
             Source::Ring(ring) => {
                 drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
@@ -678,7 +679,6 @@ impl Drain {
                 .sum(),
         };
         self.shared.publish(&self.stats);
-        sink.flush();
         n
     }
 

@@ -101,7 +101,7 @@ pub struct Pipeline {
     pub flows: Flows,
     pub fanout: Fanout,
     counters: Arc<PipelineCounters>,
-    /// One clock read per drain, not per record.
+    /// The time of the current drain: one clock read per drain, not per record.
     now: Instant,
 }
 
@@ -134,7 +134,7 @@ impl RecordSink for Pipeline {
         }
     }
 
-    fn flush(&mut self) {
+    fn begin(&mut self) {
         self.now = Instant::now();
     }
 }
