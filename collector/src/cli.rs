@@ -108,7 +108,9 @@ pub struct Cli {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "RabbitMQ")]
     pub rabbitmq_connect_timeout: u64,
 
-    /// MySQL server for the session bootstrap.
+    /// MySQL server whose process list tells the default database of the sessions open
+    /// before capture (session bootstrap) and which sessions ended (garbage collection). The
+    /// user needs the PROCESS privilege.
     #[arg(long, default_value = "127.0.0.1", help_heading = "MySQL")]
     pub mysql_host: String,
 
@@ -128,6 +130,25 @@ pub struct Cli {
         help_heading = "MySQL"
     )]
     pub mysql_password: String,
+
+    /// Run without the session bootstrap if MySQL cannot be reached (or read) at start; it is
+    /// retried in the background. Without this, that is an error before capture starts.
+    #[arg(long, help_heading = "MySQL")]
+    pub mysql_optional: bool,
+
+    /// Seconds to wait for MySQL at start.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "MySQL")]
+    pub mysql_connect_timeout: u64,
+
+    /// Milliseconds between the first bootstrap pass (right after attaching) and the second,
+    /// which catches sessions that were still authenticating.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=600_000), help_heading = "MySQL")]
+    pub bootstrap_second_pass_ms: u64,
+
+    /// Seconds between two process-list reads for session garbage collection: sessions gone
+    /// get a synthetic COM_QUIT.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), help_heading = "MySQL")]
+    pub gc_interval: u64,
 
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 64, value_parser = ring_mb, help_heading = "Capture")]

@@ -4,13 +4,25 @@
 //! remembers the next byte it expects; data before it was published already and is not
 //! published again (a segment that overlaps is trimmed to its new bytes). A segment that starts
 //! past the expected byte is published as it is and counted as a gap.
+//!
+//! The [`Pipeline`] is the agent's record sink: it also leaves out the collector's own MySQL
+//! connection and holds segments back while the bootstrap ([`crate::bootstrap`]) reads the
+//! process list, so that a session's synthetic COM_INIT_DB goes into its publisher queue
+//! before any of its captured segments.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
 use crate::{
+    bootstrap::{Event, Pass, Snapshot},
     capture::{Record, RecordSink},
+    encode,
     publish::Fanout,
     status::PipelineCounters,
 };
@@ -87,6 +99,10 @@ impl Flows {
         before - self.table.len()
     }
 
+    pub fn forget(&mut self, key: &SessionKey) {
+        self.table.remove(key);
+    }
+
     pub fn len(&self) -> usize {
         self.table.len()
     }
@@ -96,28 +112,237 @@ impl Flows {
     }
 }
 
-/// The record sink of the agent: flow handling, then the MRTE fan-out.
+/// Longest a segment is held back while a process-list read decides on its session.
+const HOLD_MAX_TIME: Duration = Duration::from_secs(10);
+/// Most payload bytes held back at once.
+const HOLD_MAX_BYTES: usize = 32 << 20;
+
+/// Segments held back until the bootstrap has decided on their sessions: every segment while
+/// a read is under way (`all`), and the segments of sessions that were mid-handshake at the
+/// first pass until the second.
+#[derive(Debug, Default)]
+struct Hold {
+    all: bool,
+    pending: HashSet<SessionKey>,
+    records: Vec<Record>,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+impl Hold {
+    fn holds(&self, key: &SessionKey) -> bool {
+        self.all || self.pending.contains(key)
+    }
+}
+
+/// The record sink of the agent: the collector's own connection left out, segments held
+/// while the bootstrap decides, flow handling, then the MRTE fan-out.
 pub struct Pipeline {
     pub flows: Flows,
     pub fanout: Fanout,
     counters: Arc<PipelineCounters>,
     /// The time of the current drain: one clock read per drain, not per record.
     now: Instant,
+    /// The collector's own MySQL connection.
+    own: Option<SessionKey>,
+    hold: Hold,
+    /// Sessions of the last process-list read, with their ids.
+    known: HashMap<SessionKey, u64>,
 }
 
 impl Pipeline {
-    pub fn new(fanout: Fanout, counters: Arc<PipelineCounters>) -> Self {
+    /// `hold` holds every segment from the start, until the first process-list read.
+    pub fn new(fanout: Fanout, counters: Arc<PipelineCounters>, hold: bool) -> Self {
+        let now = Instant::now();
         Self {
             flows: Flows::default(),
             fanout,
             counters,
-            now: Instant::now(),
+            now,
+            own: None,
+            hold: Hold {
+                all: hold,
+                since: hold.then_some(now),
+                ..Default::default()
+            },
+            known: HashMap::new(),
         }
     }
-}
 
-impl RecordSink for Pipeline {
-    fn push(&mut self, r: Record) {
+    /// The collector's own MySQL connection, known before capture starts.
+    pub fn set_own(&mut self, own: Option<SessionKey>) {
+        self.own = own;
+    }
+
+    /// When the next batch or held segment must leave.
+    pub fn next_due(&self) -> Option<Instant> {
+        let held = self.hold.since.map(|t| t + HOLD_MAX_TIME);
+        match (self.fanout.next_due(), held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Sends due batches; releases held segments that waited too long.
+    pub fn on_due(&mut self, now: Instant) {
+        self.now = now;
+        if self.hold.since.is_some_and(|t| now >= t + HOLD_MAX_TIME) {
+            self.overflow();
+        }
+        self.fanout.send_due(now);
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        self.now = Instant::now();
+        match event {
+            Event::Hold => {
+                self.hold.all = true;
+                self.hold.since.get_or_insert(self.now);
+            }
+            Event::Release => {
+                self.hold.all = false;
+                self.release();
+            }
+            Event::Snapshot(pass, snap) => self.apply(pass, snap),
+        }
+    }
+
+    fn apply(&mut self, pass: Pass, snap: Snapshot) {
+        let c = self.counters.clone();
+        PipelineCounters::add(&c.replication_skipped, snap.replication);
+        PipelineCounters::add(&c.unresolved_hosts, snap.unresolved);
+        if snap.own.is_some() {
+            self.own = snap.own;
+        }
+        // Sessions that changed database in what is held: the snapshot cannot tell which
+        // database their earlier held segments ran in.
+        let changed: HashSet<SessionKey> = self
+            .hold
+            .records
+            .iter()
+            .filter(|r| changes_database(&r.data))
+            .map(|r| (r.src, r.sport))
+            .collect();
+        // Sessions whose handshake was captured (their first segment is the handshake
+        // response): the consumer learns their database from it.
+        let mut first_seen = HashSet::new();
+        let started: HashSet<SessionKey> = self
+            .hold
+            .records
+            .iter()
+            .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
+            .map(|r| (r.src, r.sport))
+            .collect();
+        let init_db = |this: &mut Self, key: SessionKey, db: &Option<String>| {
+            let Some(db) = db else { return };
+            if pass != Pass::Again && started.contains(&key) {
+                return;
+            }
+            if changed.contains(&key) {
+                PipelineCounters::add(&c.bootstrap_db_changed, 1);
+            } else if this.inject(key, &encode::com_init_db(db.as_bytes())) {
+                PipelineCounters::add(&c.bootstrap_units, 1);
+            }
+        };
+        match pass {
+            Pass::First | Pass::Again => {
+                for (key, s) in &snap.sessions {
+                    if s.handshaking && pass == Pass::First {
+                        // Its database is known once it has authenticated, unless its
+                        // handshake was captured.
+                        if !started.contains(key) {
+                            self.hold.pending.insert(*key);
+                        }
+                    } else if !self.hold.pending.contains(key) {
+                        init_db(self, *key, &s.db);
+                    }
+                }
+            }
+            Pass::Second => {
+                for key in std::mem::take(&mut self.hold.pending) {
+                    if let Some(s) = snap.sessions.get(&key) {
+                        init_db(self, key, &s.db);
+                    }
+                }
+            }
+            Pass::Gc => {}
+        }
+        // Sessions gone since the last read end on the consumer's side too.
+        let known = std::mem::take(&mut self.known);
+        for (key, id) in known {
+            match snap.sessions.get(&key) {
+                None => {
+                    if self.inject(key, &encode::COM_QUIT) {
+                        PipelineCounters::add(&c.gc_quits, 1);
+                    }
+                    self.flows.forget(&key);
+                    self.hold.pending.remove(&key);
+                }
+                Some(s) if s.id != id => PipelineCounters::add(&c.gc_port_reused, 1),
+                Some(_) => {}
+            }
+        }
+        self.known = snap.sessions.iter().map(|(k, s)| (*k, s.id)).collect();
+        self.hold.all = false;
+        self.release();
+    }
+
+    /// Puts a synthetic unit into the session's publisher queue; false if the session's
+    /// address cannot be encoded.
+    fn inject(&mut self, key: SessionKey, data: &[u8]) -> bool {
+        match key.0 {
+            IpAddr::V4(ip) => {
+                self.fanout.push(ip, key.1, data, self.now);
+                true
+            }
+            IpAddr::V6(_) => {
+                PipelineCounters::add(&self.counters.unencodable, 1);
+                false
+            }
+        }
+    }
+
+    /// Passes on held segments whose sessions are no longer held, in arrival order.
+    fn release(&mut self) {
+        let records = std::mem::take(&mut self.hold.records);
+        self.hold.bytes = 0;
+        for r in records {
+            if self.hold.holds(&(r.src, r.sport)) {
+                self.hold.bytes += r.data.len();
+                self.hold.records.push(r);
+            } else {
+                self.deliver(r);
+            }
+        }
+        if self.hold.records.is_empty() && !self.hold.all {
+            self.hold.since = None;
+        }
+    }
+
+    /// Held too long or too much: publish everything held, undecided.
+    fn overflow(&mut self) {
+        PipelineCounters::add(&self.counters.hold_overflow, self.hold.records.len() as u64);
+        tracing::warn!(
+            segments = self.hold.records.len(),
+            bytes = self.hold.bytes,
+            "published segments before the session bootstrap could decide on them (MySQL \
+             too slow to answer?)"
+        );
+        self.hold.all = false;
+        self.hold.pending.clear();
+        self.release();
+    }
+
+    /// At exit: publishes whatever is still held and every open batch.
+    pub fn finish(&mut self, now: Instant) {
+        self.now = now;
+        if !self.hold.records.is_empty() {
+            self.overflow();
+        }
+        self.fanout.send_all(now);
+    }
+
+    fn deliver(&mut self, r: Record) {
         let IpAddr::V4(ip) = r.src else {
             PipelineCounters::add(&self.counters.unencodable, 1);
             return;
@@ -133,9 +358,65 @@ impl RecordSink for Pipeline {
             Admit::Duplicate => {}
         }
     }
+}
+
+impl RecordSink for Pipeline {
+    fn push(&mut self, r: Record) {
+        let key = (r.src, r.sport);
+        if self.own == Some(key) {
+            PipelineCounters::add(&self.counters.own_traffic, 1);
+            return;
+        }
+        if self.hold.holds(&key) {
+            self.hold.bytes += r.data.len();
+            self.hold.since.get_or_insert(self.now);
+            self.hold.records.push(r);
+            if self.hold.bytes > HOLD_MAX_BYTES {
+                self.overflow();
+            }
+            return;
+        }
+        self.deliver(r);
+    }
 
     fn begin(&mut self) {
         self.now = Instant::now();
+    }
+}
+
+/// Whether a segment starts with a client's handshake response (or its TLS request): sequence
+/// number 1, at least 32 bytes, the CLIENT_PROTOCOL_41 capability set.
+pub fn is_handshake_response(data: &[u8]) -> bool {
+    const CLIENT_PROTOCOL_41: u32 = 0x200;
+    if data.len() < 4 + 32 || data[3] != 1 {
+        return false;
+    }
+    let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
+    let caps = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
+    len >= 32 && caps & CLIENT_PROTOCOL_41 != 0
+}
+
+/// Whether a segment starts with a command that changes the default database: COM_INIT_DB,
+/// COM_CHANGE_USER, or a COM_QUERY `USE ...`.
+pub fn changes_database(data: &[u8]) -> bool {
+    // A command packet: 3-byte length, sequence 0, command byte.
+    if data.len() < 5 || data[3] != 0 {
+        return false;
+    }
+    match data[4] {
+        0x02 | 0x11 => true,
+        0x03 => {
+            let text = &data[5..];
+            let start = text
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(text.len());
+            let word = &text[start..];
+            word.len() > 3
+                && word[..3].eq_ignore_ascii_case(b"use")
+                && (word[3].is_ascii_whitespace() || word[3] == b'`')
+        }
+        _ => false,
     }
 }
 

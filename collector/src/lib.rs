@@ -1,14 +1,19 @@
 //! mrte-collector: eBPF capture of MySQL client traffic, published for replay in the MRTE
 //! format.
 //!
-//! Records flow capture → flow → publish (fan-out, encode, RabbitMQ); status reports on all.
+//! Records flow capture → flow → publish (fan-out, encode, RabbitMQ); bootstrap feeds flow
+//! with what the MySQL process list says; status reports on all.
 //!
 //! - [`capture`]: loads and attaches the TC program, drains its ring buffer into [`capture::Record`]s.
-//! - [`flow`]: per-session state: retransmissions dropped, the agent's record sink.
+//! - [`flow`]: per-session state: retransmissions dropped, bootstrap ordering, the agent's
+//!   record sink.
+//! - [`bootstrap`]: the MySQL process list: COM_INIT_DB for sessions open before capture,
+//!   COM_QUIT for sessions gone.
 //! - [`encode`]: the MRTE wire format, encoder and decoder.
 //! - [`publish`]: RabbitMQ connection and checks, fan-out, batching, publisher tasks.
 //! - [`status`]: the counters and the periodic status line.
 //! - [`cli`]: command-line flags.
+pub mod bootstrap;
 pub mod capture;
 pub mod cli;
 pub mod encode;

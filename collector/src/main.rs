@@ -3,15 +3,17 @@ use std::{io::IsTerminal as _, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Parser as _;
 use collector::{
+    bootstrap::{self, Mysql, MysqlConfig},
     capture::{self, Capture, CaptureConfig},
     cli::Cli,
-    flow::Pipeline,
+    flow::{Pipeline, SessionKey},
     publish::{BatchLimits, Broker, BrokerConfig, Fanout, MemoryBudget},
     status::{PipelineCounters, StatusLine, Totals, if_rx_dropped},
 };
 use collector_common::Counters;
 use tokio::{
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
     time::Instant,
 };
 
@@ -83,6 +85,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         %local_ip,
         "connected to RabbitMQ"
     );
+    let mysql_cfg = MysqlConfig {
+        host: cli.mysql_host.clone(),
+        port: cli.mysql_port(),
+        user: cli.mysql_user.clone(),
+        password: cli.mysql_password.clone(),
+        server_ports: cli.port.clone(),
+        connect_timeout: Duration::from_secs(cli.mysql_connect_timeout),
+        second_pass: Duration::from_millis(cli.bootstrap_second_pass_ms),
+        gc_interval: Duration::from_secs(cli.gc_interval),
+    };
+    // Connected before attaching, so that the collector's own connection is known and never
+    // published, and bad credentials stop the agent before it captures anything.
+    let (mysql, own) = match connect_mysql(&mysql_cfg).await {
+        Ok((mysql, own)) => (Some(mysql), own),
+        Err(e) if cli.mysql_optional => {
+            tracing::warn!(
+                "{e:#}; running without the session bootstrap until MySQL answers (--mysql_optional)"
+            );
+            (None, None)
+        }
+        Err(e) => return Err(e),
+    };
     let counters = Arc::new(PipelineCounters::default());
     let budget = Arc::new(MemoryBudget::new(cli.max_mem_mb << 20));
     let publishers = broker
@@ -105,7 +129,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         budget,
         counters.clone(),
     );
-    let mut pipeline = Pipeline::new(fanout, counters.clone());
+    // Everything captured is held until the first process-list read has put each session's
+    // COM_INIT_DB in front of it.
+    let mut pipeline = Pipeline::new(fanout, counters.clone(), true);
+    pipeline.set_own(own);
 
     let mut capture = Capture::attach(&cfg)?;
     let stats_fd = if cli.bpf_stats {
@@ -125,16 +152,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         waiting,
     };
 
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (again_tx, again_rx) = mpsc::unbounded_channel();
+    let bootstrap = tokio::spawn(bootstrap::run(
+        mysql_cfg,
+        mysql,
+        events_tx,
+        again_rx,
+        counters.clone(),
+    ));
+    let mut sigusr1 =
+        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+
     let mut status = StatusLine::new();
     let period = Duration::from_secs(cli.status_interval);
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     let mut last = Instant::now();
     loop {
-        let due = pipeline.fanout.next_due();
+        let due = pipeline.next_due();
         tokio::select! {
             r = drain.drain_once(&mut pipeline) => { r?; }
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                pipeline.fanout.send_due(Instant::now());
+                pipeline.on_due(Instant::now());
+            }
+            Some(event) = events.recv() => pipeline.on_event(event),
+            _ = sigusr1.recv() => {
+                tracing::info!("SIGUSR1: sending the session bootstrap again");
+                let _ = again_tx.send(());
             }
             _ = ticker.tick() => {
                 let now = totals(capture.read_counters()?, pipeline.fanout.waiting());
@@ -160,9 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     capture.detach()?;
+    bootstrap.abort();
 
     // What was captured is published before the agent exits.
-    pipeline.fanout.send_all(Instant::now());
+    pipeline.finish(Instant::now());
     let waiting = pipeline.fanout.waiting();
     drop(pipeline);
     let late = publishers.join(SHUTDOWN_GRACE).await;
@@ -177,6 +222,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let end = totals(kernel, if late > 0 { waiting } else { 0 });
     println!("{}{kernel_cost}", StatusLine::summary(&end));
     Ok(())
+}
+
+/// Connects to MySQL and reads the process list once: the credentials and the PROCESS
+/// privilege are checked, and the collector's own connection is known before capture starts.
+async fn connect_mysql(cfg: &MysqlConfig) -> anyhow::Result<(Mysql, Option<SessionKey>)> {
+    let mut mysql = Mysql::connect(cfg).await?;
+    mysql.check_process_privilege().await?;
+    let own = mysql.read().await?.own;
+    Ok((mysql, own))
 }
 
 /// Sessions silent this long are forgotten by the flow table.

@@ -64,6 +64,27 @@ pipeline_counters! {
     /// Failed publishes and nacks (MQError), and the units those messages held.
     mq_errors,
     mq_error_units,
+    /// Synthetic COM_INIT_DB units sent for sessions open before capture (bootstrap).
+    bootstrap_units,
+    /// Sessions not bootstrapped because they changed database while the process list was
+    /// being read (which database their earlier segments ran in is unknown).
+    bootstrap_db_changed,
+    /// Process-list rows skipped as replication threads.
+    replication_skipped,
+    /// Process-list rows whose host could not be mapped to an address.
+    unresolved_hosts,
+    /// Synthetic COM_QUIT units for sessions gone from the process list.
+    gc_quits,
+    /// Sessions gone whose address a new session already uses: no COM_QUIT, which would end
+    /// the new one.
+    gc_port_reused,
+    /// Segments of the collector's own MySQL connection, not published.
+    own_traffic,
+    /// Segments published before their session's bootstrap decision because holding them
+    /// passed the time or memory limit.
+    hold_overflow,
+    /// Failed MySQL connects and process-list reads.
+    mysql_errors,
 }
 
 impl PipelineCounters {
@@ -140,7 +161,7 @@ impl StatusLine {
 
     pub fn header() -> String {
         format!(
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}",
             "DateTime",
             "TotalPacket",
             "ValidPacket",
@@ -155,6 +176,7 @@ impl StatusLine {
             "Retransmit",
             "Unencodable",
             "Messages",
+            "MySQLError",
         )
     }
 
@@ -170,7 +192,7 @@ impl StatusLine {
         }
         let _ = write!(
             out,
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}",
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
             rate(now.total_packets(), p.total_packets()),
             rate(now.valid_packets(), p.valid_packets()),
@@ -191,6 +213,7 @@ impl StatusLine {
             rate(now.pipeline.retransmitted, p.pipeline.retransmitted),
             rate(now.pipeline.unencodable, p.pipeline.unencodable),
             rate(now.pipeline.published_msgs, p.pipeline.published_msgs),
+            rate(now.pipeline.mysql_errors, p.pipeline.mysql_errors),
         );
         self.lines += 1;
         self.prev = now.clone();
@@ -249,7 +272,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0"
         );
         // The header comes back every 20 lines.
         for _ in 0..19 {

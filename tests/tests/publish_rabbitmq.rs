@@ -168,13 +168,20 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
         get("published_bytes"),
         messages.iter().map(|m| m.data.len() as u64).sum::<u64>()
     );
-    // Every record became a unit, except data already published (retransmissions).
-    assert_eq!(get("records"), units + get("retransmitted"), "{stdout}");
+    // Every record became a unit, except data already published (retransmissions) and the
+    // collector's own MySQL connection.
+    assert_eq!(
+        get("records"),
+        units + get("retransmitted") + get("own_traffic"),
+        "{stdout}"
+    );
+    assert_eq!(get("hold_overflow"), 0, "{stdout}");
     assert_eq!(get("ValidPacket"), get("with_payload"));
     let payload: u64 = sent.values().map(|s| s.len() as u64).sum();
+    // Message bytes: LOCAL_IP per message, 14 bytes around each unit, the clients' payload.
     assert_eq!(
-        get("bytes") - get("retransmitted_bytes"),
-        payload,
+        get("published_bytes"),
+        4 * get("published_msgs") + 14 * units + payload,
         "{stdout}"
     );
     assert!(

@@ -43,9 +43,21 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts the agent with `args`, plus the test MariaDB's port and credentials unless
+    /// `args` name them.
     pub fn start(args: &[&str]) -> Self {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        for (flag, value) in [
+            ("--mysql_port", "3306"),
+            ("--mysql_user", super::MYSQL_USER),
+            ("--mysql_password", super::MYSQL_PASSWORD),
+        ] {
+            if !args.iter().any(|a| a.starts_with(flag)) {
+                all.push(format!("{flag}={value}"));
+            }
+        }
         let child = Command::new(binary())
-            .args(args)
+            .args(&all)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,498 @@
+//! Session bootstrap and garbage collection through the MySQL process list.
+//!
+//! Sessions open before capture began never send their default database again, so the
+//! consumer gets a synthetic COM_INIT_DB unit for each; sessions that vanish get a synthetic
+//! COM_QUIT. This module reads the process list and maps its rows to the sessions the capture
+//! sees; [`crate::flow::Pipeline`] puts the units into each session's own publisher queue,
+//! in order with the session's captured segments.
+//!
+//! MariaDB lists a client as `ip:port`, or as `name:port` when its address resolves (loopback
+//! clients are `localhost:PORT`). Names are mapped back to addresses through the kernel's TCP
+//! socket table: the server's established socket with that client port.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use mysql_async::prelude::Queryable as _;
+use tokio::sync::mpsc;
+
+use crate::{flow::SessionKey, status::PipelineCounters};
+
+#[derive(Clone, Debug)]
+pub struct MysqlConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    /// The server's listening ports (the captured ones): how its sockets are told apart from
+    /// other sockets on the host.
+    pub server_ports: Vec<u16>,
+    pub connect_timeout: Duration,
+    /// Delay before the second bootstrap pass, for sessions that were mid-handshake.
+    pub second_pass: Duration,
+    pub gc_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(
+        "cannot connect to MySQL at {addr} as {user:?}: {cause}. Check --mysql_host, \
+         --mysql_port, --mysql_user and --mysql_password (or MRTE_MYSQL_PASSWORD), or pass \
+         --mysql_optional to run without the session bootstrap"
+    )]
+    Connect {
+        addr: String,
+        user: String,
+        cause: mysql_async::Error,
+    },
+    #[error("no answer from MySQL at {addr} within {secs} s (--mysql_host, --mysql_port)")]
+    Timeout { addr: String, secs: u64 },
+    #[error(
+        "MySQL user {user:?} lacks the PROCESS privilege, so the process list shows only its own \
+         sessions: GRANT PROCESS ON *.* TO the user, or pass --mysql_optional to run without \
+         the session bootstrap"
+    )]
+    NoProcessPrivilege { user: String },
+    #[error("reading the process list from MySQL at {addr}: {cause}")]
+    Query {
+        addr: String,
+        cause: mysql_async::Error,
+    },
+}
+
+/// One client session of the process list, mapped to the address the capture sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub id: u64,
+    /// Default database; `None` when the session has none.
+    pub db: Option<String>,
+    /// Still authenticating: its database is not known yet.
+    pub handshaking: bool,
+}
+
+/// One read of the process list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The collector's own connection.
+    pub own: Option<SessionKey>,
+    pub sessions: HashMap<SessionKey, Session>,
+    /// Rows skipped as replication threads.
+    pub replication: u64,
+    /// Rows whose host could not be mapped to an address.
+    pub unresolved: u64,
+}
+
+/// What a process-list read is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Right after attaching: every session with a database gets COM_INIT_DB.
+    First,
+    /// A little later: sessions that were mid-handshake at the first pass.
+    Second,
+    /// SIGUSR1, or the first pass after MySQL became reachable: like `First`.
+    Again,
+    /// Garbage collection: sessions gone since the last read get COM_QUIT.
+    Gc,
+}
+
+/// Messages from the bootstrap task to the pipeline.
+#[derive(Debug)]
+pub enum Event {
+    /// Hold captured segments until the next snapshot (or `Release`): a read is under way
+    /// and the collector's own new connection is not known yet.
+    Hold,
+    Release,
+    Snapshot(Pass, Snapshot),
+}
+
+/// Replication threads by the state prefix of their process-list row (from the original), and
+/// by command.
+const REPLICATION_STATES: [&str; 4] = [
+    "Waiting for master",
+    "Has read all relay log",
+    "Waiting on empty queue",
+    "Master has sent all binlog",
+];
+const REPLICATION_COMMANDS: [&str; 2] = ["Binlog Dump", "Binlog Dump GTID"];
+
+pub fn is_replication(command: &str, state: Option<&str>) -> bool {
+    REPLICATION_COMMANDS.contains(&command)
+        || state.is_some_and(|s| REPLICATION_STATES.iter().any(|p| s.starts_with(p)))
+}
+
+/// Splits a process-list host into name (or address) and port: `ip:port`, `[v6]:port`,
+/// `v6:port`, `name:port`. Hosts without a port (Unix socket clients) give `None`.
+pub fn split_host(host: &str) -> Option<(&str, u16)> {
+    let (name, port) = host.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let name = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    (!name.is_empty()).then_some((name, port))
+}
+
+/// The server side of the kernel's TCP socket table: (client address, client port) of every
+/// established connection to one of `server_ports`.
+pub fn server_connections(server_ports: &[u16]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for table in [procfs::net::tcp(), procfs::net::tcp6()] {
+        for e in table.into_iter().flatten() {
+            if e.state == procfs::net::TcpState::Established
+                && server_ports.contains(&e.local_address.port())
+            {
+                out.push(SocketAddr::new(
+                    e.remote_address.ip().to_canonical(),
+                    e.remote_address.port(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Maps a process-list host to the client address the capture sees.
+pub fn resolve(host: &str, connections: &[SocketAddr]) -> Option<SessionKey> {
+    let (name, port) = split_host(host)?;
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Some((ip.to_canonical(), port));
+    }
+    let mut candidates = connections.iter().filter(|c| c.port() == port);
+    let first = candidates.next()?;
+    let more: Vec<_> = candidates.collect();
+    if more.is_empty() {
+        return Some((first.ip(), port));
+    }
+    // Several clients use that port: keep those whose address the name stands for.
+    let named: Vec<IpAddr> = if name == "localhost" {
+        vec![]
+    } else {
+        std::net::ToSocketAddrs::to_socket_addrs(&(name, port))
+            .map(|a| a.map(|s| s.ip().to_canonical()).collect())
+            .unwrap_or_default()
+    };
+    let mut matching = std::iter::once(first).chain(more).filter(|c| {
+        if name == "localhost" {
+            c.ip().is_loopback()
+        } else {
+            named.contains(&c.ip())
+        }
+    });
+    match (matching.next(), matching.next()) {
+        (Some(one), None) => Some((one.ip(), port)),
+        _ => None,
+    }
+}
+
+/// A process-list row as read.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: u64,
+    pub host: String,
+    pub db: Option<String>,
+    pub command: String,
+    pub state: Option<String>,
+    pub own: bool,
+}
+
+/// Builds a snapshot from rows and the socket table.
+pub fn snapshot(rows: &[Row], connections: &[SocketAddr]) -> Snapshot {
+    let mut s = Snapshot::default();
+    for r in rows {
+        if !r.own && is_replication(&r.command, r.state.as_deref()) {
+            s.replication += 1;
+            continue;
+        }
+        // Unix-socket clients and system threads have no port: nothing to capture.
+        if split_host(&r.host).is_none() {
+            continue;
+        }
+        let Some(key) = resolve(&r.host, connections) else {
+            s.unresolved += 1;
+            continue;
+        };
+        if r.own {
+            s.own = Some(key);
+            continue;
+        }
+        s.sessions.insert(
+            key,
+            Session {
+                id: r.id,
+                db: r.db.clone().filter(|d| !d.is_empty()),
+                handshaking: r.command == "Connect",
+            },
+        );
+    }
+    s
+}
+
+/// The connection the bootstrap reads the process list over.
+pub struct Mysql {
+    conn: mysql_async::Conn,
+    cfg: MysqlConfig,
+}
+
+impl Mysql {
+    fn addr(cfg: &MysqlConfig) -> String {
+        if cfg.host.contains(':') {
+            format!("[{}]:{}", cfg.host, cfg.port)
+        } else {
+            format!("{}:{}", cfg.host, cfg.port)
+        }
+    }
+
+    pub async fn connect(cfg: &MysqlConfig) -> Result<Self, BootstrapError> {
+        let addr = Self::addr(cfg);
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname(cfg.host.clone())
+            .tcp_port(cfg.port)
+            .user(Some(cfg.user.clone()))
+            .pass(Some(cfg.password.clone()))
+            // The socket table maps this connection like any other; no socket switch.
+            .prefer_socket(false);
+        let conn = tokio::time::timeout(cfg.connect_timeout, mysql_async::Conn::new(opts))
+            .await
+            .map_err(|_| BootstrapError::Timeout {
+                addr: addr.clone(),
+                secs: cfg.connect_timeout.as_secs(),
+            })?
+            .map_err(|cause| BootstrapError::Connect {
+                addr,
+                user: cfg.user.clone(),
+                cause,
+            })?;
+        Ok(Self {
+            conn,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Without the PROCESS privilege the process list shows only the user's own sessions, and
+    /// the bootstrap would silently find nothing.
+    pub async fn check_process_privilege(&mut self) -> Result<(), BootstrapError> {
+        let grants: Vec<String> = self
+            .conn
+            .query("SHOW GRANTS FOR CURRENT_USER()")
+            .await
+            .map_err(|cause| BootstrapError::Query {
+                addr: Self::addr(&self.cfg),
+                cause,
+            })?;
+        let has = grants.iter().any(|g| {
+            let g = g.to_ascii_uppercase();
+            g.contains("ALL PRIVILEGES ON *.*") || (g.contains(" ON *.*") && g.contains("PROCESS"))
+        });
+        if has {
+            Ok(())
+        } else {
+            Err(BootstrapError::NoProcessPrivilege {
+                user: self.cfg.user.clone(),
+            })
+        }
+    }
+
+    /// Reads the process list (the collector's own row marked).
+    pub async fn read(&mut self) -> Result<Snapshot, BootstrapError> {
+        type Columns = (u64, String, Option<String>, String, Option<String>, u8);
+        let rows: Vec<Columns> = self
+            .conn
+            .query(
+                "SELECT id, host, db, command, state, id = CONNECTION_ID() \
+                 FROM information_schema.processlist",
+            )
+            .await
+            .map_err(|cause| BootstrapError::Query {
+                addr: Self::addr(&self.cfg),
+                cause,
+            })?;
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .map(|(id, host, db, command, state, own)| Row {
+                id,
+                host,
+                db,
+                command,
+                state,
+                own: own == 1,
+            })
+            .collect();
+        Ok(snapshot(&rows, &server_connections(&self.cfg.server_ports)))
+    }
+}
+
+/// The bootstrap task: first and second pass, then garbage collection every `gc_interval`
+/// and a new pass on every `again` signal (SIGUSR1). MySQL failures are counted and retried
+/// with backoff; capture and publishing go on meanwhile.
+pub async fn run(
+    cfg: MysqlConfig,
+    mut mysql: Option<Mysql>,
+    events: mpsc::UnboundedSender<Event>,
+    mut again: mpsc::UnboundedReceiver<()>,
+    counters: Arc<PipelineCounters>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut first_done = false;
+    let mut second_at: Option<tokio::time::Instant> = None;
+    let mut gc = tokio::time::interval(cfg.gc_interval);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    gc.tick().await;
+    loop {
+        // (Re)connect, holding captured segments until the new connection is known as ours.
+        let conn = match mysql.as_mut() {
+            Some(c) => c,
+            None => {
+                let _ = events.send(Event::Hold);
+                match Mysql::connect(&cfg).await {
+                    Ok(c) => {
+                        tracing::info!(mysql = %Mysql::addr(&cfg), "connected to MySQL");
+                        backoff = Duration::from_secs(1);
+                        mysql.insert(c)
+                    }
+                    Err(e) => {
+                        let _ = events.send(Event::Release);
+                        PipelineCounters::add(&counters.mysql_errors, 1);
+                        tracing::warn!("{e}; retrying in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
+        };
+        let pass = if !first_done {
+            Pass::First
+        } else {
+            let second = second_at;
+            tokio::select! {
+                _ = tokio::time::sleep_until(second.unwrap_or_else(tokio::time::Instant::now)),
+                    if second.is_some() => Pass::Second,
+                _ = gc.tick() => Pass::Gc,
+                Some(()) = again.recv() => Pass::Again,
+            }
+        };
+        if pass != Pass::Gc {
+            let _ = events.send(Event::Hold);
+        }
+        match conn.read().await {
+            Ok(snap) => {
+                if pass == Pass::First {
+                    first_done = true;
+                    second_at = Some(tokio::time::Instant::now() + cfg.second_pass);
+                } else if pass == Pass::Second {
+                    second_at = None;
+                }
+                tracing::info!(
+                    ?pass,
+                    sessions = snap.sessions.len(),
+                    with_db = snap.sessions.values().filter(|s| s.db.is_some()).count(),
+                    replication = snap.replication,
+                    unresolved = snap.unresolved,
+                    "read the MySQL process list"
+                );
+                let _ = events.send(Event::Snapshot(pass, snap));
+            }
+            Err(e) => {
+                let _ = events.send(Event::Release);
+                PipelineCounters::add(&counters.mysql_errors, 1);
+                tracing::warn!("{e}; reconnecting");
+                mysql = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_split_in_every_spelling() {
+        assert_eq!(split_host("10.0.0.7:51000"), Some(("10.0.0.7", 51000)));
+        assert_eq!(split_host("localhost:40000"), Some(("localhost", 40000)));
+        assert_eq!(split_host("::1:40000"), Some(("::1", 40000)));
+        assert_eq!(
+            split_host("[2001:db8::5]:40000"),
+            Some(("2001:db8::5", 40000))
+        );
+        assert_eq!(split_host("localhost"), None);
+        assert_eq!(split_host(""), None);
+    }
+
+    #[test]
+    fn names_resolve_through_the_socket_table() {
+        let conns: Vec<SocketAddr> = vec![
+            "127.0.0.1:40000".parse().unwrap(),
+            "198.18.0.2:40001".parse().unwrap(),
+            "[::1]:40001".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            resolve("localhost:40000", &conns),
+            Some((ip("127.0.0.1"), 40000))
+        );
+        // Two clients on 40001: "localhost" picks the loopback one.
+        assert_eq!(resolve("localhost:40001", &conns), Some((ip("::1"), 40001)));
+        assert_eq!(
+            resolve("::ffff:198.18.0.9:7", &conns),
+            Some((ip("198.18.0.9"), 7))
+        );
+        assert_eq!(resolve("localhost:40002", &conns), None);
+    }
+
+    #[test]
+    fn snapshot_skips_replication_own_and_socket_clients() {
+        let row = |id, host: &str, db: Option<&str>, command: &str, state: Option<&str>| Row {
+            id,
+            host: host.into(),
+            db: db.map(Into::into),
+            command: command.into(),
+            state: state.map(Into::into),
+            own: false,
+        };
+        let mut rows = vec![
+            row(1, "198.18.0.2:100", Some("shop"), "Sleep", None),
+            row(2, "198.18.0.2:101", Some(""), "Query", None),
+            row(3, "198.18.0.3:102", None, "Connect", Some("login")),
+            row(
+                4,
+                "198.18.0.4:103",
+                None,
+                "Binlog Dump",
+                Some("Master has sent all binlog to slave; waiting for more updates"),
+            ),
+            row(
+                5,
+                "198.18.0.5:104",
+                Some("x"),
+                "Query",
+                Some("Waiting for master to send event"),
+            ),
+            row(6, "localhost", Some("y"), "Sleep", None),
+            row(7, "gone.example:105", None, "Sleep", None),
+            row(
+                8,
+                "198.18.0.1:106",
+                None,
+                "Query",
+                Some("Filling schema table"),
+            ),
+        ];
+        rows[7].own = true;
+        let s = snapshot(&rows, &[]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(s.own, Some((ip("198.18.0.1"), 106)));
+        assert_eq!((s.replication, s.unresolved), (2, 1));
+        assert_eq!(s.sessions.len(), 3);
+        assert_eq!(
+            s.sessions[&(ip("198.18.0.2"), 100)].db.as_deref(),
+            Some("shop")
+        );
+        assert_eq!(s.sessions[&(ip("198.18.0.2"), 101)].db, None);
+        assert!(s.sessions[&(ip("198.18.0.3"), 102)].handshaking);
+    }
+}
