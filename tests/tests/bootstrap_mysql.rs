@@ -1,0 +1,184 @@
+//! Session bootstrap and garbage collection against the real MariaDB and RabbitMQ: sessions
+//! open before the collector started get exactly one COM_INIT_DB with their database, ahead of
+//! everything captured from them; a session that vanishes gets a COM_QUIT.
+
+mod common;
+
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
+
+use collector::encode::{COM_QUIT, Unit, com_init_db, decode_message};
+use common::{
+    agent::{Agent, totals},
+    broker::TestExchange,
+    *,
+};
+use mysql_async::prelude::*;
+use nix::sys::signal::Signal;
+
+/// Opens a session through the relay and returns it with the relay port the server sees.
+async fn open(relay: &Relay, db: Option<&str>, use_db: Option<&str>) -> (mysql_async::Conn, u16) {
+    let before: Vec<u16> = relay.sent.lock().unwrap().keys().copied().collect();
+    let opts = mysql_async::OptsBuilder::from_opts(mysql_opts(relay.addr)).db_name(db);
+    let mut conn = mysql_async::Conn::new(opts).await.unwrap();
+    if let Some(db) = use_db {
+        conn.query_drop(format!("USE {db}")).await.unwrap();
+    }
+    let port = relay
+        .sent
+        .lock()
+        .unwrap()
+        .keys()
+        .copied()
+        .find(|p| !before.contains(p))
+        .unwrap();
+    (conn, port)
+}
+
+async fn database(conn: &mut mysql_async::Conn) -> Option<String> {
+    conn.query_first("SELECT DATABASE()")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_open_before_capture_get_their_database_first_and_a_quit_when_gone() {
+    let mq = TestExchange::new("boot");
+    let mut admin = mysql_async::Conn::new(mysql_opts(MYSQL_ADDR.parse().unwrap()))
+        .await
+        .unwrap();
+    for db in ["mrte_boot_a", "mrte_boot_b"] {
+        admin
+            .query_drop(format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .await
+            .unwrap();
+    }
+    let relay = Relay::start(MYSQL_ADDR.parse().unwrap()).await;
+
+    // Before the collector: databases named at connect (CONNECT_WITH_DB) and with USE, a
+    // session without a database, and one that will be killed.
+    let mut pre = Vec::new();
+    for i in 0..3 {
+        pre.push((
+            open(&relay, Some("mrte_boot_a"), None).await,
+            "mrte_boot_a",
+            i,
+        ));
+        pre.push((
+            open(&relay, None, Some("mrte_boot_b")).await,
+            "mrte_boot_b",
+            i,
+        ));
+    }
+    let (mut no_db, no_db_port) = open(&relay, None, None).await;
+    let (mut doomed, doomed_port) = open(&relay, Some("mrte_boot_a"), None).await;
+    let doomed_id: u64 = doomed
+        .query_first("SELECT CONNECTION_ID()")
+        .await
+        .unwrap()
+        .unwrap();
+    let sent_before: HashMap<u16, usize> = relay
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, s)| (*p, s.len()))
+        .collect();
+
+    let mut agent = Agent::start(&[
+        "--interface=lo",
+        "--port=3306",
+        &format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--gc_interval=1",
+        "--bootstrap_second_pass_ms=300",
+        "--read_timeout=20",
+    ]);
+    agent.wait_attached();
+
+    // Used at once: the bootstrap must still come first.
+    for ((conn, _), db, i) in &mut pre {
+        assert_eq!(database(conn).await.as_deref(), Some(*db));
+        conn.query_drop(format!("CREATE TABLE IF NOT EXISTS t{i} (v INT)"))
+            .await
+            .unwrap();
+        conn.query_drop(format!("INSERT INTO t{i} VALUES ({i})"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(database(&mut no_db).await, None);
+    // A session opened while capturing: its handshake says its database.
+    let (mut fresh, fresh_port) = open(&relay, Some("mrte_boot_b"), None).await;
+    assert_eq!(database(&mut fresh).await.as_deref(), Some("mrte_boot_b"));
+    // A session that vanishes without a COM_QUIT of its own.
+    admin
+        .query_drop(format!("KILL CONNECTION {doomed_id}"))
+        .await
+        .unwrap();
+    // More than one GC interval.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(doomed.ping().await.is_err());
+
+    agent.signal(Signal::SIGINT);
+    let out = agent.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+
+    let mut units: HashMap<u16, Vec<Unit>> = HashMap::new();
+    for m in mq.take_all() {
+        for u in decode_message(&m.data).unwrap().units {
+            assert_eq!(u.ip, Ipv4Addr::LOCALHOST);
+            units.entry(u.port).or_default().push(u);
+        }
+    }
+    let sent = relay.sent.lock().unwrap().clone();
+    let rest = |port: u16, from: usize| -> Vec<u8> {
+        units[&port][from..]
+            .iter()
+            .flat_map(|u| u.data.clone())
+            .collect()
+    };
+    let is_init_db = |u: &Unit| u.data.len() > 5 && u.data[3] == 0 && u.data[4] == 2;
+    for ((_, port), db, _) in &pre {
+        let us = &units[port];
+        assert_eq!(
+            us[0].data,
+            com_init_db(db.as_bytes()),
+            "port {port}: first unit"
+        );
+        assert_eq!(
+            us.iter().filter(|u| is_init_db(u)).count(),
+            1,
+            "port {port}"
+        );
+        assert!(
+            rest(*port, 1) == sent[port][sent_before[port]..],
+            "port {port}: the rest is what the client sent while captured"
+        );
+    }
+    assert!(!units[&no_db_port].iter().any(is_init_db));
+    assert!(rest(no_db_port, 0) == sent[&no_db_port][sent_before[&no_db_port]..]);
+    assert!(!units[&fresh_port].iter().any(is_init_db));
+    assert!(
+        rest(fresh_port, 0) == sent[&fresh_port],
+        "the handshake included"
+    );
+    let doomed_units: Vec<Vec<u8>> = units[&doomed_port].iter().map(|u| u.data.clone()).collect();
+    assert_eq!(
+        doomed_units,
+        vec![com_init_db(b"mrte_boot_a"), COM_QUIT.to_vec()],
+        "the killed session: its database, then its end"
+    );
+
+    let t = totals(&stdout);
+    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    assert_eq!(get("bootstrap_units"), 7, "{stdout}");
+    assert!(get("gc_quits") >= 1, "{stdout}");
+    assert!(
+        get("own_traffic") >= 1,
+        "the process-list reads were seen and left out"
+    );
+    assert_eq!(get("mysql_errors"), 0, "{stdout}");
+    assert_eq!(get("hold_overflow"), 0, "{stdout}");
+    drop(pre);
+    drop((no_db, fresh));
+}
