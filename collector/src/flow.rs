@@ -131,7 +131,7 @@ struct Hold {
 
 impl Hold {
     fn holds(&self, key: &SessionKey) -> bool {
-        self.all || self.pending.contains(key)
+        self.all || (!self.pending.is_empty() && self.pending.contains(key))
     }
 }
 
@@ -368,6 +368,16 @@ impl RecordSink for Pipeline {
             return;
         }
         if self.hold.holds(&key) {
+            if !self.hold.all
+                && is_handshake_response(&r.data)
+                && !self.hold.records.iter().any(|h| (h.src, h.sport) == key)
+            {
+                // A session pending since the first pass sends its handshake only now: the
+                // consumer learns its database from it.
+                self.hold.pending.remove(&key);
+                self.deliver(r);
+                return;
+            }
             self.hold.bytes += r.data.len();
             self.hold.since.get_or_insert(self.now);
             self.hold.records.push(r);
