@@ -103,10 +103,6 @@ impl Flows {
         self.table.remove(key);
     }
 
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }

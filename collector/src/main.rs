@@ -109,7 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let counters = Arc::new(PipelineCounters::default());
     let budget = Arc::new(MemoryBudget::new(cli.max_mem_mb << 20));
-    let publishers = broker
+    let mut publishers = broker
         .start_publishers(
             cli.thread_count.into(),
             cli.queue_size as usize,
@@ -124,7 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let fanout = Fanout::new(
         local_ip,
-        publishers.senders.clone(),
+        std::mem::take(&mut publishers.senders),
         limits,
         budget,
         counters.clone(),

@@ -292,7 +292,7 @@ impl BrokerConfig {
     }
 }
 
-/// The running publishers: their queues' senders and their tasks.
+/// The running publishers: their queues' senders (taken by the [`Fanout`]) and their tasks.
 pub struct Publishers {
     pub senders: Vec<mpsc::Sender<Batch>>,
     tasks: Vec<JoinHandle<()>>,
@@ -300,9 +300,8 @@ pub struct Publishers {
 
 impl Publishers {
     /// Waits (at most `timeout`) for every publisher to empty its queue and stop, which they do
-    /// once every sender is gone. Returns how many did not finish in time.
+    /// once the fan-out holding their senders is gone. Returns how many did not finish in time.
     pub async fn join(self, timeout: Duration) -> usize {
-        drop(self.senders);
         let deadline = Instant::now() + timeout;
         let mut late = 0;
         for t in self.tasks {

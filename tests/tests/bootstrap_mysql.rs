@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use collector::encode::{COM_QUIT, Unit, com_init_db, decode_message};
 use common::{
-    agent::{Agent, totals},
+    agent::{Agent, fails_before_attaching, totals},
     broker::TestExchange,
     *,
 };
@@ -212,27 +212,14 @@ impl Drop for NoProcessUser {
 fn mysql_problems_stop_the_agent_before_it_attaches_unless_optional() {
     let mq = TestExchange::new("bootbad");
     let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
-    let fails = |args: &[&str], needles: &[&str]| {
-        let before = common::agent::ours_attached("lo");
-        let out = std::process::Command::new(common::agent::binary())
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}: {stderr}");
-        for n in needles {
-            assert!(stderr.contains(n), "{n:?} not in {stderr}");
-        }
-        assert!(!stderr.contains("capture program attached"), "{stderr}");
-        assert_eq!(common::agent::ours_attached("lo"), before);
-    };
-    fails(
+    fails_before_attaching(
         &[
             "--interface=lo",
             &exchange,
             "--mysql_user=mrte",
             "--mysql_password=wrong",
         ],
+        &[],
         &[
             "cannot connect to MySQL",
             "--mysql_password",
@@ -240,13 +227,14 @@ fn mysql_problems_stop_the_agent_before_it_attaches_unless_optional() {
         ],
     );
     let user = NoProcessUser::new();
-    fails(
+    fails_before_attaching(
         &[
             "--interface=lo",
             &exchange,
             &format!("--mysql_user={}", user.0),
             "--mysql_password=p",
         ],
+        &[],
         &["lacks the PROCESS privilege", "GRANT PROCESS"],
     );
 

@@ -14,7 +14,7 @@ use std::{
 
 use collector::encode::decode_message;
 use common::{
-    agent::{Agent, binary, ours_attached, totals},
+    agent::{Agent, binary, fails_before_attaching, totals},
     broker::{Received, TestExchange},
     *,
 };
@@ -270,22 +270,6 @@ async fn declare_creates_exchange_and_queue_and_confirms_publishes() {
     assert_eq!(streams[&(Ipv4Addr::LOCALHOST, port)], sent);
     let t = totals(&stdout);
     assert_eq!(t.get("MQError"), Some(&0));
-}
-
-fn fails_before_attaching(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
-    let before = ours_attached("lo");
-    let out = Command::new(binary())
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "{args:?}: {n:?} not in: {stderr}");
-    }
-    assert!(!stderr.contains("capture program attached"), "{stderr}");
-    assert_eq!(ours_attached("lo"), before);
 }
 
 #[test]

@@ -147,3 +147,21 @@ pub fn totals(stdout: &str) -> std::collections::HashMap<String, u64> {
         })
         .collect()
 }
+
+/// Runs the agent with `args` (and `env`) and checks that it fails with every one of
+/// `needles` in its error, and that nothing was attached.
+pub fn fails_before_attaching(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    let before = ours_attached("lo");
+    let out = Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: {n:?} not in: {stderr}");
+    }
+    assert!(!stderr.contains("capture program attached"), "{stderr}");
+    assert_eq!(ours_attached("lo"), before);
+}
