@@ -23,6 +23,7 @@ use crate::{
     bootstrap::{Event, Pass, Snapshot},
     capture::{Record, RecordSink},
     encode,
+    protocol::{changes_database, is_handshake_response},
     publish::Fanout,
     status::PipelineCounters,
 };
@@ -387,42 +388,6 @@ impl RecordSink for Pipeline {
 
     fn begin(&mut self) {
         self.now = Instant::now();
-    }
-}
-
-/// Whether a segment starts with a client's handshake response (or its TLS request): sequence
-/// number 1, at least 32 bytes, the CLIENT_PROTOCOL_41 capability set.
-pub fn is_handshake_response(data: &[u8]) -> bool {
-    const CLIENT_PROTOCOL_41: u32 = 0x200;
-    if data.len() < 4 + 32 || data[3] != 1 {
-        return false;
-    }
-    let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
-    let caps = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
-    len >= 32 && caps & CLIENT_PROTOCOL_41 != 0
-}
-
-/// Whether a segment starts with a command that changes the default database: COM_INIT_DB,
-/// COM_CHANGE_USER, or a COM_QUERY `USE ...`.
-pub fn changes_database(data: &[u8]) -> bool {
-    // A command packet: 3-byte length, sequence 0, command byte.
-    if data.len() < 5 || data[3] != 0 {
-        return false;
-    }
-    match data[4] {
-        0x02 | 0x11 => true,
-        0x03 => {
-            let text = &data[5..];
-            let start = text
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(text.len());
-            let word = &text[start..];
-            word.len() > 3
-                && word[..3].eq_ignore_ascii_case(b"use")
-                && (word[3].is_ascii_whitespace() || word[3] == b'`')
-        }
-        _ => false,
     }
 }
 

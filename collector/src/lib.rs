@@ -9,6 +9,7 @@
 //!   record sink.
 //! - [`bootstrap`]: the MySQL process list: COM_INIT_DB for sessions open before capture,
 //!   COM_QUIT for sessions gone.
+//! - [`protocol`]: MySQL packet framing, command bytes, the handshake response.
 //! - [`encode`]: the MRTE wire format, encoder and decoder.
 //! - [`publish`]: RabbitMQ connection and checks, fan-out, batching, publisher tasks.
 //! - [`status`]: the counters and the periodic status line.
@@ -18,5 +19,6 @@ pub mod capture;
 pub mod cli;
 pub mod encode;
 pub mod flow;
+pub mod protocol;
 pub mod publish;
 pub mod status;

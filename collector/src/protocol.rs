@@ -1,0 +1,249 @@
+//! The few pieces of the MySQL client/server protocol the collector (and a consumer replaying
+//! its stream) must understand: packet framing, command bytes, and the client's handshake
+//! response, which names the session's initial database.
+
+/// Command bytes, the first payload byte of a packet with sequence number 0.
+pub mod command {
+    pub const QUIT: u8 = 0x01;
+    pub const INIT_DB: u8 = 0x02;
+    pub const QUERY: u8 = 0x03;
+    pub const PING: u8 = 0x0e;
+    pub const CHANGE_USER: u8 = 0x11;
+    pub const BINLOG_DUMP: u8 = 0x12;
+    pub const REGISTER_SLAVE: u8 = 0x15;
+    pub const BINLOG_DUMP_GTID: u8 = 0x1e;
+}
+
+/// Capability flags the parsers look at.
+pub mod capability {
+    pub const CONNECT_WITH_DB: u32 = 0x8;
+    pub const PROTOCOL_41: u32 = 0x200;
+    pub const SSL: u32 = 0x800;
+    pub const SECURE_CONNECTION: u32 = 0x8000;
+    pub const PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 0x0020_0000;
+}
+
+/// Bytes of a packet header: 3-byte little-endian payload length, then the sequence number.
+pub const HEADER: usize = 4;
+
+/// One whole packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub seq: u8,
+    pub payload: Vec<u8>,
+}
+
+/// Cuts a byte stream into packets as the bytes arrive.
+#[derive(Debug, Default)]
+pub struct Packets {
+    buf: Vec<u8>,
+}
+
+impl Packets {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole packet, if all of it has arrived.
+    pub fn next_packet(&mut self) -> Option<Packet> {
+        if self.buf.len() < HEADER {
+            return None;
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], 0]) as usize;
+        if self.buf.len() < HEADER + len {
+            return None;
+        }
+        let seq = self.buf[3];
+        let payload = self.buf[HEADER..HEADER + len].to_vec();
+        self.buf.drain(..HEADER + len);
+        Some(Packet { seq, payload })
+    }
+
+    /// Bytes of a packet not yet complete.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// What a client's handshake response says about the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeResponse {
+    pub capabilities: u32,
+    pub user: Vec<u8>,
+    /// The initial default database (CLIENT_CONNECT_WITH_DB), if any.
+    pub database: Option<Vec<u8>>,
+}
+
+impl HandshakeResponse {
+    /// Parses the payload of a protocol-41 handshake response. None for anything else,
+    /// including the short TLS request, after which the rest of the session is encrypted.
+    pub fn parse(payload: &[u8]) -> Option<Self> {
+        let capabilities = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?);
+        if capabilities & capability::PROTOCOL_41 == 0 || payload.len() <= 32 {
+            return None;
+        }
+        // Capabilities, max packet size, character set, 23 filler bytes.
+        let rest = &payload[32..];
+        let (user, rest) = nul_terminated(rest)?;
+        let rest = if capabilities & capability::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
+            let (len, rest) = lenenc(rest)?;
+            rest.get(usize::try_from(len).ok()?..)?
+        } else if capabilities & capability::SECURE_CONNECTION != 0 {
+            let (&len, rest) = rest.split_first()?;
+            rest.get(len as usize..)?
+        } else {
+            nul_terminated(rest)?.1
+        };
+        let database = if capabilities & capability::CONNECT_WITH_DB != 0 {
+            Some(nul_terminated(rest)?.0.to_vec())
+        } else {
+            None
+        };
+        Some(Self {
+            capabilities,
+            user: user.to_vec(),
+            database,
+        })
+    }
+}
+
+fn nul_terminated(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = bytes.iter().position(|&b| b == 0)?;
+    Some((&bytes[..end], &bytes[end + 1..]))
+}
+
+/// A length-encoded integer.
+fn lenenc(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let (&first, rest) = bytes.split_first()?;
+    let width = match first {
+        0..=0xfa => return Some((first as u64, rest)),
+        0xfc => 2,
+        0xfd => 3,
+        0xfe => 8,
+        _ => return None,
+    };
+    let mut le = [0u8; 8];
+    le[..width].copy_from_slice(rest.get(..width)?);
+    Some((u64::from_le_bytes(le), &rest[width..]))
+}
+
+/// Whether a segment starts with a client's handshake response (or its TLS request): sequence
+/// number 1, at least 32 bytes, the CLIENT_PROTOCOL_41 capability set.
+pub fn is_handshake_response(data: &[u8]) -> bool {
+    if data.len() < HEADER + 32 || data[3] != 1 {
+        return false;
+    }
+    let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
+    let caps = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
+    len >= 32 && caps & capability::PROTOCOL_41 != 0
+}
+
+/// Whether a segment starts with a command that changes the default database: COM_INIT_DB,
+/// COM_CHANGE_USER, or a COM_QUERY `USE ...`.
+pub fn changes_database(data: &[u8]) -> bool {
+    // A command packet: 3-byte length, sequence 0, command byte.
+    if data.len() < HEADER + 1 || data[3] != 0 {
+        return false;
+    }
+    match data[4] {
+        command::INIT_DB | command::CHANGE_USER => true,
+        command::QUERY => {
+            let text = &data[5..];
+            let start = text
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(text.len());
+            let word = &text[start..];
+            word.len() > 3
+                && word[..3].eq_ignore_ascii_case(b"use")
+                && (word[3].is_ascii_whitespace() || word[3] == b'`')
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+        p.push(seq);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn handshake(caps: u32, auth: &[u8], db: Option<&[u8]>) -> Vec<u8> {
+        let mut p = caps.to_le_bytes().to_vec();
+        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        p.push(45);
+        p.extend_from_slice(&[0; 23]);
+        p.extend_from_slice(b"mrte\0");
+        // Under 251 bytes a length-encoded length and a one-byte length are spelled alike.
+        p.push(auth.len() as u8);
+        p.extend_from_slice(auth);
+        if let Some(db) = db {
+            p.extend_from_slice(db);
+            p.push(0);
+        }
+        p.extend_from_slice(b"mysql_native_password\0");
+        p
+    }
+
+    #[test]
+    fn packets_come_out_whole_however_the_bytes_arrive() {
+        let stream: Vec<u8> = [packet(0, b"\x03SELECT 1"), packet(0, b"\x01")].concat();
+        for cut in 0..stream.len() {
+            let mut p = Packets::default();
+            p.push(&stream[..cut]);
+            let mut got = Vec::new();
+            while let Some(x) = p.next_packet() {
+                got.push(x);
+            }
+            p.push(&stream[cut..]);
+            while let Some(x) = p.next_packet() {
+                got.push(x);
+            }
+            assert_eq!(got.len(), 2, "cut at {cut}");
+            assert_eq!(got[0].payload, b"\x03SELECT 1");
+            assert_eq!(got[1].payload, b"\x01");
+            assert_eq!(p.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn handshake_response_names_the_database() {
+        let base = capability::PROTOCOL_41 | capability::SECURE_CONNECTION;
+        let with_db = handshake(base | capability::CONNECT_WITH_DB, &[7; 20], Some(b"shop"));
+        let h = HandshakeResponse::parse(&with_db).unwrap();
+        assert_eq!(h.user, b"mrte");
+        assert_eq!(h.database.as_deref(), Some(&b"shop"[..]));
+        assert!(is_handshake_response(&packet(1, &with_db)));
+
+        let lenenc = handshake(
+            base | capability::PLUGIN_AUTH_LENENC_CLIENT_DATA | capability::CONNECT_WITH_DB,
+            &[0; 20],
+            Some(b"x"),
+        );
+        assert_eq!(
+            HandshakeResponse::parse(&lenenc).unwrap().database.as_deref(),
+            Some(&b"x"[..])
+        );
+        let no_db = handshake(base, &[1; 20], None);
+        assert_eq!(HandshakeResponse::parse(&no_db).unwrap().database, None);
+        // The TLS request: capabilities, max packet, charset, filler, nothing more.
+        assert_eq!(HandshakeResponse::parse(&with_db[..32]), None);
+        // Cut inside the auth data.
+        assert_eq!(HandshakeResponse::parse(&with_db[..40]), None);
+    }
+
+    #[test]
+    fn database_changes_are_recognised() {
+        assert!(changes_database(&packet(0, b"\x02db")));
+        assert!(changes_database(&packet(0, b"\x03  use db")));
+        assert!(changes_database(&packet(0, b"\x03USE`db`")));
+        assert!(!changes_database(&packet(0, b"\x03used")));
+        assert!(!changes_database(&packet(0, b"\x03SELECT 1")));
+        assert!(!changes_database(&packet(1, b"\x02db")));
+    }
+}
