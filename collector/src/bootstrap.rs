@@ -11,7 +11,7 @@
 //! socket table: the server's established socket with that client port.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -80,10 +80,33 @@ pub struct Snapshot {
     /// The collector's own connection.
     pub own: Option<SessionKey>,
     pub sessions: HashMap<SessionKey, Session>,
-    /// Rows skipped as replication threads.
-    pub replication: u64,
-    /// Rows whose host could not be mapped to an address.
-    pub unresolved: u64,
+    /// Replicas' connections (binlog dump threads): never bootstrapped, never closed.
+    pub replication: HashSet<SessionKey>,
+    /// Rows the socket table could not place.
+    pub unresolved: Vec<Unresolved>,
+}
+
+/// A process-list row whose host the socket table could not place, typically a session that
+/// closed between the two reads: the pipeline looks for it among the sessions it captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    pub host: String,
+    pub port: u16,
+    /// What the host name stands for: `None` for `localhost` (any loopback address), else
+    /// the name's addresses (filled in by [`Mysql::read`]).
+    pub addrs: Option<Vec<IpAddr>>,
+    /// The session, if the row is an ordinary client's.
+    pub session: Option<Session>,
+}
+
+impl Unresolved {
+    pub fn matches(&self, key: &SessionKey) -> bool {
+        key.1 == self.port
+            && match &self.addrs {
+                None => key.0.is_loopback(),
+                Some(addrs) => addrs.contains(&key.0),
+            }
+    }
 }
 
 /// What a process-list read is for.
@@ -152,6 +175,9 @@ pub fn server_connections(server_ports: &[u16]) -> Vec<SocketAddr> {
             }
         }
     }
+    // The table is read in pages; a socket that moves while it is read can show twice.
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -188,6 +214,9 @@ pub fn resolve(host: &str, connections: &[SocketAddr]) -> Option<SessionKey> {
     }
 }
 
+/// Further reads of the socket table for sessions not found in the first.
+const SOCKET_TABLE_RETRIES: usize = 4;
+
 /// A process-list row as read.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -203,30 +232,35 @@ pub struct Row {
 pub fn snapshot(rows: &[Row], connections: &[SocketAddr]) -> Snapshot {
     let mut s = Snapshot::default();
     for r in rows {
-        if !r.own && is_replication(&r.command, r.state.as_deref()) {
-            s.replication += 1;
-            continue;
-        }
-        // Unix-socket clients and system threads have no port: nothing to capture.
-        if split_host(&r.host).is_none() {
-            continue;
-        }
-        let Some(key) = resolve(&r.host, connections) else {
-            s.unresolved += 1;
+        // Unix-socket clients and system threads (a replica's own I/O and SQL threads among
+        // them) have no port: nothing to capture.
+        let Some((name, port)) = split_host(&r.host) else {
             continue;
         };
-        if r.own {
-            s.own = Some(key);
+        let replication = !r.own && is_replication(&r.command, r.state.as_deref());
+        let session = Session {
+            id: r.id,
+            db: r.db.clone().filter(|d| !d.is_empty()),
+            handshaking: r.command == "Connect",
+        };
+        let Some(key) = resolve(&r.host, connections) else {
+            // Names are looked up later, off this function (it runs in tests too).
+            let addrs = (name != "localhost").then(Vec::new);
+            s.unresolved.push(Unresolved {
+                host: r.host.clone(),
+                port,
+                addrs,
+                session: (!replication && !r.own).then_some(session),
+            });
             continue;
+        };
+        if replication {
+            s.replication.insert(key);
+        } else if r.own {
+            s.own = Some(key);
+        } else {
+            s.sessions.insert(key, session);
         }
-        s.sessions.insert(
-            key,
-            Session {
-                id: r.id,
-                db: r.db.clone().filter(|d| !d.is_empty()),
-                handshaking: r.command == "Connect",
-            },
-        );
     }
     s
 }
@@ -321,7 +355,35 @@ impl Mysql {
                 own: own == 1,
             })
             .collect();
-        Ok(snapshot(&rows, &server_connections(&self.cfg.server_ports)))
+        // /proc/net/tcp is read a page at a time and the kernel resumes each page by position:
+        // while connections open and close, a socket can be skipped. Sessions not found are
+        // looked for again in fresh reads (kept together: a socket seen once is real).
+        let mut connections = server_connections(&self.cfg.server_ports);
+        let mut snap = snapshot(&rows, &connections);
+        for _ in 0..SOCKET_TABLE_RETRIES {
+            if snap.unresolved.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            connections.extend(server_connections(&self.cfg.server_ports));
+            connections.sort();
+            connections.dedup();
+            snap = snapshot(&rows, &connections);
+        }
+        for u in &mut snap.unresolved {
+            if let Some(addrs) = &mut u.addrs {
+                let name = split_host(&u.host).map_or("", |(name, _)| name);
+                let found = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::lookup_host((name, u.port)),
+                )
+                .await;
+                if let Ok(Ok(found)) = found {
+                    addrs.extend(found.map(|a| a.ip().to_canonical()));
+                }
+            }
+        }
+        Ok(snap)
     }
 }
 
@@ -390,8 +452,8 @@ pub async fn run(
                     ?pass,
                     sessions = snap.sessions.len(),
                     with_db = snap.sessions.values().filter(|s| s.db.is_some()).count(),
-                    replication = snap.replication,
-                    unresolved = snap.unresolved,
+                    replication = snap.replication.len(),
+                    unresolved = snap.unresolved.len(),
                     "read the MySQL process list"
                 );
                 let _ = events.send(Event::Snapshot(pass, snap));
@@ -486,7 +548,14 @@ mod tests {
         let s = snapshot(&rows, &[]);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(s.own, Some((ip("198.18.0.1"), 106)));
-        assert_eq!((s.replication, s.unresolved), (2, 1));
+        assert_eq!(s.unresolved.len(), 1);
+        let gone = &s.unresolved[0];
+        assert_eq!((gone.host.as_str(), gone.port), ("gone.example:105", 105));
+        assert_eq!(gone.session.as_ref().map(|s| s.id), Some(7));
+        assert_eq!(
+            s.replication,
+            [(ip("198.18.0.4"), 103), (ip("198.18.0.5"), 104)].into()
+        );
         assert_eq!(s.sessions.len(), 3);
         assert_eq!(
             s.sessions[&(ip("198.18.0.2"), 100)].db.as_deref(),

@@ -20,7 +20,7 @@ use std::{
 use tokio::time::Instant;
 
 use crate::{
-    bootstrap::{Event, Pass, Snapshot},
+    bootstrap::{Event, Pass, Session, Snapshot},
     capture::{Record, RecordSink},
     encode,
     protocol::{changes_database, is_handshake_response},
@@ -100,6 +100,11 @@ impl Flows {
         before - self.table.len()
     }
 
+    /// Sessions with flow state.
+    pub fn keys(&self) -> impl Iterator<Item = &SessionKey> {
+        self.table.keys()
+    }
+
     pub fn forget(&mut self, key: &SessionKey) {
         self.table.remove(key);
     }
@@ -145,6 +150,10 @@ pub struct Pipeline {
     hold: Hold,
     /// Sessions of the last process-list read, with their ids.
     known: HashMap<SessionKey, u64>,
+    /// Replicas' connections of the last read.
+    replicas: HashSet<SessionKey>,
+    /// Sessions read just before attaching, until the first read after.
+    before: Option<HashMap<SessionKey, Session>>,
 }
 
 impl Pipeline {
@@ -163,12 +172,19 @@ impl Pipeline {
                 ..Default::default()
             },
             known: HashMap::new(),
+            replicas: HashSet::new(),
+            before: None,
         }
     }
 
     /// The collector's own MySQL connection, known before capture starts.
     pub fn set_own(&mut self, own: Option<SessionKey>) {
         self.own = own;
+    }
+
+    /// The process list read just before attaching.
+    pub fn set_before(&mut self, before: Snapshot) {
+        self.before = Some(before.sessions);
     }
 
     /// When the next batch or held segment must leave.
@@ -204,15 +220,23 @@ impl Pipeline {
         }
     }
 
-    fn apply(&mut self, pass: Pass, snap: Snapshot) {
+    fn apply(&mut self, pass: Pass, mut snap: Snapshot) {
         let c = self.counters.clone();
-        PipelineCounters::add(&c.replication_skipped, snap.replication);
-        PipelineCounters::add(&c.unresolved_hosts, snap.unresolved);
+        self.place_unresolved(&mut snap);
+        let new_replicas = snap.replication.difference(&self.replicas).count();
+        PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
+        self.replicas = snap.replication;
         if snap.own.is_some() {
             self.own = snap.own;
         }
-        // Sessions that changed database in what is held: the snapshot cannot tell which
-        // database their earlier held segments ran in.
+        // The read made just before attaching: it knows the database each session had when
+        // capture began, which is what a session that changes database or ends before the
+        // first read after attaching needs.
+        let before = match pass {
+            Pass::First => self.before.take().unwrap_or_default(),
+            _ => HashMap::new(),
+        };
+        // Sessions that changed database in what is held: this read may show the new one.
         let changed: HashSet<SessionKey> = self
             .hold
             .records
@@ -230,17 +254,37 @@ impl Pipeline {
             .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
             .map(|r| (r.src, r.sport))
             .collect();
-        let init_db = |this: &mut Self, key: SessionKey, db: &Option<String>| {
-            let Some(db) = db else { return };
+        let init_db = |this: &mut Self, key: SessionKey, s: &Session| {
             if pass != Pass::Again && started.contains(&key) {
                 return;
             }
-            if changed.contains(&key) {
-                PipelineCounters::add(&c.bootstrap_db_changed, 1);
-            } else if this.inject(key, &encode::com_init_db(db.as_bytes())) {
+            let db = if changed.contains(&key) {
+                match before.get(&key).filter(|b| b.id == s.id) {
+                    Some(b) => &b.db,
+                    None => {
+                        PipelineCounters::add(&c.bootstrap_db_changed, 1);
+                        return;
+                    }
+                }
+            } else {
+                &s.db
+            };
+            if let Some(db) = db
+                && this.inject(key, &encode::com_init_db(db.as_bytes()))
+            {
                 PipelineCounters::add(&c.bootstrap_units, 1);
             }
         };
+        // Sessions gone since the last read end on the consumer's side too, after their
+        // segments; so do sessions known from before attaching, captured, and gone already.
+        let mut gone = Vec::new();
+        let held: HashSet<SessionKey> = first_seen;
+        for (key, b) in &before {
+            if held.contains(key) && !snap.sessions.contains_key(key) && !started.contains(key) {
+                init_db(self, *key, b);
+                gone.push(*key);
+            }
+        }
         match pass {
             Pass::First | Pass::Again => {
                 for (key, s) in &snap.sessions {
@@ -251,37 +295,70 @@ impl Pipeline {
                             self.hold.pending.insert(*key);
                         }
                     } else if !self.hold.pending.contains(key) {
-                        init_db(self, *key, &s.db);
+                        init_db(self, *key, s);
                     }
                 }
             }
             Pass::Second => {
                 for key in std::mem::take(&mut self.hold.pending) {
                     if let Some(s) = snap.sessions.get(&key) {
-                        init_db(self, key, &s.db);
+                        init_db(self, key, s);
                     }
                 }
             }
             Pass::Gc => {}
         }
-        // Sessions gone since the last read end on the consumer's side too.
-        let known = std::mem::take(&mut self.known);
-        for (key, id) in known {
+        for (key, id) in std::mem::take(&mut self.known) {
             match snap.sessions.get(&key) {
-                None => {
-                    if self.inject(key, &encode::COM_QUIT) {
-                        PipelineCounters::add(&c.gc_quits, 1);
-                    }
-                    self.flows.forget(&key);
-                    self.hold.pending.remove(&key);
-                }
+                None => gone.push(key),
                 Some(s) if s.id != id => PipelineCounters::add(&c.gc_port_reused, 1),
                 Some(_) => {}
             }
         }
+        for key in &gone {
+            self.hold.pending.remove(key);
+        }
         self.known = snap.sessions.iter().map(|(k, s)| (*k, s.id)).collect();
         self.hold.all = false;
         self.release();
+        for key in gone {
+            if self.inject(key, &encode::COM_QUIT) {
+                PipelineCounters::add(&c.gc_quits, 1);
+            }
+            self.flows.forget(&key);
+        }
+    }
+
+    /// Rows the socket table could not place (sessions that closed between the process-list
+    /// read and the socket-table read, mostly) are looked for among the sessions captured:
+    /// one that matches the host's address and port, and only one, is that session.
+    fn place_unresolved(&mut self, snap: &mut Snapshot) {
+        for u in std::mem::take(&mut snap.unresolved) {
+            let mut found: Vec<SessionKey> = self
+                .flows
+                .keys()
+                .copied()
+                .chain(self.hold.records.iter().map(|r| (r.src, r.sport)))
+                .filter(|k| u.matches(k))
+                .collect();
+            found.sort();
+            found.dedup();
+            match (u.session, found.as_slice()) {
+                (Some(session), [key]) => {
+                    snap.sessions.entry(*key).or_insert(session);
+                }
+                (session, _) => {
+                    if session.is_some() {
+                        tracing::warn!(
+                            host = u.host,
+                            "no client address found for this process-list host: the \
+                             session is not bootstrapped and gets no COM_QUIT"
+                        );
+                    }
+                    PipelineCounters::add(&self.counters.unresolved_hosts, 1);
+                }
+            }
+        }
     }
 
     /// Puts a synthetic unit into the session's publisher queue; false if the session's
@@ -445,5 +522,141 @@ mod tests {
             1
         );
         assert!(f.is_empty());
+    }
+
+    mod bootstrap {
+        use std::net::Ipv4Addr;
+
+        use bytes::Bytes;
+        use tokio::sync::mpsc;
+
+        use super::*;
+        use crate::{
+            encode::{COM_QUIT, com_init_db, decode_message},
+            publish::{Batch, BatchLimits, MemoryBudget},
+        };
+
+        fn pipeline() -> (Pipeline, mpsc::Receiver<Batch>, Arc<PipelineCounters>) {
+            let (tx, rx) = mpsc::channel(100);
+            let counters = Arc::new(PipelineCounters::default());
+            let limits = BatchLimits {
+                segments: 1000,
+                bytes: 1 << 20,
+                max_wait: Duration::from_secs(60),
+            };
+            let budget = Arc::new(MemoryBudget::new(1 << 30));
+            let fanout = Fanout::new(
+                Ipv4Addr::LOCALHOST,
+                vec![tx],
+                limits,
+                budget,
+                counters.clone(),
+            );
+            (Pipeline::new(fanout, counters.clone(), true), rx, counters)
+        }
+
+        fn query(port: u16, seq: u32, sql: &str) -> Record {
+            let mut data = ((sql.len() + 1) as u32).to_le_bytes()[..3].to_vec();
+            data.extend_from_slice(&[0, 3]);
+            data.extend_from_slice(sql.as_bytes());
+            Record {
+                ts_ns: 0,
+                src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                sport: port,
+                dport: 3306,
+                seq,
+                tcp_flags: 0,
+                segment_len: data.len() as u32,
+                offset: 0,
+                ifindex: 1,
+                data: Bytes::from(data),
+            }
+        }
+
+        fn session(id: u64, db: &str) -> Session {
+            Session {
+                id,
+                db: Some(db.into()),
+                handshaking: false,
+            }
+        }
+
+        fn key(port: u16) -> SessionKey {
+            (IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+        }
+
+        /// Per port, the units published, in order.
+        fn published(
+            p: &mut Pipeline,
+            rx: &mut mpsc::Receiver<Batch>,
+        ) -> HashMap<u16, Vec<Vec<u8>>> {
+            p.fanout.send_all(Instant::now());
+            let mut out: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+            while let Ok(b) = rx.try_recv() {
+                for u in decode_message(b.bytes()).unwrap().units {
+                    out.entry(u.port).or_default().push(u.data);
+                }
+            }
+            out
+        }
+
+        /// Port 1 changes database and port 2 ends while the first read after attaching is
+        /// under way: with the read made before attaching, both get the database they had
+        /// as capture began, and the one that ended a COM_QUIT after its segments.
+        #[test]
+        fn the_read_before_attaching_serves_sessions_that_change_or_end() {
+            for with_before in [true, false] {
+                let (mut p, mut rx, c) = pipeline();
+                if with_before {
+                    p.set_before(Snapshot {
+                        sessions: [(key(1), session(11, "old")), (key(2), session(12, "b"))].into(),
+                        ..Default::default()
+                    });
+                }
+                p.begin();
+                let (use_new, select, insert) = (
+                    query(1, 100, "USE new"),
+                    query(1, 112, "SELECT 1"),
+                    query(2, 500, "INSERT INTO t VALUES (1)"),
+                );
+                for r in [use_new.clone(), insert.clone(), select.clone()] {
+                    p.push(r);
+                }
+                assert!(published(&mut p, &mut rx).is_empty(), "held");
+                let after = Snapshot {
+                    sessions: [(key(1), session(11, "new"))].into(),
+                    ..Default::default()
+                };
+                p.on_event(Event::Snapshot(Pass::First, after));
+                let got = published(&mut p, &mut rx);
+                let l = c.load();
+                if with_before {
+                    assert_eq!(
+                        got[&1],
+                        [
+                            com_init_db(b"old"),
+                            use_new.data.to_vec(),
+                            select.data.to_vec()
+                        ]
+                    );
+                    assert_eq!(
+                        got[&2],
+                        [com_init_db(b"b"), insert.data.to_vec(), COM_QUIT.to_vec()]
+                    );
+                    assert_eq!(
+                        (l.bootstrap_units, l.gc_quits, l.bootstrap_db_changed),
+                        (2, 1, 0)
+                    );
+                } else {
+                    assert_eq!(got[&1], [use_new.data.to_vec(), select.data.to_vec()]);
+                    assert_eq!(got[&2], [insert.data.to_vec()]);
+                    assert_eq!(
+                        (l.bootstrap_units, l.gc_quits, l.bootstrap_db_changed),
+                        (0, 0, 1)
+                    );
+                }
+            }
+        }
     }
 }

@@ -97,7 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // Connected before attaching, so that the collector's own connection is known and never
     // published, and bad credentials stop the agent before it captures anything.
-    let (mysql, own) = match connect_mysql(&mysql_cfg).await {
+    let (mut mysql, own) = match connect_mysql(&mysql_cfg).await {
         Ok((mysql, own)) => (Some(mysql), own),
         Err(e) if cli.mysql_optional => {
             tracing::warn!(
@@ -134,6 +134,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(fanout, counters.clone(), true);
     pipeline.set_own(own);
 
+    // The process list as capture begins: the database of sessions that change it, or end,
+    // before the first read after attaching.
+    if let Some(m) = mysql.as_mut() {
+        match m.read().await {
+            Ok(before) => pipeline.set_before(before),
+            Err(e) => {
+                PipelineCounters::add(&counters.mysql_errors, 1);
+                tracing::warn!("{e}");
+            }
+        }
+    }
     let mut capture = Capture::attach(&cfg)?;
     let stats_fd = if cli.bpf_stats {
         Some(capture::enable_bpf_stats().context("enabling BPF run-time statistics")?)

@@ -226,7 +226,10 @@ mod tests {
             Some(b"x"),
         );
         assert_eq!(
-            HandshakeResponse::parse(&lenenc).unwrap().database.as_deref(),
+            HandshakeResponse::parse(&lenenc)
+                .unwrap()
+                .database
+                .as_deref(),
             Some(&b"x"[..])
         );
         let no_db = handshake(base, &[1; 20], None);

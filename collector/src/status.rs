@@ -69,7 +69,8 @@ pipeline_counters! {
     /// Sessions not bootstrapped because they changed database while the process list was
     /// being read (which database their earlier segments ran in is unknown).
     bootstrap_db_changed,
-    /// Process-list rows skipped as replication threads.
+    /// Replicas' connections (binlog dump threads) seen in the process list and left out of
+    /// the bootstrap and GC, each counted once.
     replication_skipped,
     /// Process-list rows whose host could not be mapped to an address.
     unresolved_hosts,

@@ -10,6 +10,7 @@ use collector::encode::{COM_QUIT, Unit, com_init_db, decode_message};
 use common::{
     agent::{Agent, fails_before_attaching, totals},
     broker::TestExchange,
+    mariadb::TestServer,
     *,
 };
 use mysql_async::prelude::*;
@@ -260,4 +261,91 @@ fn mysql_problems_stop_the_agent_before_it_attaches_unless_optional() {
         log.contains("--mysql_optional"),
         "the warning names the flag: {log}"
     );
+}
+
+/// The address a session's process-list row gives (`localhost:PORT` here): its client port.
+fn port_of(host: &str) -> u16 {
+    host.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_connections_are_neither_bootstrapped_nor_closed() {
+    let mq = TestExchange::new("bootrepl");
+    let server = TestServer::start(&[]);
+    server.root_sql("CREATE DATABASE mrte_repl; CREATE TABLE mrte_repl.t (v INT)");
+    let with_db = || mysql_async::OptsBuilder::from_opts(server.opts()).db_name(Some("mrte_repl"));
+
+    // A replica-like client that has a default database, so a bootstrap that did not
+    // recognise it would announce it; and an ordinary client as the control.
+    let replica = mysql_async::Conn::new(with_db()).await.unwrap();
+    let stream = replica
+        .get_binlog_stream(mysql_async::BinlogStreamRequest::new(
+            server.server_id + 1000,
+        ))
+        .await
+        .unwrap();
+    let mut client = mysql_async::Conn::new(with_db()).await.unwrap();
+    let client_port = port_of(
+        &client
+            .query_first::<String, _>(
+                "SELECT host FROM information_schema.processlist WHERE id = CONNECTION_ID()",
+            )
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let (replica_id, replica_host, replica_db): (u64, String, Option<String>) = client
+        .query_first(
+            "SELECT id, host, db FROM information_schema.processlist \
+             WHERE command LIKE 'Binlog Dump%'",
+        )
+        .await
+        .unwrap()
+        .expect("the binlog dump shows in the process list");
+    assert_eq!(replica_db.as_deref(), Some("mrte_repl"));
+
+    let port = server.port.to_string();
+    let mut agent = Agent::start(&[
+        "--interface=lo",
+        &format!("--port={port}"),
+        &format!("--mysql_port={port}"),
+        &format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--gc_interval=1",
+        "--bootstrap_second_pass_ms=300",
+        "--read_timeout=20",
+    ]);
+    agent.wait_attached();
+    client.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The replica goes away: it was never a replayed session, so it gets no COM_QUIT.
+    client
+        .query_drop(format!("KILL CONNECTION {replica_id}"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    client.query_drop("INSERT INTO t VALUES (2)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    agent.signal(Signal::SIGINT);
+    let out = agent.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    let mut units: HashMap<u16, Vec<Unit>> = HashMap::new();
+    for m in mq.take_all() {
+        for u in decode_message(&m.data).unwrap().units {
+            units.entry(u.port).or_default().push(u);
+        }
+    }
+    assert!(
+        !units.contains_key(&port_of(&replica_host)),
+        "nothing published for the replica: {:?}",
+        units.get(&port_of(&replica_host))
+    );
+    assert_eq!(units[&client_port][0].data, com_init_db(b"mrte_repl"));
+    let t = totals(&stdout);
+    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    assert_eq!(get("replication_skipped"), 1, "{stdout}");
+    assert_eq!(get("gc_quits"), 0, "{stdout}");
+    assert_eq!(get("bootstrap_units"), 1, "{stdout}");
+    drop(stream);
 }

@@ -91,6 +91,19 @@ impl Agent {
         }
     }
 
+    /// Waits (at most 20 s) until the log, collected since `wait_attached`, contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent did not log {needle:?}; its log:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn signal(&self, sig: Signal) {
         let pid = self.child.as_ref().unwrap().id() as i32;
         nix::sys::signal::kill(Pid::from_raw(pid), sig).unwrap();

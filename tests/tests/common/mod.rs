@@ -5,6 +5,8 @@
 pub mod agent;
 pub mod broker;
 pub mod frames;
+pub mod mariadb;
+pub mod replay;
 
 use std::{
     collections::{BTreeMap, HashMap},
