@@ -171,6 +171,12 @@ pub struct Cli {
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Capture")]
     pub wakeup_interval_us: u64,
 
+    /// Publish replication traffic too: replicas' sessions (COM_REGISTER_SLAVE,
+    /// COM_BINLOG_DUMP, COM_BINLOG_DUMP_GTID) and semi-sync ACK packets, which are left out
+    /// of the replay stream (and counted) by default.
+    #[arg(long, help_heading = "Capture")]
+    pub include_replication: bool,
+
     /// Turn on the kernel's BPF run-time statistics while running, and print the capture
     /// program's average ns per packet in the exit summary (costs two clock reads per packet).
     #[arg(long, help_heading = "Status")]

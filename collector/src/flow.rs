@@ -1,102 +1,313 @@
-//! Flow handling: per-session state between capture and publishing.
+//! Flow handling: each session's client byte stream, exactly once and in order.
 //!
-//! TC ingress sees a segment before TCP does, so a retransmission arrives twice. Each session
-//! remembers the next byte it expects; data before it was published already and is not
-//! published again (a segment that overlaps is trimmed to its new bytes). A segment that starts
-//! past the expected byte is published as it is and counted as a gap.
+//! TC ingress sees a segment before TCP does: retransmissions arrive twice and segments can
+//! arrive out of order. Each flow remembers the next byte it expects (by TCP sequence number,
+//! wrapping): bytes before it were published already (a segment that overlaps is trimmed to its
+//! new bytes); a segment past it waits until the gap before it fills. A gap that does not fill
+//! within [`GAP_TIMEOUT`], or whose waiting segments pass the per-flow or total bound, is given
+//! up: the consumer gets a synthetic COM_QUIT (the session ends there for it, never with a
+//! silent hole), and the stream resumes at the next segment that starts a command.
 //!
-//! The [`Pipeline`] is the agent's record sink: it also leaves out the collector's own MySQL
-//! connection and holds segments back while the bootstrap ([`crate::bootstrap`]) reads the
-//! process list, so that a session's synthetic COM_INIT_DB goes into its publisher queue
-//! before any of its captured segments.
+//! The flow also follows the MySQL packets in the stream, to keep replication out of the replay:
+//! a session that sends COM_REGISTER_SLAVE, COM_BINLOG_DUMP or COM_BINLOG_DUMP_GTID is a
+//! replica (a COM_QUIT ends what was published of it, nothing more is), and semi-sync ACK
+//! packets (`0xef` after the header) are left out, unless `--include_replication`.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::Arc,
     time::Duration,
 };
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::{
-    bootstrap::{Event, Pass, Session, Snapshot},
-    capture::{Record, RecordSink},
-    encode,
-    protocol::{changes_database, is_handshake_response},
-    publish::Fanout,
+    protocol::{HEADER, command},
     status::PipelineCounters,
 };
 
-/// A client session as the server sees it: the client's address and port.
+/// A session as the MRTE format names it: client address and port.
 pub type SessionKey = (IpAddr, u16);
 
-/// How far before the expected byte a segment may start and still count as a retransmission.
-/// Retransmitted data lies within the receive window; a segment further back is taken as a new
-/// connection reusing the port (Linux ISNs for one address pair grow with time).
+/// A segment this far behind the expected byte is not a retransmission but a new connection
+/// that reuses the address (its sequence numbers start elsewhere).
 const MAX_RETRANSMIT_DISTANCE: u32 = 16 << 20;
+/// A segment this far ahead is not reordered either: a new connection, too.
+const MAX_REORDER_DISTANCE: u32 = 64 << 20;
+/// Longest a gap may stay open. TC sees every retransmission, so a gap that lasts is a segment
+/// the capture lost (or a sender backing off many times in a row).
+pub const GAP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes waiting behind a gap, per flow and over all flows.
+pub const FLOW_PENDING_MAX: usize = 8 << 20;
+pub const TOTAL_PENDING_MAX: usize = 64 << 20;
 
-#[derive(Debug)]
+/// The semi-sync ACK's magic byte, where a command byte would be.
+const SEMI_SYNC_ACK: u8 = 0xef;
+
+/// What leaves a flow, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Data(Bytes),
+    /// The session ends here for the consumer: a synthetic COM_QUIT.
+    Quit,
+}
+
+/// Where the flow is in the session's MySQL packets.
+#[derive(Debug, Default)]
+struct Packets {
+    /// Bytes left of the current packet (header included); 0 at a packet start.
+    left: usize,
+    /// The start of a packet cut by a segment end: header bytes so far.
+    head: Vec<u8>,
+    /// Whether the current packet is left out.
+    dropping: bool,
+    /// A replica's session: everything is left out.
+    replica: bool,
+    /// After a gap given up: bytes are left out until a segment starts with a command.
+    resync: bool,
+}
+
 struct Flow {
     next_seq: u32,
+    /// Stream position of `next_seq` (bytes since the flow began).
+    pos: u64,
     last_seen: Instant,
+    /// Segments past a gap, by stream position.
+    pending: BTreeMap<u64, Bytes>,
+    pending_bytes: usize,
+    gap_since: Option<Instant>,
+    packets: Packets,
 }
 
-/// What to publish of a segment.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
-    /// Publish `data[skip..]`.
-    From(usize),
-    /// Every byte was published already.
-    Duplicate,
+impl Flow {
+    fn new(seq: u32, now: Instant) -> Self {
+        Self {
+            next_seq: seq,
+            pos: 0,
+            last_seen: now,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            gap_since: None,
+            packets: Packets::default(),
+        }
+    }
 }
 
-/// Next expected byte per session.
-#[derive(Debug, Default)]
+/// The flow table.
+#[derive(Default)]
 pub struct Flows {
     table: HashMap<SessionKey, Flow>,
+    pending_bytes: usize,
+    include_replication: bool,
 }
 
 impl Flows {
-    /// Decides what of a segment of `len` bytes at `seq` is new, and moves the session on.
-    pub fn admit(
+    pub fn new(include_replication: bool) -> Self {
+        Self {
+            include_replication,
+            ..Default::default()
+        }
+    }
+
+    /// Takes a segment of `key`'s stream starting at `seq`; appends what can be published now
+    /// to `out`.
+    pub fn accept(
         &mut self,
         key: SessionKey,
         seq: u32,
-        len: usize,
+        mut data: Bytes,
         now: Instant,
-        counters: &PipelineCounters,
-    ) -> Admit {
-        let end = seq.wrapping_add(len as u32);
-        let flow = self.table.entry(key).or_insert(Flow {
-            next_seq: seq,
-            last_seen: now,
-        });
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let flow = self.table.entry(key).or_insert_with(|| Flow::new(seq, now));
         flow.last_seen = now;
+        let ahead = seq.wrapping_sub(flow.next_seq);
         let behind = flow.next_seq.wrapping_sub(seq);
-        if behind == 0 || behind > MAX_RETRANSMIT_DISTANCE {
-            // Ahead of the expected byte: something is missing (or comes later).
-            if behind != 0 && (seq.wrapping_sub(flow.next_seq) as i32) > 0 {
-                PipelineCounters::add(&counters.seq_gaps, 1);
+        if ahead != 0 && ahead <= MAX_REORDER_DISTANCE && (ahead as i32) > 0 {
+            // Past a gap: wait for it to fill.
+            let at = flow.pos + ahead as u64;
+            let longer = flow.pending.get(&at).is_none_or(|d| d.len() < data.len());
+            if longer {
+                let len = data.len();
+                if let Some(old) = flow.pending.insert(at, data) {
+                    flow.pending_bytes -= old.len();
+                    self.pending_bytes -= old.len();
+                }
+                flow.pending_bytes += len;
+                self.pending_bytes += len;
+            } else {
+                PipelineCounters::add(&c.retransmitted, 1);
+                PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
             }
-            flow.next_seq = end;
-            return Admit::From(0);
+            if flow.gap_since.is_none() {
+                flow.gap_since = Some(now);
+                PipelineCounters::add(&c.seq_gaps, 1);
+            }
+            if flow.pending_bytes > FLOW_PENDING_MAX || self.pending_bytes > TOTAL_PENDING_MAX {
+                PipelineCounters::add(&c.gap_overflow, 1);
+                Self::give_up_gap(
+                    flow,
+                    &mut self.pending_bytes,
+                    self.include_replication,
+                    c,
+                    out,
+                );
+            }
+            return;
         }
-        if behind as usize >= len {
-            PipelineCounters::add(&counters.retransmitted, 1);
-            PipelineCounters::add(&counters.retransmitted_bytes, len as u64);
-            return Admit::Duplicate;
+        if ahead != 0 && behind != 0 && behind <= MAX_RETRANSMIT_DISTANCE && (behind as i32) > 0 {
+            if behind as usize >= data.len() {
+                PipelineCounters::add(&c.retransmitted, 1);
+                PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
+                return;
+            }
+            PipelineCounters::add(&c.retransmitted_bytes, behind as u64);
+            data = data.slice(behind as usize..);
+        } else if ahead != 0 {
+            // Far off either way: a new connection on the same address, whose start was not
+            // seen. What waited on the old one is given up; the consumer ends the old session
+            // before the new one begins.
+            PipelineCounters::add(&c.flow_restarts, 1);
+            PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
+            self.pending_bytes -= flow.pending_bytes;
+            *flow = Flow::new(seq, now);
+            out.push(Output::Quit);
         }
-        PipelineCounters::add(&counters.retransmitted_bytes, behind as u64);
-        flow.next_seq = end;
-        Admit::From(behind as usize)
+        Self::emit(flow, data, self.include_replication, c, out);
+        Self::drain_pending(
+            flow,
+            &mut self.pending_bytes,
+            self.include_replication,
+            c,
+            out,
+        );
+    }
+
+    /// Publishes in-order bytes at `flow.next_seq`.
+    fn emit(
+        flow: &mut Flow,
+        data: Bytes,
+        include_replication: bool,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        flow.next_seq = flow.next_seq.wrapping_add(data.len() as u32);
+        flow.pos += data.len() as u64;
+        flow.packets.feed(data, include_replication, c, out);
+    }
+
+    /// Publishes waiting segments that the stream has reached.
+    fn drain_pending(
+        flow: &mut Flow,
+        total: &mut usize,
+        include_replication: bool,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        while let Some(entry) = flow.pending.first_entry() {
+            let at = *entry.key();
+            if at > flow.pos {
+                break;
+            }
+            let data = entry.remove();
+            flow.pending_bytes -= data.len();
+            *total -= data.len();
+            let old = (flow.pos - at) as usize;
+            if old >= data.len() {
+                PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
+                continue;
+            }
+            PipelineCounters::add(&c.retransmitted_bytes, old as u64);
+            Self::emit(flow, data.slice(old..), include_replication, c, out);
+        }
+        if flow.pending.is_empty() {
+            flow.gap_since = None;
+        }
+    }
+
+    /// Ends the session for the consumer at the gap, skips the missing bytes, and resumes at
+    /// the next command.
+    fn give_up_gap(
+        flow: &mut Flow,
+        total: &mut usize,
+        include_replication: bool,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let Some((&at, _)) = flow.pending.first_key_value() else {
+            return;
+        };
+        let missing = at - flow.pos;
+        PipelineCounters::add(&c.gap_bytes, missing);
+        if !flow.packets.resync && !flow.packets.replica {
+            out.push(Output::Quit);
+        }
+        flow.packets.resync = true;
+        flow.next_seq = flow.next_seq.wrapping_add(missing as u32);
+        flow.pos = at;
+        flow.gap_since = None;
+        Self::drain_pending(flow, total, include_replication, c, out);
+        if !flow.pending.is_empty() {
+            flow.gap_since = Some(flow.last_seen);
+        }
+    }
+
+    /// The earliest moment a gap times out.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.pending_bytes == 0 {
+            return None;
+        }
+        self.table
+            .values()
+            .filter_map(|f| f.gap_since)
+            .min()
+            .map(|t| t + GAP_TIMEOUT)
+    }
+
+    /// Gives up gaps open longer than [`GAP_TIMEOUT`] (every gap, with `all`: at exit).
+    pub fn on_timeout(
+        &mut self,
+        now: Instant,
+        all: bool,
+        c: &PipelineCounters,
+        out: &mut Vec<(SessionKey, Output)>,
+    ) {
+        if self.pending_bytes == 0 {
+            return;
+        }
+        let mut step = Vec::new();
+        for (key, flow) in &mut self.table {
+            while flow
+                .gap_since
+                .is_some_and(|t| all || now >= t + GAP_TIMEOUT)
+            {
+                PipelineCounters::add(&c.gap_timeouts, 1);
+                Self::give_up_gap(
+                    flow,
+                    &mut self.pending_bytes,
+                    self.include_replication,
+                    c,
+                    &mut step,
+                );
+                out.extend(step.drain(..).map(|o| (*key, o)));
+            }
+        }
     }
 
     /// Forgets sessions idle for `idle`; returns how many.
     pub fn expire(&mut self, now: Instant, idle: Duration) -> usize {
         let before = self.table.len();
-        self.table
-            .retain(|_, f| now.saturating_duration_since(f.last_seen) < idle);
+        let mut freed = 0;
+        self.table.retain(|_, f| {
+            let keep = now.saturating_duration_since(f.last_seen) < idle;
+            if !keep {
+                freed += f.pending_bytes;
+            }
+            keep
+        });
+        self.pending_bytes -= freed;
         before - self.table.len()
     }
 
@@ -106,395 +317,186 @@ impl Flows {
     }
 
     pub fn forget(&mut self, key: &SessionKey) {
-        self.table.remove(key);
+        if let Some(f) = self.table.remove(key) {
+            self.pending_bytes -= f.pending_bytes;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
-}
 
-/// Longest a segment is held back while a process-list read decides on its session.
-const HOLD_MAX_TIME: Duration = Duration::from_secs(10);
-/// Most payload bytes held back at once.
-const HOLD_MAX_BYTES: usize = 32 << 20;
-
-/// Segments held back until the bootstrap has decided on their sessions: every segment while
-/// a read is under way (`all`), and the segments of sessions that were mid-handshake at the
-/// first pass until the second.
-#[derive(Debug, Default)]
-struct Hold {
-    all: bool,
-    pending: HashSet<SessionKey>,
-    records: Vec<Record>,
-    bytes: usize,
-    since: Option<Instant>,
-}
-
-impl Hold {
-    fn holds(&self, key: &SessionKey) -> bool {
-        self.all || (!self.pending.is_empty() && self.pending.contains(key))
+    /// Bytes waiting behind gaps.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
     }
 }
 
-/// The record sink of the agent: the collector's own connection left out, segments held
-/// while the bootstrap decides, flow handling, then the MRTE fan-out.
-pub struct Pipeline {
-    pub flows: Flows,
-    pub fanout: Fanout,
-    counters: Arc<PipelineCounters>,
-    /// The time of the current drain: one clock read per drain, not per record.
-    now: Instant,
-    /// The collector's own MySQL connection.
-    own: Option<SessionKey>,
-    hold: Hold,
-    /// Sessions of the last process-list read, with their ids.
-    known: HashMap<SessionKey, u64>,
-    /// Replicas' connections of the last read.
-    replicas: HashSet<SessionKey>,
-    /// Sessions read just before attaching, until the first read after.
-    before: Option<HashMap<SessionKey, Session>>,
-}
-
-impl Pipeline {
-    /// `hold` holds every segment from the start, until the first process-list read.
-    pub fn new(fanout: Fanout, counters: Arc<PipelineCounters>, hold: bool) -> Self {
-        let now = Instant::now();
-        Self {
-            flows: Flows::default(),
-            fanout,
-            counters,
-            now,
-            own: None,
-            hold: Hold {
-                all: hold,
-                since: hold.then_some(now),
+impl Packets {
+    /// Follows `data` through the packets; appends the bytes to publish.
+    fn feed(
+        &mut self,
+        data: Bytes,
+        include_replication: bool,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        if self.resync {
+            if !starts_command(&data) {
+                PipelineCounters::add(&c.gap_bytes, data.len() as u64);
+                return;
+            }
+            *self = Self {
+                replica: self.replica,
                 ..Default::default()
-            },
-            known: HashMap::new(),
-            replicas: HashSet::new(),
-            before: None,
-        }
-    }
-
-    /// The collector's own MySQL connection, known before capture starts.
-    pub fn set_own(&mut self, own: Option<SessionKey>) {
-        self.own = own;
-    }
-
-    /// The process list read just before attaching.
-    pub fn set_before(&mut self, before: Snapshot) {
-        self.before = Some(before.sessions);
-    }
-
-    /// When the next batch or held segment must leave.
-    pub fn next_due(&self) -> Option<Instant> {
-        let held = self.hold.since.map(|t| t + HOLD_MAX_TIME);
-        match (self.fanout.next_due(), held) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Sends due batches; releases held segments that waited too long.
-    pub fn on_due(&mut self, now: Instant) {
-        self.now = now;
-        if self.hold.since.is_some_and(|t| now >= t + HOLD_MAX_TIME) {
-            self.overflow();
-        }
-        self.fanout.send_due(now);
-    }
-
-    pub fn on_event(&mut self, event: Event) {
-        self.now = Instant::now();
-        match event {
-            Event::Hold => {
-                self.hold.all = true;
-                self.hold.since.get_or_insert(self.now);
-            }
-            Event::Release => {
-                self.hold.all = false;
-                self.release();
-            }
-            Event::Snapshot(pass, snap) => self.apply(pass, snap),
-        }
-    }
-
-    fn apply(&mut self, pass: Pass, mut snap: Snapshot) {
-        let c = self.counters.clone();
-        self.place_unresolved(&mut snap);
-        let new_replicas = snap.replication.difference(&self.replicas).count();
-        PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
-        self.replicas = snap.replication;
-        if snap.own.is_some() {
-            self.own = snap.own;
-        }
-        // The read made just before attaching: it knows the database each session had when
-        // capture began, which is what a session that changes database or ends before the
-        // first read after attaching needs.
-        let before = match pass {
-            Pass::First => self.before.take().unwrap_or_default(),
-            _ => HashMap::new(),
-        };
-        // Sessions that changed database in what is held: this read may show the new one.
-        let changed: HashSet<SessionKey> = self
-            .hold
-            .records
-            .iter()
-            .filter(|r| changes_database(&r.data))
-            .map(|r| (r.src, r.sport))
-            .collect();
-        // Sessions whose handshake was captured (their first segment is the handshake
-        // response): the consumer learns their database from it.
-        let mut first_seen = HashSet::new();
-        let started: HashSet<SessionKey> = self
-            .hold
-            .records
-            .iter()
-            .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
-            .map(|r| (r.src, r.sport))
-            .collect();
-        let init_db = |this: &mut Self, key: SessionKey, s: &Session| {
-            if pass != Pass::Again && started.contains(&key) {
-                return;
-            }
-            let db = if changed.contains(&key) {
-                match before.get(&key).filter(|b| b.id == s.id) {
-                    Some(b) => &b.db,
-                    None => {
-                        PipelineCounters::add(&c.bootstrap_db_changed, 1);
-                        return;
-                    }
-                }
-            } else {
-                &s.db
             };
-            if let Some(db) = db
-                && this.inject(key, &encode::com_init_db(db.as_bytes()))
-            {
-                PipelineCounters::add(&c.bootstrap_units, 1);
+        }
+        let mut i = 0;
+        let mut keep_from = 0;
+        let mut keeping = !self.dropping;
+        let flush = |from: usize, to: usize, keep: bool, out: &mut Vec<Output>| {
+            if to > from {
+                if keep {
+                    out.push(Output::Data(data.slice(from..to)));
+                } else {
+                    PipelineCounters::add(&c.replication_bytes, (to - from) as u64);
+                }
             }
         };
-        // Sessions gone since the last read end on the consumer's side too, after their
-        // segments; so do sessions known from before attaching, captured, and gone already.
-        let mut gone = Vec::new();
-        let held: HashSet<SessionKey> = first_seen;
-        for (key, b) in &before {
-            if held.contains(key) && !snap.sessions.contains_key(key) && !started.contains(key) {
-                init_db(self, *key, b);
-                gone.push(*key);
+        while i < data.len() {
+            if self.left > 0 {
+                let n = self.left.min(data.len() - i);
+                self.left -= n;
+                i += n;
+                continue;
             }
-        }
-        match pass {
-            Pass::First | Pass::Again => {
-                for (key, s) in &snap.sessions {
-                    if s.handshaking && pass == Pass::First {
-                        // Its database is known once it has authenticated, unless its
-                        // handshake was captured.
-                        if !started.contains(key) {
-                            self.hold.pending.insert(*key);
-                        }
-                    } else if !self.hold.pending.contains(key) {
-                        init_db(self, *key, s);
-                    }
+            // A packet starts (or its header continues) at `i`. A header cut by the segment
+            // end is kept whatever it is: what was published cannot be taken back.
+            while self.head.len() < HEADER && i < data.len() {
+                self.head.push(data[i]);
+                i += 1;
+            }
+            if self.head.len() < HEADER {
+                break;
+            }
+            let len = u32::from_le_bytes([self.head[0], self.head[1], self.head[2], 0]) as usize;
+            if len == 0 {
+                self.head.clear();
+                continue;
+            }
+            if self.head.len() == HEADER {
+                if i == data.len() {
+                    break;
                 }
+                self.head.push(data[i]);
+                i += 1;
             }
-            Pass::Second => {
-                for key in std::mem::take(&mut self.hold.pending) {
-                    if let Some(s) = snap.sessions.get(&key) {
-                        init_db(self, key, s);
-                    }
-                }
+            let (seq, cmd) = (self.head[3], self.head[4]);
+            let start = i.saturating_sub(HEADER + 1);
+            self.head.clear();
+            let becomes_replica = !include_replication
+                && !self.replica
+                && seq == 0
+                && matches!(
+                    cmd,
+                    command::REGISTER_SLAVE | command::BINLOG_DUMP | command::BINLOG_DUMP_GTID
+                );
+            let ack = seq == 0 && cmd == SEMI_SYNC_ACK;
+            let drop = !include_replication && (self.replica || becomes_replica || ack);
+            if drop == keeping {
+                flush(keep_from, start, keeping, out);
+                keep_from = start;
+                keeping = !drop;
             }
-            Pass::Gc => {}
-        }
-        for (key, id) in std::mem::take(&mut self.known) {
-            match snap.sessions.get(&key) {
-                None => gone.push(key),
-                Some(s) if s.id != id => PipelineCounters::add(&c.gc_port_reused, 1),
-                Some(_) => {}
+            if becomes_replica {
+                // What was published of the session ends for the consumer.
+                self.replica = true;
+                PipelineCounters::add(&c.replication_sessions, 1);
+                out.push(Output::Quit);
             }
-        }
-        for key in &gone {
-            self.hold.pending.remove(key);
-        }
-        self.known = snap.sessions.iter().map(|(k, s)| (*k, s.id)).collect();
-        self.hold.all = false;
-        self.release();
-        for key in gone {
-            if self.inject(key, &encode::COM_QUIT) {
-                PipelineCounters::add(&c.gc_quits, 1);
+            if ack {
+                PipelineCounters::add(&c.semi_sync_acks, 1);
             }
-            self.flows.forget(&key);
+            self.dropping = drop;
+            // The packet's bytes after the header and command byte.
+            self.left = len - 1;
         }
-    }
-
-    /// Rows the socket table could not place (sessions that closed between the process-list
-    /// read and the socket-table read, mostly) are looked for among the sessions captured:
-    /// one that matches the host's address and port, and only one, is that session.
-    fn place_unresolved(&mut self, snap: &mut Snapshot) {
-        for u in std::mem::take(&mut snap.unresolved) {
-            let mut found: Vec<SessionKey> = self
-                .flows
-                .keys()
-                .copied()
-                .chain(self.hold.records.iter().map(|r| (r.src, r.sport)))
-                .filter(|k| u.matches(k))
-                .collect();
-            found.sort();
-            found.dedup();
-            match (u.session, found.as_slice()) {
-                (Some(session), [key]) => {
-                    snap.sessions.entry(*key).or_insert(session);
-                }
-                (session, _) => {
-                    if session.is_some() {
-                        tracing::warn!(
-                            host = u.host,
-                            "no client address found for this process-list host: the \
-                             session is not bootstrapped and gets no COM_QUIT"
-                        );
-                    }
-                    PipelineCounters::add(&self.counters.unresolved_hosts, 1);
-                }
-            }
-        }
-    }
-
-    /// Puts a synthetic unit into the session's publisher queue; false if the session's
-    /// address cannot be encoded.
-    fn inject(&mut self, key: SessionKey, data: &[u8]) -> bool {
-        match key.0 {
-            IpAddr::V4(ip) => {
-                self.fanout.push(ip, key.1, data, self.now);
-                true
-            }
-            IpAddr::V6(_) => {
-                PipelineCounters::add(&self.counters.unencodable, 1);
-                false
-            }
-        }
-    }
-
-    /// Passes on held segments whose sessions are no longer held, in arrival order.
-    fn release(&mut self) {
-        let records = std::mem::take(&mut self.hold.records);
-        self.hold.bytes = 0;
-        for r in records {
-            if self.hold.holds(&(r.src, r.sport)) {
-                self.hold.bytes += r.data.len();
-                self.hold.records.push(r);
-            } else {
-                self.deliver(r);
-            }
-        }
-        if self.hold.records.is_empty() && !self.hold.all {
-            self.hold.since = None;
-        }
-    }
-
-    /// Held too long or too much: publish everything held, undecided.
-    fn overflow(&mut self) {
-        PipelineCounters::add(&self.counters.hold_overflow, self.hold.records.len() as u64);
-        tracing::warn!(
-            segments = self.hold.records.len(),
-            bytes = self.hold.bytes,
-            "published segments before the session bootstrap could decide on them (MySQL \
-             too slow to answer?)"
-        );
-        self.hold.all = false;
-        self.hold.pending.clear();
-        self.release();
-    }
-
-    /// At exit: publishes whatever is still held and every open batch.
-    pub fn finish(&mut self, now: Instant) {
-        self.now = now;
-        if !self.hold.records.is_empty() {
-            self.overflow();
-        }
-        self.fanout.send_all(now);
-    }
-
-    fn deliver(&mut self, r: Record) {
-        let IpAddr::V4(ip) = r.src else {
-            PipelineCounters::add(&self.counters.unencodable, 1);
-            return;
-        };
-        match self.flows.admit(
-            (r.src, r.sport),
-            r.seq,
-            r.data.len(),
-            self.now,
-            &self.counters,
-        ) {
-            Admit::From(skip) => self.fanout.push(ip, r.sport, &r.data[skip..], self.now),
-            Admit::Duplicate => {}
-        }
+        flush(keep_from, data.len(), keeping, out);
     }
 }
 
-impl RecordSink for Pipeline {
-    fn push(&mut self, r: Record) {
-        let key = (r.src, r.sport);
-        if self.own == Some(key) {
-            PipelineCounters::add(&self.counters.own_traffic, 1);
-            return;
-        }
-        if self.hold.holds(&key) {
-            if !self.hold.all
-                && is_handshake_response(&r.data)
-                && !self.hold.records.iter().any(|h| (h.src, h.sport) == key)
-            {
-                // A session pending since the first pass sends its handshake only now: the
-                // consumer learns its database from it.
-                self.hold.pending.remove(&key);
-                self.deliver(r);
-                return;
-            }
-            self.hold.bytes += r.data.len();
-            self.hold.since.get_or_insert(self.now);
-            self.hold.records.push(r);
-            if self.hold.bytes > HOLD_MAX_BYTES {
-                self.overflow();
-            }
-            return;
-        }
-        self.deliver(r);
-    }
-
-    fn begin(&mut self) {
-        self.now = Instant::now();
+/// Whether a segment starts with a command packet: sequence 0 and a command byte.
+fn starts_command(data: &[u8]) -> bool {
+    data.len() > HEADER && data[3] == 0 && data[4] <= 0x1f && {
+        let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
+        len >= 1
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn key() -> SessionKey {
         ("198.18.0.2".parse().unwrap(), 40000)
     }
 
+    /// A command packet: header, command byte, argument.
+    fn packet(cmd: u8, arg: &[u8]) -> Vec<u8> {
+        let mut p = ((arg.len() + 1) as u32).to_le_bytes()[..3].to_vec();
+        p.push(0);
+        p.push(cmd);
+        p.extend_from_slice(arg);
+        p
+    }
+
+    /// Feeds segments (seq, bytes); returns the published stream with `Q` for each COM_QUIT.
+    fn feed(f: &mut Flows, c: &PipelineCounters, segs: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (seq, data) in segs {
+            f.accept(
+                key(),
+                *seq,
+                Bytes::copy_from_slice(data),
+                Instant::now(),
+                c,
+                &mut out,
+            );
+        }
+        flatten(out)
+    }
+
+    fn flatten(out: Vec<Output>) -> Vec<u8> {
+        out.into_iter()
+            .flat_map(|o| match o {
+                Output::Data(d) => d.to_vec(),
+                Output::Quit => b"Q".to_vec(),
+            })
+            .collect()
+    }
+
     #[test]
-    fn retransmissions_are_dropped_or_trimmed() {
+    fn retransmissions_are_dropped_or_trimmed_across_the_wrap() {
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        let t = Instant::now();
-        let isn = u32::MAX - 5; // wraps inside the stream
-        assert_eq!(f.admit(key(), isn, 10, t, &c), Admit::From(0));
-        // The same segment again.
-        assert_eq!(f.admit(key(), isn, 10, t, &c), Admit::Duplicate);
-        // Overlapping: 4 old bytes, 6 new.
-        assert_eq!(
-            f.admit(key(), isn.wrapping_add(6), 10, t, &c),
-            Admit::From(4)
+        let isn = u32::MAX - 5;
+        let got = feed(
+            &mut f,
+            &c,
+            &[
+                (isn, b"0123456789"),
+                (isn, b"0123456789"),
+                (isn.wrapping_add(6), b"6789abcdef"),
+                (isn.wrapping_add(16), b"ghijk"),
+            ],
         );
-        // In order.
-        assert_eq!(
-            f.admit(key(), isn.wrapping_add(16), 5, t, &c),
-            Admit::From(0)
-        );
+        assert_eq!(got, b"0123456789abcdefghijk");
         let l = c.load();
         assert_eq!(
             (l.retransmitted, l.retransmitted_bytes, l.seq_gaps),
@@ -503,160 +505,154 @@ mod tests {
     }
 
     #[test]
-    fn gaps_and_port_reuse_are_published() {
+    fn out_of_order_segments_wait_for_the_gap() {
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        let t = Instant::now();
-        assert_eq!(f.admit(key(), 1000, 10, t, &c), Admit::From(0));
-        // A hole of 90 bytes.
-        assert_eq!(f.admit(key(), 1100, 10, t, &c), Admit::From(0));
-        assert_eq!(c.load().seq_gaps, 1);
-        // A new connection on the same port, far behind: not a retransmission.
-        assert_eq!(
-            f.admit(key(), 1110u32.wrapping_sub(64 << 20), 10, t, &c),
-            Admit::From(0)
+        let got = feed(
+            &mut f,
+            &c,
+            &[(100, b"ab"), (106, b"gh"), (104, b"ef"), (102, b"cd")],
         );
-        assert_eq!(c.load().retransmitted, 0);
+        assert_eq!(got, b"abcdefgh");
+        assert_eq!(f.pending_bytes(), 0);
+        assert_eq!(c.load().seq_gaps, 1);
+        assert_eq!(f.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_gap_that_times_out_ends_the_session_and_resumes_at_a_command() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let q1 = packet(command::QUERY, b"SELECT 1");
+        let q2 = packet(command::QUERY, b"SELECT 2");
+        let q3 = packet(command::QUERY, b"SELECT 3");
+        let n = q1.len() as u32;
+        // q2 never comes; a packet's tail comes after it, then q3.
+        let tail = &q2[5..];
+        let got = feed(
+            &mut f,
+            &c,
+            &[(0, &q1), (2 * n, tail), (2 * n + tail.len() as u32, &q3)],
+        );
+        assert_eq!(got, q1);
+        let deadline = f.next_deadline().unwrap();
+        let mut out = Vec::new();
+        f.on_timeout(deadline - Duration::from_millis(1), false, &c, &mut out);
+        assert!(out.is_empty());
+        f.on_timeout(deadline, false, &c, &mut out);
+        let got = flatten(out.into_iter().map(|(_, o)| o).collect());
+        // The quit, the tail skipped, q3 whole.
+        assert_eq!(got, [&b"Q"[..], &q3].concat());
+        let l = c.load();
         assert_eq!(
-            f.expire(t + Duration::from_secs(5), Duration::from_secs(5)),
+            (l.gap_timeouts, l.gap_bytes),
+            (1, (n as usize + tail.len()) as u64)
+        );
+        assert_eq!(f.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn waiting_bytes_are_bounded_per_flow() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let big = vec![7u8; 1 << 20];
+        let mut segs: Vec<(u32, &[u8])> = vec![(0, &b"x"[..])];
+        // Byte 1 is missing; 9 MiB wait behind it.
+        for i in 0..9u32 {
+            segs.push((2 + i * (1 << 20), &big));
+        }
+        let got = feed(&mut f, &c, &segs);
+        assert_eq!(&got[..2], b"xQ", "the session ends at the gap");
+        assert_eq!(c.load().gap_overflow, 1);
+        assert!(f.pending_bytes() <= FLOW_PENDING_MAX);
+    }
+
+    #[test]
+    fn a_new_connection_on_the_same_address_restarts_the_flow() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let got = feed(
+            &mut f,
+            &c,
+            &[(1000, b"old"), (1000u32.wrapping_sub(64 << 20), b"new")],
+        );
+        assert_eq!(got, b"oldQnew");
+        let l = c.load();
+        assert_eq!((l.flow_restarts, l.retransmitted), (1, 0));
+        assert_eq!(
+            f.expire(
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(5)
+            ),
             1
         );
         assert!(f.is_empty());
     }
 
-    mod bootstrap {
-        use std::net::Ipv4Addr;
-
-        use bytes::Bytes;
-        use tokio::sync::mpsc;
-
-        use super::*;
-        use crate::{
-            encode::{COM_QUIT, com_init_db, decode_message},
-            publish::{Batch, BatchLimits, MemoryBudget},
-        };
-
-        fn pipeline() -> (Pipeline, mpsc::Receiver<Batch>, Arc<PipelineCounters>) {
-            let (tx, rx) = mpsc::channel(100);
-            let counters = Arc::new(PipelineCounters::default());
-            let limits = BatchLimits {
-                segments: 1000,
-                bytes: 1 << 20,
-                max_wait: Duration::from_secs(60),
-            };
-            let budget = Arc::new(MemoryBudget::new(1 << 30));
-            let fanout = Fanout::new(
-                Ipv4Addr::LOCALHOST,
-                vec![tx],
-                limits,
-                budget,
-                counters.clone(),
-            );
-            (Pipeline::new(fanout, counters.clone(), true), rx, counters)
-        }
-
-        fn query(port: u16, seq: u32, sql: &str) -> Record {
-            let mut data = ((sql.len() + 1) as u32).to_le_bytes()[..3].to_vec();
-            data.extend_from_slice(&[0, 3]);
-            data.extend_from_slice(sql.as_bytes());
-            Record {
-                ts_ns: 0,
-                src: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                sport: port,
-                dport: 3306,
-                seq,
-                tcp_flags: 0,
-                segment_len: data.len() as u32,
-                offset: 0,
-                ifindex: 1,
-                data: Bytes::from(data),
-            }
-        }
-
-        fn session(id: u64, db: &str) -> Session {
-            Session {
-                id,
-                db: Some(db.into()),
-                handshaking: false,
-            }
-        }
-
-        fn key(port: u16) -> SessionKey {
-            (IpAddr::V4(Ipv4Addr::LOCALHOST), port)
-        }
-
-        /// Per port, the units published, in order.
-        fn published(
-            p: &mut Pipeline,
-            rx: &mut mpsc::Receiver<Batch>,
-        ) -> HashMap<u16, Vec<Vec<u8>>> {
-            p.fanout.send_all(Instant::now());
-            let mut out: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
-            while let Ok(b) = rx.try_recv() {
-                for u in decode_message(b.bytes()).unwrap().units {
-                    out.entry(u.port).or_default().push(u.data);
-                }
-            }
-            out
-        }
-
-        /// Port 1 changes database and port 2 ends while the first read after attaching is
-        /// under way: with the read made before attaching, both get the database they had
-        /// as capture began, and the one that ended a COM_QUIT after its segments.
-        #[test]
-        fn the_read_before_attaching_serves_sessions_that_change_or_end() {
-            for with_before in [true, false] {
-                let (mut p, mut rx, c) = pipeline();
-                if with_before {
-                    p.set_before(Snapshot {
-                        sessions: [(key(1), session(11, "old")), (key(2), session(12, "b"))].into(),
-                        ..Default::default()
-                    });
-                }
-                p.begin();
-                let (use_new, select, insert) = (
-                    query(1, 100, "USE new"),
-                    query(1, 112, "SELECT 1"),
-                    query(2, 500, "INSERT INTO t VALUES (1)"),
-                );
-                for r in [use_new.clone(), insert.clone(), select.clone()] {
-                    p.push(r);
-                }
-                assert!(published(&mut p, &mut rx).is_empty(), "held");
-                let after = Snapshot {
-                    sessions: [(key(1), session(11, "new"))].into(),
-                    ..Default::default()
-                };
-                p.on_event(Event::Snapshot(Pass::First, after));
-                let got = published(&mut p, &mut rx);
+    #[test]
+    fn replication_is_left_out_unless_included() {
+        let q = packet(command::QUERY, b"SET @master_heartbeat_period=1");
+        let mut ack = packet(SEMI_SYNC_ACK, &[0x38, 0x40, 1, 0, 0, 0, 0, 0]);
+        ack.extend_from_slice(b"mysql-bin.001516");
+        ack[0] += 16;
+        let dump = packet(command::BINLOG_DUMP, &[4, 0, 0, 0, 0, 0, 2, 0, 0, 0]);
+        let register = packet(command::REGISTER_SLAVE, &[1, 0, 0, 0]);
+        // An ACK between two queries, in one segment: the queries stay.
+        let stream = [q.clone(), ack.clone(), q.clone()].concat();
+        for include in [false, true] {
+            let c = PipelineCounters::default();
+            let mut f = Flows::new(include);
+            let got = feed(&mut f, &c, &[(0, &stream)]);
+            if include {
+                assert_eq!(got, stream);
+            } else {
+                assert_eq!(got, [q.clone(), q.clone()].concat());
                 let l = c.load();
-                if with_before {
-                    assert_eq!(
-                        got[&1],
-                        [
-                            com_init_db(b"old"),
-                            use_new.data.to_vec(),
-                            select.data.to_vec()
-                        ]
-                    );
-                    assert_eq!(
-                        got[&2],
-                        [com_init_db(b"b"), insert.data.to_vec(), COM_QUIT.to_vec()]
-                    );
-                    assert_eq!(
-                        (l.bootstrap_units, l.gc_quits, l.bootstrap_db_changed),
-                        (2, 1, 0)
-                    );
-                } else {
-                    assert_eq!(got[&1], [use_new.data.to_vec(), select.data.to_vec()]);
-                    assert_eq!(got[&2], [insert.data.to_vec()]);
-                    assert_eq!(
-                        (l.bootstrap_units, l.gc_quits, l.bootstrap_db_changed),
-                        (0, 0, 1)
-                    );
-                }
+                assert_eq!(
+                    (l.semi_sync_acks, l.replication_bytes),
+                    (1, ack.len() as u64)
+                );
             }
+        }
+        // A replica: what came before stays, a quit ends it, nothing after is published.
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let replica = [q.clone(), register, dump].concat();
+        let got = feed(&mut f, &c, &[(0, &replica), (replica.len() as u32, &q)]);
+        assert_eq!(got, [&q[..], b"Q"].concat());
+        assert_eq!(c.load().replication_sessions, 1);
+    }
+
+    proptest! {
+        /// Any order and duplication of a stream's segments (within the reorder bound) gives
+        /// back the stream.
+        #[test]
+        fn any_permutation_and_duplication_gives_the_stream(
+            isn in any::<u32>(),
+            cuts in proptest::collection::vec(1usize..3000, 1..40),
+            order in proptest::collection::vec(any::<proptest::sample::Index>(), 0..80),
+        ) {
+            let stream = (0..cuts.iter().sum::<usize>()).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>();
+            let mut segs = Vec::new();
+            let mut at = 0;
+            for len in &cuts {
+                segs.push((isn.wrapping_add(at as u32), stream[at..at + len].to_vec()));
+                at += len;
+            }
+            // Reorder and duplicate: picks of any segment first, then every segment once
+            // more in reverse so that all arrive.
+            let mut arrivals: Vec<(u32, Vec<u8>)> = order.iter().map(|i| segs[i.index(segs.len())].clone()).collect();
+            arrivals.extend(segs.iter().rev().cloned());
+            let c = PipelineCounters::default();
+            let mut f = Flows::default();
+            let mut out = Vec::new();
+            // The first segment opens the flow.
+            f.accept(key(), segs[0].0, Bytes::from(segs[0].1.clone()), Instant::now(), &c, &mut out);
+            for (seq, data) in arrivals {
+                f.accept(key(), seq, Bytes::from(data), Instant::now(), &c, &mut out);
+            }
+            prop_assert_eq!(flatten(out), stream);
+            prop_assert_eq!(f.pending_bytes(), 0);
         }
     }
 }

@@ -5,8 +5,10 @@
 //! with what the MySQL process list says; status reports on all.
 //!
 //! - [`capture`]: loads and attaches the TC program, drains its ring buffer into [`capture::Record`]s.
-//! - [`flow`]: per-session state: retransmissions dropped, bootstrap ordering, the agent's
-//!   record sink.
+//! - [`flow`]: each session's byte stream exactly once and in order (retransmissions,
+//!   reordering, gaps), replication left out.
+//! - [`pipeline`]: the agent's record sink: own connection left out, segments held for the
+//!   bootstrap, flows, fan-out.
 //! - [`bootstrap`]: the MySQL process list: COM_INIT_DB for sessions open before capture,
 //!   COM_QUIT for sessions gone.
 //! - [`protocol`]: MySQL packet framing, command bytes, the handshake response.
@@ -19,6 +21,7 @@ pub mod capture;
 pub mod cli;
 pub mod encode;
 pub mod flow;
+pub mod pipeline;
 pub mod protocol;
 pub mod publish;
 pub mod status;

@@ -6,7 +6,8 @@ use collector::{
     bootstrap::{self, Mysql, MysqlConfig},
     capture::{self, Capture, CaptureConfig},
     cli::Cli,
-    flow::{Pipeline, SessionKey},
+    flow::{Flows, SessionKey},
+    pipeline::Pipeline,
     publish::{BatchLimits, Broker, BrokerConfig, Fanout, MemoryBudget},
     status::{PipelineCounters, StatusLine, Totals, if_rx_dropped},
 };
@@ -17,8 +18,7 @@ use tokio::{
     time::Instant,
 };
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -29,13 +29,24 @@ async fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mrte-collector: error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mrte-collector: error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Everything was flushed and reported; a client library's blocking thread still waiting
+    // on a socket must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -131,7 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     // Everything captured is held until the first process-list read has put each session's
     // COM_INIT_DB in front of it.
-    let mut pipeline = Pipeline::new(fanout, counters.clone(), true);
+    let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cli.include_replication);
     pipeline.set_own(own);
 
     // The process list as capture begins: the database of sessions that change it, or end,
@@ -155,12 +166,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
     let drain_stats = drain.shared_stats();
     let if_dropped_base = if_rx_dropped(&cli.interface);
-    let totals = |kernel: Counters, waiting: u64| Totals {
+    let totals = |kernel: Counters, waiting: u64, flows: &Flows| Totals {
         kernel,
         drain: drain_stats.load(),
         pipeline: counters.load(),
         if_dropped: if_rx_dropped(&cli.interface).saturating_sub(if_dropped_base),
         waiting,
+        flows: flows.len() as u64,
+        reorder_bytes: flows.pending_bytes() as u64,
     };
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -192,7 +205,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = again_tx.send(());
             }
             _ = ticker.tick() => {
-                let now = totals(capture.read_counters()?, pipeline.fanout.waiting());
+                let now = totals(
+                    capture.read_counters()?,
+                    pipeline.fanout.waiting(),
+                    &pipeline.flows,
+                );
                 println!("{}", status.next(&now, last.elapsed()));
                 last = Instant::now();
                 pipeline.flows.expire(last, FLOW_IDLE);
@@ -220,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // What was captured is published before the agent exits.
     pipeline.finish(Instant::now());
     let waiting = pipeline.fanout.waiting();
+    let flows = std::mem::take(&mut pipeline.flows);
     drop(pipeline);
     let late = publishers.join(SHUTDOWN_GRACE).await;
     if late > 0 {
@@ -229,8 +247,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "publishers did not finish within {SHUTDOWN_GRACE:?}; their queued messages are lost"
         );
     }
-    broker.close().await;
-    let end = totals(kernel, if late > 0 { waiting } else { 0 });
+    if tokio::time::timeout(Duration::from_secs(3), broker.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not confirm the connection close within 3 s");
+    }
+    let end = totals(kernel, if late > 0 { waiting } else { 0 }, &flows);
     println!("{}{kernel_cost}", StatusLine::summary(&end));
     Ok(())
 }

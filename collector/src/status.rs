@@ -48,9 +48,24 @@ pipeline_counters! {
     retransmitted,
     /// Bytes not published again: whole retransmissions and the overlapping heads of others.
     retransmitted_bytes,
-    /// Segments that started past the next expected byte (a segment went missing or comes
-    /// later out of order).
+    /// Gaps opened: a segment arrived past the next expected byte and waited for the bytes
+    /// before it (reordering, or loss).
     seq_gaps,
+    /// Gaps given up after `GAP_TIMEOUT` (30 s), and because the bytes waiting behind gaps
+    /// passed 8 MiB in a flow or 64 MiB in all: the session got a COM_QUIT there.
+    gap_timeouts,
+    gap_overflow,
+    /// Bytes never published because of given-up gaps: the missing ones, and those skipped
+    /// until the next command.
+    gap_bytes,
+    /// Flows restarted because a segment was far from the expected byte: a new connection on
+    /// the same client address.
+    flow_restarts,
+    /// Replica sessions recognised by their COM_REGISTER_SLAVE / COM_BINLOG_DUMP(_GTID), and
+    /// semi-sync ACK packets; the bytes of both left out of the replay stream.
+    replication_sessions,
+    semi_sync_acks,
+    replication_bytes,
     /// Segments from IPv6 clients, which the MRTE format cannot carry.
     unencodable,
     /// Segments dropped because their publisher's queue was full.
@@ -105,6 +120,9 @@ pub struct Totals {
     pub if_dropped: u64,
     /// Batches waiting in the publisher queues (a gauge, not a rate).
     pub waiting: u64,
+    /// Sessions in the flow table, and bytes waiting behind gaps in it (gauges).
+    pub flows: u64,
+    pub reorder_bytes: u64,
 }
 
 impl Totals {
@@ -129,6 +147,11 @@ impl Totals {
     pub fn mq_errors(&self) -> u64 {
         self.pipeline.mq_errors
     }
+    /// Gaps given up: the sessions got a COM_QUIT there.
+    pub fn gaps_lost(&self) -> u64 {
+        self.pipeline.gap_timeouts + self.pipeline.gap_overflow
+    }
+
     pub fn parse_errors(&self) -> u64 {
         Counter::ALL
             .iter()
@@ -162,7 +185,7 @@ impl StatusLine {
 
     pub fn header() -> String {
         format!(
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}",
             "DateTime",
             "TotalPacket",
             "ValidPacket",
@@ -178,6 +201,9 @@ impl StatusLine {
             "Unencodable",
             "Messages",
             "MySQLError",
+            "Flows",
+            "ReorderKB",
+            "GapLost",
         )
     }
 
@@ -193,7 +219,7 @@ impl StatusLine {
         }
         let _ = write!(
             out,
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}",
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
             rate(now.total_packets(), p.total_packets()),
             rate(now.valid_packets(), p.valid_packets()),
@@ -215,6 +241,9 @@ impl StatusLine {
             rate(now.pipeline.unencodable, p.pipeline.unencodable),
             rate(now.pipeline.published_msgs, p.pipeline.published_msgs),
             rate(now.pipeline.mysql_errors, p.pipeline.mysql_errors),
+            now.flows,
+            now.reorder_bytes / 1024,
+            rate(now.gaps_lost(), p.gaps_lost()),
         );
         self.lines += 1;
         self.prev = now.clone();
@@ -273,7 +302,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0"
         );
         // The header comes back every 20 lines.
         for _ in 0..19 {

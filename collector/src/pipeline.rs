@@ -1,0 +1,553 @@
+//! The agent's record sink: leaves out the collector's own MySQL connection, holds segments
+//! back while the bootstrap ([`crate::bootstrap`]) reads the process list, so that a session's
+//! synthetic COM_INIT_DB goes into its publisher queue before any of its captured segments,
+//! passes each session's segments through its flow ([`crate::flow`]), and hands what comes out
+//! to the MRTE fan-out.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::{
+    bootstrap::{Event, Pass, Session, Snapshot},
+    capture::{Record, RecordSink},
+    encode,
+    flow::{Flows, Output, SessionKey},
+    protocol::{changes_database, is_handshake_response},
+    publish::Fanout,
+    status::PipelineCounters,
+};
+
+/// Longest a segment is held back while a process-list read decides on its session.
+const HOLD_MAX_TIME: Duration = Duration::from_secs(10);
+/// Most payload bytes held back at once.
+const HOLD_MAX_BYTES: usize = 32 << 20;
+
+/// Segments held back until the bootstrap has decided on their sessions: every segment while
+/// a read is under way (`all`), and the segments of sessions that were mid-handshake at the
+/// first pass until the second.
+#[derive(Debug, Default)]
+struct Hold {
+    all: bool,
+    pending: HashSet<SessionKey>,
+    records: Vec<Record>,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+impl Hold {
+    fn holds(&self, key: &SessionKey) -> bool {
+        self.all || (!self.pending.is_empty() && self.pending.contains(key))
+    }
+}
+
+/// The record sink of the agent: the collector's own connection left out, segments held
+/// while the bootstrap decides, flow handling, then the MRTE fan-out.
+pub struct Pipeline {
+    pub flows: Flows,
+    /// Scratch space for what a flow lets out.
+    out: Vec<Output>,
+    pub fanout: Fanout,
+    counters: Arc<PipelineCounters>,
+    /// The time of the current drain: one clock read per drain, not per record.
+    now: Instant,
+    /// The collector's own MySQL connection.
+    own: Option<SessionKey>,
+    hold: Hold,
+    /// Sessions of the last process-list read, with their ids.
+    known: HashMap<SessionKey, u64>,
+    /// Replicas' connections of the last read.
+    replicas: HashSet<SessionKey>,
+    /// Sessions read just before attaching, until the first read after.
+    before: Option<HashMap<SessionKey, Session>>,
+}
+
+impl Pipeline {
+    /// `hold` holds every segment from the start, until the first process-list read.
+    pub fn new(
+        fanout: Fanout,
+        counters: Arc<PipelineCounters>,
+        hold: bool,
+        include_replication: bool,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            flows: Flows::new(include_replication),
+            out: Vec::new(),
+            fanout,
+            counters,
+            now,
+            own: None,
+            hold: Hold {
+                all: hold,
+                since: hold.then_some(now),
+                ..Default::default()
+            },
+            known: HashMap::new(),
+            replicas: HashSet::new(),
+            before: None,
+        }
+    }
+
+    /// The collector's own MySQL connection, known before capture starts.
+    pub fn set_own(&mut self, own: Option<SessionKey>) {
+        self.own = own;
+    }
+
+    /// The process list read just before attaching.
+    pub fn set_before(&mut self, before: Snapshot) {
+        self.before = Some(before.sessions);
+    }
+
+    /// When the next batch or held segment must leave.
+    pub fn next_due(&self) -> Option<Instant> {
+        let held = self.hold.since.map(|t| t + HOLD_MAX_TIME);
+        [self.fanout.next_due(), held, self.flows.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Sends due batches; releases held segments that waited too long.
+    pub fn on_due(&mut self, now: Instant) {
+        self.now = now;
+        if self.hold.since.is_some_and(|t| now >= t + HOLD_MAX_TIME) {
+            self.overflow();
+        }
+        self.give_up_gaps(false);
+        self.fanout.send_due(now);
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        self.now = Instant::now();
+        match event {
+            Event::Hold => {
+                self.hold.all = true;
+                self.hold.since.get_or_insert(self.now);
+            }
+            Event::Release => {
+                self.hold.all = false;
+                self.release();
+            }
+            Event::Snapshot(pass, snap) => self.apply(pass, snap),
+        }
+    }
+
+    fn apply(&mut self, pass: Pass, mut snap: Snapshot) {
+        let c = self.counters.clone();
+        self.place_unresolved(&mut snap);
+        let new_replicas = snap.replication.difference(&self.replicas).count();
+        PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
+        self.replicas = snap.replication;
+        if snap.own.is_some() {
+            self.own = snap.own;
+        }
+        // The read made just before attaching: it knows the database each session had when
+        // capture began, which is what a session that changes database or ends before the
+        // first read after attaching needs.
+        let before = match pass {
+            Pass::First => self.before.take().unwrap_or_default(),
+            _ => HashMap::new(),
+        };
+        // Sessions that changed database in what is held: this read may show the new one.
+        let changed: HashSet<SessionKey> = self
+            .hold
+            .records
+            .iter()
+            .filter(|r| changes_database(&r.data))
+            .map(|r| (r.src, r.sport))
+            .collect();
+        // Sessions whose handshake was captured (their first segment is the handshake
+        // response): the consumer learns their database from it.
+        let mut first_seen = HashSet::new();
+        let started: HashSet<SessionKey> = self
+            .hold
+            .records
+            .iter()
+            .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
+            .map(|r| (r.src, r.sport))
+            .collect();
+        let init_db = |this: &mut Self, key: SessionKey, s: &Session| {
+            if pass != Pass::Again && started.contains(&key) {
+                return;
+            }
+            let db = if changed.contains(&key) {
+                match before.get(&key).filter(|b| b.id == s.id) {
+                    Some(b) => &b.db,
+                    None => {
+                        PipelineCounters::add(&c.bootstrap_db_changed, 1);
+                        return;
+                    }
+                }
+            } else {
+                &s.db
+            };
+            if let Some(db) = db
+                && this.inject(key, &encode::com_init_db(db.as_bytes()))
+            {
+                PipelineCounters::add(&c.bootstrap_units, 1);
+            }
+        };
+        // Sessions gone since the last read end on the consumer's side too, after their
+        // segments; so do sessions known from before attaching, captured, and gone already.
+        let mut gone = Vec::new();
+        let held: HashSet<SessionKey> = first_seen;
+        for (key, b) in &before {
+            if held.contains(key) && !snap.sessions.contains_key(key) && !started.contains(key) {
+                init_db(self, *key, b);
+                gone.push(*key);
+            }
+        }
+        match pass {
+            Pass::First | Pass::Again => {
+                for (key, s) in &snap.sessions {
+                    if s.handshaking && pass == Pass::First {
+                        // Its database is known once it has authenticated, unless its
+                        // handshake was captured.
+                        if !started.contains(key) {
+                            self.hold.pending.insert(*key);
+                        }
+                    } else if !self.hold.pending.contains(key) {
+                        init_db(self, *key, s);
+                    }
+                }
+            }
+            Pass::Second => {
+                for key in std::mem::take(&mut self.hold.pending) {
+                    if let Some(s) = snap.sessions.get(&key) {
+                        init_db(self, key, s);
+                    }
+                }
+            }
+            Pass::Gc => {}
+        }
+        for (key, id) in std::mem::take(&mut self.known) {
+            match snap.sessions.get(&key) {
+                None => gone.push(key),
+                Some(s) if s.id != id => PipelineCounters::add(&c.gc_port_reused, 1),
+                Some(_) => {}
+            }
+        }
+        for key in &gone {
+            self.hold.pending.remove(key);
+        }
+        self.known = snap.sessions.iter().map(|(k, s)| (*k, s.id)).collect();
+        self.hold.all = false;
+        self.release();
+        for key in gone {
+            if self.inject(key, &encode::COM_QUIT) {
+                PipelineCounters::add(&c.gc_quits, 1);
+            }
+            self.flows.forget(&key);
+        }
+    }
+
+    /// Rows the socket table could not place (sessions that closed between the process-list
+    /// read and the socket-table read, mostly) are looked for among the sessions captured:
+    /// one that matches the host's address and port, and only one, is that session.
+    fn place_unresolved(&mut self, snap: &mut Snapshot) {
+        for u in std::mem::take(&mut snap.unresolved) {
+            let mut found: Vec<SessionKey> = self
+                .flows
+                .keys()
+                .copied()
+                .chain(self.hold.records.iter().map(|r| (r.src, r.sport)))
+                .filter(|k| u.matches(k))
+                .collect();
+            found.sort();
+            found.dedup();
+            match (u.session, found.as_slice()) {
+                (Some(session), [key]) => {
+                    snap.sessions.entry(*key).or_insert(session);
+                }
+                (session, _) => {
+                    if session.is_some() {
+                        tracing::warn!(
+                            host = u.host,
+                            "no client address found for this process-list host: the \
+                             session is not bootstrapped and gets no COM_QUIT"
+                        );
+                    }
+                    PipelineCounters::add(&self.counters.unresolved_hosts, 1);
+                }
+            }
+        }
+    }
+
+    /// Puts a synthetic unit into the session's publisher queue; false if the session's
+    /// address cannot be encoded.
+    fn inject(&mut self, key: SessionKey, data: &[u8]) -> bool {
+        match key.0 {
+            IpAddr::V4(ip) => {
+                self.fanout.push(ip, key.1, data, self.now);
+                true
+            }
+            IpAddr::V6(_) => {
+                PipelineCounters::add(&self.counters.unencodable, 1);
+                false
+            }
+        }
+    }
+
+    /// Passes on held segments whose sessions are no longer held, in arrival order.
+    fn release(&mut self) {
+        let records = std::mem::take(&mut self.hold.records);
+        self.hold.bytes = 0;
+        for r in records {
+            if self.hold.holds(&(r.src, r.sport)) {
+                self.hold.bytes += r.data.len();
+                self.hold.records.push(r);
+            } else {
+                self.deliver(r);
+            }
+        }
+        if self.hold.records.is_empty() && !self.hold.all {
+            self.hold.since = None;
+        }
+    }
+
+    /// Held too long or too much: publish everything held, undecided.
+    fn overflow(&mut self) {
+        PipelineCounters::add(&self.counters.hold_overflow, self.hold.records.len() as u64);
+        tracing::warn!(
+            segments = self.hold.records.len(),
+            bytes = self.hold.bytes,
+            "published segments before the session bootstrap could decide on them (MySQL \
+             too slow to answer?)"
+        );
+        self.hold.all = false;
+        self.hold.pending.clear();
+        self.release();
+    }
+
+    /// At exit: publishes whatever is still held and every open batch.
+    pub fn finish(&mut self, now: Instant) {
+        self.now = now;
+        if !self.hold.records.is_empty() {
+            self.overflow();
+        }
+        self.give_up_gaps(true);
+        self.fanout.send_all(now);
+    }
+
+    fn deliver(&mut self, r: Record) {
+        let IpAddr::V4(ip) = r.src else {
+            PipelineCounters::add(&self.counters.unencodable, 1);
+            return;
+        };
+        let mut out = std::mem::take(&mut self.out);
+        self.flows.accept(
+            (r.src, r.sport),
+            r.seq,
+            r.data,
+            self.now,
+            &self.counters,
+            &mut out,
+        );
+        for o in out.drain(..) {
+            self.publish(ip, r.sport, o);
+        }
+        self.out = out;
+    }
+
+    /// Publishes what flows let out when their gaps are given up: timed out, or `all`.
+    fn give_up_gaps(&mut self, all: bool) {
+        let mut timed_out = Vec::new();
+        self.flows
+            .on_timeout(self.now, all, &self.counters, &mut timed_out);
+        for ((ip, port), o) in timed_out {
+            if let IpAddr::V4(ip) = ip {
+                self.publish(ip, port, o);
+            }
+        }
+    }
+
+    fn publish(&mut self, ip: std::net::Ipv4Addr, port: u16, o: Output) {
+        match o {
+            Output::Data(d) => self.fanout.push(ip, port, &d, self.now),
+            Output::Quit => self.fanout.push(ip, port, &encode::COM_QUIT, self.now),
+        }
+    }
+}
+
+impl RecordSink for Pipeline {
+    fn push(&mut self, r: Record) {
+        let key = (r.src, r.sport);
+        if self.own == Some(key) {
+            PipelineCounters::add(&self.counters.own_traffic, 1);
+            return;
+        }
+        if self.hold.holds(&key) {
+            if !self.hold.all
+                && is_handshake_response(&r.data)
+                && !self.hold.records.iter().any(|h| (h.src, h.sport) == key)
+            {
+                // A session pending since the first pass sends its handshake only now: the
+                // consumer learns its database from it.
+                self.hold.pending.remove(&key);
+                self.deliver(r);
+                return;
+            }
+            self.hold.bytes += r.data.len();
+            self.hold.since.get_or_insert(self.now);
+            self.hold.records.push(r);
+            if self.hold.bytes > HOLD_MAX_BYTES {
+                self.overflow();
+            }
+            return;
+        }
+        self.deliver(r);
+    }
+
+    fn begin(&mut self) {
+        self.now = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    mod bootstrap {
+        use std::net::Ipv4Addr;
+
+        use bytes::Bytes;
+        use tokio::sync::mpsc;
+
+        use super::super::*;
+        use crate::{
+            encode::{COM_QUIT, com_init_db, decode_message},
+            publish::{Batch, BatchLimits, MemoryBudget},
+        };
+
+        fn pipeline() -> (Pipeline, mpsc::Receiver<Batch>, Arc<PipelineCounters>) {
+            let (tx, rx) = mpsc::channel(100);
+            let counters = Arc::new(PipelineCounters::default());
+            let limits = BatchLimits {
+                segments: 1000,
+                bytes: 1 << 20,
+                max_wait: Duration::from_secs(60),
+            };
+            let budget = Arc::new(MemoryBudget::new(1 << 30));
+            let fanout = Fanout::new(
+                Ipv4Addr::LOCALHOST,
+                vec![tx],
+                limits,
+                budget,
+                counters.clone(),
+            );
+            (
+                Pipeline::new(fanout, counters.clone(), true, false),
+                rx,
+                counters,
+            )
+        }
+
+        fn query(port: u16, seq: u32, sql: &str) -> Record {
+            let mut data = ((sql.len() + 1) as u32).to_le_bytes()[..3].to_vec();
+            data.extend_from_slice(&[0, 3]);
+            data.extend_from_slice(sql.as_bytes());
+            Record {
+                ts_ns: 0,
+                src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                sport: port,
+                dport: 3306,
+                seq,
+                tcp_flags: 0,
+                segment_len: data.len() as u32,
+                offset: 0,
+                ifindex: 1,
+                data: Bytes::from(data),
+            }
+        }
+
+        fn session(id: u64, db: &str) -> Session {
+            Session {
+                id,
+                db: Some(db.into()),
+                handshaking: false,
+            }
+        }
+
+        fn key(port: u16) -> SessionKey {
+            (IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+        }
+
+        /// Per port, the units published, in order.
+        fn published(
+            p: &mut Pipeline,
+            rx: &mut mpsc::Receiver<Batch>,
+        ) -> HashMap<u16, Vec<Vec<u8>>> {
+            p.fanout.send_all(Instant::now());
+            let mut out: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+            while let Ok(b) = rx.try_recv() {
+                for u in decode_message(b.bytes()).unwrap().units {
+                    out.entry(u.port).or_default().push(u.data);
+                }
+            }
+            out
+        }
+
+        /// Port 1 changes database and port 2 ends while the first read after attaching is
+        /// under way: with the read made before attaching, both get the database they had
+        /// as capture began, and the one that ended a COM_QUIT after its segments.
+        #[test]
+        fn the_read_before_attaching_serves_sessions_that_change_or_end() {
+            for with_before in [true, false] {
+                let (mut p, mut rx, c) = pipeline();
+                if with_before {
+                    p.set_before(Snapshot {
+                        sessions: [(key(1), session(11, "old")), (key(2), session(12, "b"))].into(),
+                        ..Default::default()
+                    });
+                }
+                p.begin();
+                let (use_new, select, insert) = (
+                    query(1, 100, "USE new"),
+                    query(1, 112, "SELECT 1"),
+                    query(2, 500, "INSERT INTO t VALUES (1)"),
+                );
+                for r in [use_new.clone(), insert.clone(), select.clone()] {
+                    p.push(r);
+                }
+                assert!(published(&mut p, &mut rx).is_empty(), "held");
+                let after = Snapshot {
+                    sessions: [(key(1), session(11, "new"))].into(),
+                    ..Default::default()
+                };
+                p.on_event(Event::Snapshot(Pass::First, after));
+                let got = published(&mut p, &mut rx);
+                let l = c.load();
+                if with_before {
+                    assert_eq!(
+                        got[&1],
+                        [
+                            com_init_db(b"old"),
+                            use_new.data.to_vec(),
+                            select.data.to_vec()
+                        ]
+                    );
+                    assert_eq!(
+                        got[&2],
+                        [com_init_db(b"b"), insert.data.to_vec(), COM_QUIT.to_vec()]
+                    );
+                    assert_eq!(
+                        (l.bootstrap_units, l.gc_quits, l.bootstrap_db_changed),
+                        (2, 1, 0)
+                    );
+                } else {
+                    assert_eq!(got[&1], [use_new.data.to_vec(), select.data.to_vec()]);
+                    assert_eq!(got[&2], [insert.data.to_vec()]);
+                    assert_eq!(
+                        (l.bootstrap_units, l.gc_quits, l.bootstrap_db_changed),
+                        (0, 0, 1)
+                    );
+                }
+            }
+        }
+    }
+}
