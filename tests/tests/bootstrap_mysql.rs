@@ -6,9 +6,9 @@ mod common;
 
 use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
-use collector::encode::{COM_QUIT, Unit, com_init_db, decode_message};
+use collector::encode::{COM_QUIT, Unit, com_init_db};
 use common::{
-    agent::{Agent, fails_before_attaching, totals},
+    agent::{Agent, fails_before_attaching, local_server_args, totals},
     broker::TestExchange,
     mariadb::TestServer,
     *,
@@ -118,18 +118,14 @@ async fn sessions_open_before_capture_get_their_database_first_and_a_quit_when_g
     // More than one GC interval.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    agent.signal(Signal::SIGINT);
-    let out = agent.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}");
-
-    let mut units: HashMap<u16, Vec<Unit>> = HashMap::new();
-    for m in mq.take_all() {
-        for u in decode_message(&m.data).unwrap().units {
-            assert_eq!(u.ip, Ipv4Addr::LOCALHOST);
-            units.entry(u.port).or_default().push(u);
-        }
-    }
+    let stdout = agent.stop();
+    let units = mq.units_by_port();
+    assert!(
+        units
+            .values()
+            .flatten()
+            .all(|u| u.ip == Ipv4Addr::LOCALHOST)
+    );
     let sent = relay.sent.lock().unwrap().clone();
     let rest = |port: u16, from: usize| -> Vec<u8> {
         units[&port][from..]
@@ -304,16 +300,8 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
         .expect("the binlog dump shows in the process list");
     assert_eq!(replica_db.as_deref(), Some("mrte_repl"));
 
-    let port = server.port.to_string();
-    let mut agent = Agent::start(&[
-        "--interface=lo",
-        &format!("--port={port}"),
-        &format!("--mysql_port={port}"),
-        &format!("--rabbitmq_exchange_name={}", mq.exchange),
-        "--gc_interval=1",
-        "--bootstrap_second_pass_ms=300",
-        "--read_timeout=20",
-    ]);
+    let args = local_server_args(server.port, &mq.exchange);
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_attached();
     client.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -326,16 +314,8 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
     client.query_drop("INSERT INTO t VALUES (2)").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    agent.signal(Signal::SIGINT);
-    let out = agent.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}");
-    let mut units: HashMap<u16, Vec<Unit>> = HashMap::new();
-    for m in mq.take_all() {
-        for u in decode_message(&m.data).unwrap().units {
-            units.entry(u.port).or_default().push(u);
-        }
-    }
+    let stdout = agent.stop();
+    let units = mq.units_by_port();
     assert!(
         !units.contains_key(&port_of(&replica_host)),
         "nothing published for the replica: {:?}",

@@ -13,7 +13,6 @@ use common::{
     broker::TestExchange,
     *,
 };
-use nix::sys::signal::Signal;
 
 /// An nftables table of the test's own, deleted on drop.
 struct NftTable(String);
@@ -122,15 +121,7 @@ async fn exact_under_loss(percent: u32, sizes: &[&[usize]]) {
     });
     // Let the last batches leave (read timeout 20 ms).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    agent.signal(Signal::SIGINT);
-    let log = agent.log.clone();
-    let out = agent.wait();
-    let stdout = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        log.lock().unwrap()
-    );
-    assert!(out.status.success(), "{stdout}");
+    let stdout = agent.stop();
 
     let mut got: HashMap<u16, Vec<u8>> = HashMap::new();
     for m in mq.take_all() {

@@ -8,13 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    agent::{Agent, totals},
+    agent::{Agent, local_server_args, totals},
     broker::TestExchange,
     mariadb::TestServer,
     replay::{dump, replay},
 };
 use mysql_async::{Conn, OptsBuilder, prelude::*};
-use nix::sys::signal::Signal;
 
 const SCHEMA: &str = "
     CREATE DATABASE shop; CREATE DATABASE crm;
@@ -93,15 +92,8 @@ async fn replaying_the_queue_into_a_second_server_gives_identical_tables() {
     let killed_id = killed.id();
 
     let port = source.port.to_string();
-    let mut agent = Agent::start(&[
-        "--interface=lo",
-        &format!("--port={port}"),
-        &format!("--mysql_port={port}"),
-        &format!("--rabbitmq_exchange_name={}", mq.exchange),
-        "--gc_interval=1",
-        "--bootstrap_second_pass_ms=300",
-        "--read_timeout=20",
-    ]);
+    let args = local_server_args(source.port, &mq.exchange);
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_attached();
 
     work(&mut quits, 4, 1).await;
@@ -160,12 +152,7 @@ async fn replaying_the_queue_into_a_second_server_gives_identical_tables() {
     // More than one GC interval: the killed session is closed on the consumer's side too.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    agent.signal(Signal::SIGINT);
-    let log = agent.log.clone();
-    let out = agent.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stdout = format!("{stdout}\n{}", log.lock().unwrap());
-    assert!(out.status.success(), "{stdout}");
+    let stdout = agent.stop();
     let t = totals(&stdout);
     let get = |k: &str| t.get(k).copied().unwrap_or(0);
     assert_eq!(get("bootstrap_units"), 5, "{stdout}");

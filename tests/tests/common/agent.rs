@@ -26,6 +26,20 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// Flags for an agent on `lo` capturing a MariaDB server of the test's own on `port`, with a
+/// GC every second and a short second pass and read timeout.
+pub fn local_server_args(port: u16, exchange: &str) -> Vec<String> {
+    vec![
+        "--interface=lo".into(),
+        format!("--port={port}"),
+        format!("--mysql_port={port}"),
+        format!("--rabbitmq_exchange_name={exchange}"),
+        "--gc_interval=1".into(),
+        "--bootstrap_second_pass_ms=300".into(),
+        "--read_timeout=20".into(),
+    ]
+}
+
 /// Our programs attached to `interface`'s TCX ingress.
 pub fn ours_attached(interface: &str) -> usize {
     let (_, progs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress).unwrap();
@@ -102,6 +116,20 @@ impl Agent {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// SIGINT, then waits; asserts a clean exit and returns stdout followed by the log.
+    pub fn stop(self) -> String {
+        self.signal(Signal::SIGINT);
+        let log = self.log.clone();
+        let out = self.wait();
+        let all = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            log.lock().unwrap()
+        );
+        assert!(out.status.success(), "{all}");
+        all
     }
 
     pub fn signal(&self, sig: Signal) {

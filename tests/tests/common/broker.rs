@@ -93,6 +93,18 @@ impl TestExchange {
     }
 
     /// Takes every message now in the queue, in order.
+    /// Every unit of every message taken from the queue, per client port, in order.
+    pub fn units_by_port(&self) -> std::collections::HashMap<u16, Vec<collector::encode::Unit>> {
+        let mut units: std::collections::HashMap<u16, Vec<collector::encode::Unit>> =
+            Default::default();
+        for m in self.take_all() {
+            for u in collector::encode::decode_message(&m.data).unwrap().units {
+                units.entry(u.port).or_default().push(u);
+            }
+        }
+        units
+    }
+
     pub fn take_all(&self) -> Vec<Received> {
         let q = self.queue.clone();
         on_own_runtime(async move {
