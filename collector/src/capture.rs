@@ -359,10 +359,7 @@ impl Capture {
     fn program(&self) -> Result<&SchedClassifier, CaptureError> {
         self.ebpf
             .program(PROGRAM_NAME)
-            .ok_or(CaptureError::Missing {
-                what: "program",
-                name: PROGRAM_NAME,
-            })?
+            .ok_or(PROGRAM_MISSING)?
             .try_into()
             .map_err(CaptureError::Load)
     }
@@ -418,13 +415,15 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Captu
 
 fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
     ebpf.program_mut(PROGRAM_NAME)
-        .ok_or(CaptureError::Missing {
-            what: "program",
-            name: PROGRAM_NAME,
-        })?
+        .ok_or(PROGRAM_MISSING)?
         .try_into()
         .map_err(CaptureError::Load)
 }
+
+const PROGRAM_MISSING: CaptureError = CaptureError::Missing {
+    what: "program",
+    name: PROGRAM_NAME,
+};
 
 fn attach_program(
     prog: &mut SchedClassifier,

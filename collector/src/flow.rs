@@ -100,6 +100,8 @@ pub struct Flows {
     table: HashMap<SessionKey, Flow>,
     pending_bytes: usize,
     include_replication: bool,
+    /// No gap times out before this (it may be early: a gap can close before its deadline).
+    next_gap: Option<Instant>,
 }
 
 impl Flows {
@@ -144,6 +146,8 @@ impl Flows {
             if flow.gap_since.is_none() {
                 flow.gap_since = Some(now);
                 PipelineCounters::add(&c.seq_gaps, 1);
+                let deadline = now + GAP_TIMEOUT;
+                self.next_gap = Some(self.next_gap.map_or(deadline, |d| d.min(deadline)));
             }
             if flow.pending_bytes > FLOW_PENDING_MAX || self.pending_bytes > TOTAL_PENDING_MAX {
                 PipelineCounters::add(&c.gap_overflow, 1);
@@ -254,16 +258,12 @@ impl Flows {
         }
     }
 
-    /// The earliest moment a gap times out.
+    /// When a gap may time out (without a scan of the table: this is asked on every drain).
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.pending_bytes == 0 {
             return None;
         }
-        self.table
-            .values()
-            .filter_map(|f| f.gap_since)
-            .min()
-            .map(|t| t + GAP_TIMEOUT)
+        self.next_gap
     }
 
     /// Gives up gaps open longer than [`GAP_TIMEOUT`] (every gap, with `all`: at exit).
@@ -274,7 +274,7 @@ impl Flows {
         c: &PipelineCounters,
         out: &mut Vec<(SessionKey, Output)>,
     ) {
-        if self.pending_bytes == 0 {
+        if self.pending_bytes == 0 || (!all && self.next_gap.is_some_and(|d| now < d)) {
             return;
         }
         let mut step = Vec::new();
@@ -294,10 +294,17 @@ impl Flows {
                 out.extend(step.drain(..).map(|o| (*key, o)));
             }
         }
+        self.next_gap = self
+            .table
+            .values()
+            .filter_map(|f| f.gap_since)
+            .min()
+            .map(|t| t + GAP_TIMEOUT);
     }
 
-    /// Forgets sessions idle for `idle`; returns how many.
-    pub fn expire(&mut self, now: Instant, idle: Duration) -> usize {
+    /// Forgets sessions idle for `idle`; returns how many. Bytes still waiting behind a gap
+    /// are counted as lost (`gap_bytes`).
+    pub fn expire(&mut self, now: Instant, idle: Duration, c: &PipelineCounters) -> usize {
         let before = self.table.len();
         let mut freed = 0;
         self.table.retain(|_, f| {
@@ -308,6 +315,7 @@ impl Flows {
             keep
         });
         self.pending_bytes -= freed;
+        PipelineCounters::add(&c.gap_bytes, freed as u64);
         before - self.table.len()
     }
 
@@ -316,9 +324,11 @@ impl Flows {
         self.table.keys()
     }
 
-    pub fn forget(&mut self, key: &SessionKey) {
+    /// Frees a session's flow; bytes still waiting behind a gap are counted as lost.
+    pub fn forget(&mut self, key: &SessionKey, c: &PipelineCounters) {
         if let Some(f) = self.table.remove(key) {
             self.pending_bytes -= f.pending_bytes;
+            PipelineCounters::add(&c.gap_bytes, f.pending_bytes as u64);
         }
     }
 
@@ -582,7 +592,8 @@ mod tests {
         assert_eq!(
             f.expire(
                 Instant::now() + Duration::from_secs(5),
-                Duration::from_secs(5)
+                Duration::from_secs(5),
+                &c
             ),
             1
         );

@@ -212,7 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!("{}", status.next(&now, last.elapsed()));
                 last = Instant::now();
-                pipeline.flows.expire(last, FLOW_IDLE);
+                pipeline.flows.expire(last, FLOW_IDLE, &counters);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

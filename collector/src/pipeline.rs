@@ -196,9 +196,12 @@ impl Pipeline {
         // Sessions gone since the last read end on the consumer's side too, after their
         // segments; so do sessions known from before attaching, captured, and gone already.
         let mut gone = Vec::new();
-        let held: HashSet<SessionKey> = first_seen;
         for (key, b) in &before {
-            if held.contains(key) && !snap.sessions.contains_key(key) && !started.contains(key) {
+            // `first_seen` holds every session with held segments.
+            if first_seen.contains(key)
+                && !snap.sessions.contains_key(key)
+                && !started.contains(key)
+            {
                 init_db(self, *key, b);
                 gone.push(*key);
             }
@@ -243,7 +246,7 @@ impl Pipeline {
             if self.inject(key, &encode::COM_QUIT) {
                 PipelineCounters::add(&c.gc_quits, 1);
             }
-            self.flows.forget(&key);
+            self.flows.forget(&key, &c);
         }
     }
 

@@ -55,8 +55,8 @@ pipeline_counters! {
     /// passed 8 MiB in a flow or 64 MiB in all: the session got a COM_QUIT there.
     gap_timeouts,
     gap_overflow,
-    /// Bytes never published because of given-up gaps: the missing ones, and those skipped
-    /// until the next command.
+    /// Bytes never published because of given-up gaps: the missing ones, those skipped until
+    /// the next command, and those still waiting behind a gap when the flow was freed.
     gap_bytes,
     /// Flows restarted because a segment was far from the expected byte: a new connection on
     /// the same client address.
