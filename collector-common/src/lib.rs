@@ -54,6 +54,11 @@ pub const MAX_RECORDS_PER_SEGMENT: u32 = 4;
 /// Most payload bytes handed over per segment.
 pub const MAX_SEGMENT_CAPTURE: u32 = RECORD_CAPACITIES[2] * MAX_RECORDS_PER_SEGMENT;
 
+/// TCP flags (`RecordHeader::tcp_flags`).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
 /// `family` values.
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -105,8 +110,12 @@ pub enum Counter {
     TcpToPort,
     /// Of those, segments with payload (ValidPacket).
     WithPayload,
-    /// Payload-less segments (pure ACKs, SYN, FIN...), dropped in the kernel.
+    /// Payload-less segments without SYN, FIN or RST (pure ACKs, window updates), dropped in
+    /// the kernel.
     NoPayload,
+    /// Payload-less SYN, FIN and RST segments, handed over as header-only records (`cap_len`
+    /// 0) so that user space starts and ends flows at once.
+    Control,
     /// Records submitted to the ring buffer.
     Records,
     /// Payload bytes submitted to the ring buffer.
@@ -160,6 +169,7 @@ impl Counter {
         Counter::TcpToPort,
         Counter::WithPayload,
         Counter::NoPayload,
+        Counter::Control,
         Counter::Records,
         Counter::Bytes,
         Counter::RingFull,
@@ -192,6 +202,7 @@ impl Counter {
             Counter::TcpToPort => "tcp_to_port",
             Counter::WithPayload => "with_payload",
             Counter::NoPayload => "no_payload",
+            Counter::Control => "control",
             Counter::Records => "records",
             Counter::Bytes => "bytes",
             Counter::RingFull => "ring_full",

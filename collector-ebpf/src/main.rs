@@ -19,7 +19,7 @@ use aya_ebpf::{
 use collector_common::{
     COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, LinkKind,
     MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE, PERF_MAX_SAMPLE, PORT_MAP_ENTRIES,
-    RECORD_CAPACITIES, RecordHeader, Transport,
+    RECORD_CAPACITIES, RecordHeader, TCP_FIN, TCP_RST, TCP_SYN, Transport,
 };
 
 /// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::override_global`); the
@@ -236,7 +236,11 @@ fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
     }
     bump(counters, Counter::TcpToPort);
     if seg.payload_len == 0 {
-        return Err(Counter::NoPayload);
+        if seg.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+            return Err(Counter::NoPayload);
+        }
+        bump(counters, Counter::Control);
+        return emit_control(ctx, counters, &seg, ifindex);
     }
     bump(counters, Counter::WithPayload);
     emit(ctx, counters, &seg, ifindex)
@@ -356,6 +360,66 @@ fn parse_tcp(
     })
 }
 
+#[inline(always)]
+fn header(seg: &Segment, ifindex: u32) -> RecordHeader {
+    RecordHeader {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        saddr: seg.saddr,
+        daddr: seg.daddr,
+        seq: seg.seq,
+        payload_len: seg.payload_len,
+        offset: 0,
+        cap_len: 0,
+        ifindex,
+        sport: seg.sport,
+        dport: seg.dport,
+        family: seg.family,
+        tcp_flags: seg.flags,
+        data_skip: 0,
+        _pad: [0; 4],
+    }
+}
+
+/// A payload-less SYN, FIN or RST: a header-only record, so that user space opens or frees the
+/// flow at once instead of waiting for the process-list GC or idle expiry.
+#[inline(always)]
+fn emit_control(
+    ctx: &TcContext,
+    counters: &mut Counters,
+    seg: &Segment,
+    ifindex: u32,
+) -> Result<(), Counter> {
+    let mut hdr = header(seg, ifindex);
+    // SAFETY: a load-time constant.
+    if unsafe { ptr::read_volatile(&TRANSPORT) } == Transport::PerfSkb as u8 {
+        // SAFETY: the map is a perf event array; the header is on the stack, HDR bytes long;
+        // no skb bytes are appended.
+        let ret = unsafe {
+            bpf_perf_event_output(
+                ctx.skb.skb as *mut c_void,
+                &PERF_RECORDS as *const PerfEventByteArray as *mut c_void,
+                BPF_F_CURRENT_CPU,
+                &mut hdr as *mut RecordHeader as *mut c_void,
+                HDR as u64,
+            )
+        };
+        if ret < 0 {
+            return Err(Counter::RingFull);
+        }
+    } else {
+        let Some(mut entry) = RECORDS.reserve::<RecordHeader>(0) else {
+            return Err(Counter::RingFull);
+        };
+        entry.write(hdr);
+        let wake = wake_flags(hdr.ts_ns);
+        entry.submit(wake);
+        woke(wake, hdr.ts_ns);
+    }
+    bump(counters, Counter::Records);
+    Ok(())
+}
+
 /// Hands the payload over as one record, or several for payloads above the largest class.
 #[inline(always)]
 fn emit(
@@ -376,23 +440,7 @@ fn emit(
     if want < seg.payload_len {
         bump(counters, Counter::Truncated);
     }
-    let mut hdr = RecordHeader {
-        // SAFETY: helper without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        saddr: seg.saddr,
-        daddr: seg.daddr,
-        seq: seg.seq,
-        payload_len: seg.payload_len,
-        offset: 0,
-        cap_len: 0,
-        ifindex,
-        sport: seg.sport,
-        dport: seg.dport,
-        family: seg.family,
-        tcp_flags: seg.flags,
-        data_skip: 0,
-        _pad: [0; 4],
-    };
+    let mut hdr = header(seg, ifindex);
     // SAFETY: a load-time constant.
     let transport = unsafe { ptr::read_volatile(&TRANSPORT) };
     if transport == Transport::PerfSkb as u8 {
@@ -424,14 +472,19 @@ fn emit(
         counters.0[Counter::Bytes as usize] += sent as u64;
         done += sent;
     }
-    // The forced wake-up really went out (its record was submitted): start a new interval.
+    woke(wake, hdr.ts_ns);
+    Ok(())
+}
+
+/// After a submit with `wake`: a forced wake-up really went out, so a new interval starts.
+#[inline(always)]
+fn woke(wake: u64, now: u64) {
     if wake == BPF_RB_FORCE_WAKEUP {
         if let Some(last) = LAST_WAKE.get_ptr_mut(0) {
             // SAFETY: a pointer into the map's one value; a lost race means one extra wake-up.
-            unsafe { *last = hdr.ts_ns };
+            unsafe { *last = now };
         }
     }
-    Ok(())
 }
 
 /// One record of `SIZE` bytes (header + `CAP`) carrying up to `CAP` of the `n` bytes at `from`.

@@ -1,12 +1,20 @@
 //! Flow handling: each session's client byte stream, exactly once and in order.
 //!
 //! TC ingress sees a segment before TCP does: retransmissions arrive twice and segments can
-//! arrive out of order. Each flow remembers the next byte it expects (by TCP sequence number,
-//! wrapping): bytes before it were published already (a segment that overlaps is trimmed to its
-//! new bytes); a segment past it waits until the gap before it fills. A gap that does not fill
-//! within [`GAP_TIMEOUT`], or whose waiting segments pass the per-flow or total bound, is given
-//! up: the consumer gets a synthetic COM_QUIT (the session ends there for it, never with a
-//! silent hole), and the stream resumes at the next segment that starts a command.
+//! arrive out of order. Each flow (one TCP connection, by its 4-tuple) remembers the next byte
+//! it expects (by TCP sequence number, wrapping): bytes before it were published already (a
+//! segment that overlaps is trimmed to its new bytes); a segment past it waits until the gap
+//! before it fills. A gap that does not fill within [`GAP_TIMEOUT`], or whose waiting segments
+//! pass the per-flow or total bound, is given up: the consumer gets a synthetic COM_QUIT (the
+//! session ends there for it, never with a silent hole), and the stream resumes at the next
+//! segment that starts a command.
+//!
+//! The kernel hands over payload-less SYN, FIN and RST segments as header-only records. A SYN
+//! fixes where the stream starts (so that even its first segment may arrive late); a FIN ends
+//! the flow once every byte before it has arrived, a RST at once. A flow that ends without the
+//! client's own COM_QUIT gets a synthetic one. An ended flow is remembered for
+//! [`CLOSED_LINGER`], so that late retransmissions of its bytes are not taken for a new
+//! connection.
 //!
 //! The flow also follows the MySQL packets in the stream, to keep replication out of the replay:
 //! a session that sends COM_REGISTER_SLAVE, COM_BINLOG_DUMP or COM_BINLOG_DUMP_GTID is a
@@ -20,6 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use collector_common::{TCP_FIN, TCP_RST, TCP_SYN};
 use tokio::time::Instant;
 
 use crate::{
@@ -29,6 +38,43 @@ use crate::{
 
 /// A session as the MRTE format names it: client address and port.
 pub type SessionKey = (IpAddr, u16);
+
+/// A TCP connection: the client's session and the server address and port it talks to. The
+/// MRTE format carries only the session; two connections of one client address and port to
+/// two server sockets have separate flows, but publish into the same session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub client: SessionKey,
+    pub server: (IpAddr, u16),
+}
+
+/// A segment (or a record's part of one) as the flow table takes it.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    /// TCP sequence number of `data[0]` (of the byte after the SYN, for a SYN).
+    pub seq: u32,
+    /// Sequence number after the whole segment's payload: where its FIN sits.
+    pub end: u32,
+    pub flags: u8,
+    pub data: Bytes,
+}
+
+impl Segment {
+    /// From a record: `seq` of its first byte, `offset` of that byte in the segment's payload
+    /// of `segment_len` bytes. A SYN takes one sequence number before the payload.
+    pub fn new(seq: u32, offset: u32, segment_len: u32, flags: u8, data: Bytes) -> Self {
+        let syn = u32::from(flags & TCP_SYN != 0);
+        Self {
+            seq: seq.wrapping_add(syn),
+            end: seq
+                .wrapping_sub(offset)
+                .wrapping_add(syn)
+                .wrapping_add(segment_len),
+            flags,
+            data,
+        }
+    }
+}
 
 /// A segment this far behind the expected byte is not a retransmission but a new connection
 /// that reuses the address (its sequence numbers start elsewhere).
@@ -41,6 +87,9 @@ pub const GAP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes waiting behind a gap, per flow and over all flows.
 pub const FLOW_PENDING_MAX: usize = 8 << 20;
 pub const TOTAL_PENDING_MAX: usize = 64 << 20;
+/// How long an ended flow is remembered: the server may still be missing bytes the capture
+/// has seen, and the client retransmits them (backing off) until it has them.
+pub const CLOSED_LINGER: Duration = Duration::from_secs(60);
 
 /// The semi-sync ACK's magic byte, where a command byte would be.
 const SEMI_SYNC_ACK: u8 = 0xef;
@@ -51,6 +100,12 @@ pub enum Output {
     Data(Bytes),
     /// The session ends here for the consumer: a synthetic COM_QUIT.
     Quit,
+    /// The connection ended (FIN or RST). `ended`: the consumer's session has ended already
+    /// (the client's COM_QUIT, or a synthetic one the flow sent); otherwise the flow published
+    /// nothing, and only the bootstrap knows whether the consumer has the session.
+    Closed {
+        ended: bool,
+    },
 }
 
 /// Where the flow is in the session's MySQL packets.
@@ -66,6 +121,15 @@ struct Packets {
     replica: bool,
     /// After a gap given up: bytes are left out until a segment starts with a command.
     resync: bool,
+    /// The last command the client sent was COM_QUIT.
+    quit: bool,
+}
+
+impl Packets {
+    /// The consumer's session has ended: the client's COM_QUIT, or a synthetic one.
+    fn ended(&self) -> bool {
+        self.quit || self.replica || self.resync
+    }
 }
 
 struct Flow {
@@ -76,7 +140,13 @@ struct Flow {
     /// Segments past a gap, by stream position.
     pending: BTreeMap<u64, Bytes>,
     pending_bytes: usize,
+    /// Stream position of the FIN, once seen.
+    fin: Option<u64>,
     gap_since: Option<Instant>,
+    /// The SYN's sequence number, if the flow began with one.
+    isn: Option<u32>,
+    /// Something of the stream was published.
+    published: bool,
     packets: Packets,
 }
 
@@ -88,16 +158,44 @@ impl Flow {
             last_seen: now,
             pending: BTreeMap::new(),
             pending_bytes: 0,
+            fin: None,
             gap_since: None,
+            isn: None,
+            published: false,
             packets: Packets::default(),
         }
+    }
+
+    /// Stream position of `seq` if it is ahead of the expected byte (within the reorder bound).
+    fn ahead(&self, seq: u32) -> Option<u64> {
+        let ahead = seq.wrapping_sub(self.next_seq);
+        (ahead != 0 && ahead <= MAX_REORDER_DISTANCE).then(|| self.pos + ahead as u64)
+    }
+
+    /// How far `seq` is behind the expected byte, if it is (within the retransmission bound).
+    fn behind(&self, seq: u32) -> Option<u32> {
+        let behind = self.next_seq.wrapping_sub(seq);
+        (behind != 0 && behind <= MAX_RETRANSMIT_DISTANCE).then_some(behind)
+    }
+
+    /// Ends the flow for the consumer: a COM_QUIT if something was published and neither the
+    /// client nor the flow ended the session already.
+    fn end(&mut self, out: &mut Vec<Output>) -> bool {
+        let ended = self.packets.ended();
+        if self.published && !ended {
+            out.push(Output::Quit);
+            return true;
+        }
+        ended
     }
 }
 
 /// The flow table.
 #[derive(Default)]
 pub struct Flows {
-    table: HashMap<SessionKey, Flow>,
+    table: HashMap<FlowKey, Flow>,
+    /// Ended flows, by the sequence number after their last byte, and when they ended.
+    closed: HashMap<FlowKey, (u32, Instant)>,
     pending_bytes: usize,
     include_replication: bool,
     /// No gap times out before this (it may be early: a gap can close before its deadline).
@@ -112,24 +210,86 @@ impl Flows {
         }
     }
 
-    /// Takes a segment of `key`'s stream starting at `seq`; appends what can be published now
-    /// to `out`.
+    /// Takes a segment of `key`'s stream; appends what can be published now to `out`.
     pub fn accept(
         &mut self,
-        key: SessionKey,
+        key: FlowKey,
+        seg: Segment,
+        now: Instant,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let Segment {
+            seq,
+            end,
+            flags,
+            data,
+        } = seg;
+        if flags & TCP_SYN != 0 {
+            self.open(key, seq, now, c, out);
+        }
+        if !self.table.contains_key(&key) {
+            if let Some(&(closed_at, _)) = self.closed.get(&key) {
+                // After the flow ended: retransmissions of what it had (and of its FIN or
+                // RST) are left out; anything else is a new connection whose SYN was missed.
+                let behind = closed_at.wrapping_sub(end);
+                if behind <= MAX_RETRANSMIT_DISTANCE {
+                    if !data.is_empty() {
+                        PipelineCounters::add(&c.retransmitted, 1);
+                        PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
+                    }
+                    return;
+                }
+                self.closed.remove(&key);
+            }
+            if data.is_empty() {
+                if flags & (TCP_FIN | TCP_RST) != 0 {
+                    // The end of a connection that sent nothing while captured.
+                    Self::count_close(flags, c);
+                    self.closed.insert(key, (end, now));
+                    out.push(Output::Closed { ended: false });
+                }
+                return;
+            }
+            self.table.insert(key, Flow::new(seq, now));
+        }
+        let Some(flow) = self.table.get_mut(&key) else {
+            return;
+        };
+        flow.last_seen = now;
+        if flags & TCP_RST != 0 {
+            // The connection is gone; nothing waiting will ever be completed.
+            self.close(key, flags, now, c, out);
+            return;
+        }
+        if flags & TCP_FIN != 0 && flow.fin.is_none() {
+            flow.fin = if end == flow.next_seq {
+                Some(flow.pos)
+            } else {
+                flow.ahead(end)
+            };
+        }
+        if !data.is_empty() {
+            self.take_data(key, seq, data, now, c, out);
+        }
+        self.after_progress(key, now, c, out);
+    }
+
+    /// The payload part of [`Self::accept`].
+    fn take_data(
+        &mut self,
+        key: FlowKey,
         seq: u32,
         mut data: Bytes,
         now: Instant,
         c: &PipelineCounters,
         out: &mut Vec<Output>,
     ) {
-        let flow = self.table.entry(key).or_insert_with(|| Flow::new(seq, now));
-        flow.last_seen = now;
-        let ahead = seq.wrapping_sub(flow.next_seq);
-        let behind = flow.next_seq.wrapping_sub(seq);
-        if ahead != 0 && ahead <= MAX_REORDER_DISTANCE && (ahead as i32) > 0 {
+        let Some(flow) = self.table.get_mut(&key) else {
+            return;
+        };
+        if let Some(at) = flow.ahead(seq) {
             // Past a gap: wait for it to fill.
-            let at = flow.pos + ahead as u64;
             let longer = flow.pending.get(&at).is_none_or(|d| d.len() < data.len());
             if longer {
                 let len = data.len();
@@ -143,41 +303,37 @@ impl Flows {
                 PipelineCounters::add(&c.retransmitted, 1);
                 PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
             }
-            if flow.gap_since.is_none() {
-                flow.gap_since = Some(now);
-                PipelineCounters::add(&c.seq_gaps, 1);
-                let deadline = now + GAP_TIMEOUT;
-                self.next_gap = Some(self.next_gap.map_or(deadline, |d| d.min(deadline)));
-            }
-            if flow.pending_bytes > FLOW_PENDING_MAX || self.pending_bytes > TOTAL_PENDING_MAX {
+            let over =
+                flow.pending_bytes > FLOW_PENDING_MAX || self.pending_bytes > TOTAL_PENDING_MAX;
+            self.gap_opened(key, now, c);
+            if over {
                 PipelineCounters::add(&c.gap_overflow, 1);
-                Self::give_up_gap(
-                    flow,
-                    &mut self.pending_bytes,
-                    self.include_replication,
-                    c,
-                    out,
-                );
+                self.give_up_gap(key, c, out);
             }
             return;
         }
-        if ahead != 0 && behind != 0 && behind <= MAX_RETRANSMIT_DISTANCE && (behind as i32) > 0 {
-            if behind as usize >= data.len() {
-                PipelineCounters::add(&c.retransmitted, 1);
-                PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
-                return;
+        if seq != flow.next_seq {
+            match flow.behind(seq) {
+                Some(behind) if behind as usize >= data.len() => {
+                    PipelineCounters::add(&c.retransmitted, 1);
+                    PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
+                    return;
+                }
+                Some(behind) => {
+                    PipelineCounters::add(&c.retransmitted_bytes, behind as u64);
+                    data = data.slice(behind as usize..);
+                }
+                None => {
+                    // Far off either way: a new connection on the same address, whose SYN was
+                    // not seen. What waited on the old one is given up; the consumer ends the
+                    // old session before the new one begins.
+                    PipelineCounters::add(&c.flow_restarts, 1);
+                    PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
+                    self.pending_bytes -= flow.pending_bytes;
+                    flow.end(out);
+                    *flow = Flow::new(seq, now);
+                }
             }
-            PipelineCounters::add(&c.retransmitted_bytes, behind as u64);
-            data = data.slice(behind as usize..);
-        } else if ahead != 0 {
-            // Far off either way: a new connection on the same address, whose start was not
-            // seen. What waited on the old one is given up; the consumer ends the old session
-            // before the new one begins.
-            PipelineCounters::add(&c.flow_restarts, 1);
-            PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
-            self.pending_bytes -= flow.pending_bytes;
-            *flow = Flow::new(seq, now);
-            out.push(Output::Quit);
         }
         Self::emit(flow, data, self.include_replication, c, out);
         Self::drain_pending(
@@ -187,6 +343,111 @@ impl Flows {
             c,
             out,
         );
+    }
+
+    /// A SYN: the connection starts at `seq`. A flow still open on the same 4-tuple with
+    /// another start is an old connection whose end was not seen: it ends first.
+    fn open(
+        &mut self,
+        key: FlowKey,
+        seq: u32,
+        now: Instant,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let isn = seq.wrapping_sub(1);
+        self.closed.remove(&key);
+        if let Some(flow) = self.table.get_mut(&key) {
+            if flow.isn == Some(isn) {
+                // The SYN again (retransmitted).
+                return;
+            }
+            PipelineCounters::add(&c.flow_restarts, 1);
+            PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
+            self.pending_bytes -= flow.pending_bytes;
+            let ended = flow.end(out);
+            out.push(Output::Closed { ended });
+        }
+        PipelineCounters::add(&c.syn_opened, 1);
+        let mut flow = Flow::new(seq, now);
+        flow.isn = Some(isn);
+        self.table.insert(key, flow);
+    }
+
+    fn count_close(flags: u8, c: &PipelineCounters) {
+        if flags & TCP_RST != 0 {
+            PipelineCounters::add(&c.rst_closed, 1);
+        } else {
+            PipelineCounters::add(&c.fin_closed, 1);
+        }
+    }
+
+    /// Ends the flow now: what still waits is lost; the consumer's session ends.
+    fn close(
+        &mut self,
+        key: FlowKey,
+        flags: u8,
+        now: Instant,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(mut flow) = self.table.remove(&key) else {
+            return;
+        };
+        Self::count_close(flags, c);
+        self.pending_bytes -= flow.pending_bytes;
+        PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
+        let before = out.len();
+        let ended = flow.end(out);
+        if out.len() > before {
+            PipelineCounters::add(&c.close_quits, 1);
+        }
+        out.push(Output::Closed { ended });
+        // Where the flow's bytes end (its FIN, or the last byte waiting past a gap at a RST):
+        // anything at or before that is a retransmission.
+        let last = flow
+            .pending
+            .last_key_value()
+            .map_or(flow.pos, |(at, d)| at + d.len() as u64)
+            .max(flow.fin.unwrap_or(0))
+            .max(flow.pos);
+        let last_seq = flow.next_seq.wrapping_add((last - flow.pos) as u32);
+        self.closed.insert(key, (last_seq, now));
+    }
+
+    /// After the stream moved: the flow ends if it reached its FIN; a FIN past a gap waits
+    /// (and times out) like bytes do.
+    fn after_progress(
+        &mut self,
+        key: FlowKey,
+        now: Instant,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(fin) = self
+            .table
+            .get(&key)
+            .and_then(|f| f.fin.map(|at| (at, f.pos)))
+        else {
+            return;
+        };
+        match fin {
+            (at, pos) if at <= pos => self.close(key, TCP_FIN, now, c, out),
+            _ => self.gap_opened(key, now, c),
+        }
+    }
+
+    /// A flow now has bytes (or its FIN) waiting past a gap.
+    fn gap_opened(&mut self, key: FlowKey, now: Instant, c: &PipelineCounters) {
+        let Some(flow) = self.table.get_mut(&key) else {
+            return;
+        };
+        if flow.gap_since.is_none() {
+            flow.gap_since = Some(now);
+            PipelineCounters::add(&c.seq_gaps, 1);
+            let deadline = now + GAP_TIMEOUT;
+            self.next_gap = Some(self.next_gap.map_or(deadline, |d| d.min(deadline)));
+        }
     }
 
     /// Publishes in-order bytes at `flow.next_seq`.
@@ -199,7 +460,9 @@ impl Flows {
     ) {
         flow.next_seq = flow.next_seq.wrapping_add(data.len() as u32);
         flow.pos += data.len() as u64;
+        let before = out.len();
         flow.packets.feed(data, include_replication, c, out);
+        flow.published |= out[before..].iter().any(|o| matches!(o, Output::Data(_)));
     }
 
     /// Publishes waiting segments that the stream has reached.
@@ -226,43 +489,45 @@ impl Flows {
             PipelineCounters::add(&c.retransmitted_bytes, old as u64);
             Self::emit(flow, data.slice(old..), include_replication, c, out);
         }
-        if flow.pending.is_empty() {
+        if flow.pending.is_empty() && flow.fin.is_none_or(|at| at <= flow.pos) {
             flow.gap_since = None;
         }
     }
 
     /// Ends the session for the consumer at the gap, skips the missing bytes, and resumes at
-    /// the next command.
-    fn give_up_gap(
-        flow: &mut Flow,
-        total: &mut usize,
-        include_replication: bool,
-        c: &PipelineCounters,
-        out: &mut Vec<Output>,
-    ) {
-        let Some((&at, _)) = flow.pending.first_key_value() else {
+    /// the next command (or reaches the FIN).
+    fn give_up_gap(&mut self, key: FlowKey, c: &PipelineCounters, out: &mut Vec<Output>) {
+        let Some(flow) = self.table.get_mut(&key) else {
             return;
         };
-        let missing = at - flow.pos;
+        let next = flow.pending.first_key_value().map(|(&at, _)| at);
+        let Some(at) = next.into_iter().chain(flow.fin).min() else {
+            return;
+        };
+        let missing = at.saturating_sub(flow.pos);
         PipelineCounters::add(&c.gap_bytes, missing);
-        if !flow.packets.resync && !flow.packets.replica {
+        if !flow.packets.ended() {
             out.push(Output::Quit);
         }
         flow.packets.resync = true;
         flow.next_seq = flow.next_seq.wrapping_add(missing as u32);
-        flow.pos = at;
+        flow.pos = at.max(flow.pos);
         flow.gap_since = None;
-        Self::drain_pending(flow, total, include_replication, c, out);
-        if !flow.pending.is_empty() {
+        Self::drain_pending(
+            flow,
+            &mut self.pending_bytes,
+            self.include_replication,
+            c,
+            out,
+        );
+        if !flow.pending.is_empty() || flow.fin.is_some_and(|f| f > flow.pos) {
             flow.gap_since = Some(flow.last_seen);
         }
     }
 
     /// When a gap may time out (without a scan of the table: this is asked on every drain).
+    /// It may be early, when gaps closed since.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.pending_bytes == 0 {
-            return None;
-        }
         self.next_gap
     }
 
@@ -272,26 +537,28 @@ impl Flows {
         now: Instant,
         all: bool,
         c: &PipelineCounters,
-        out: &mut Vec<(SessionKey, Output)>,
+        out: &mut Vec<(FlowKey, Output)>,
     ) {
-        if self.pending_bytes == 0 || (!all && self.next_gap.is_some_and(|d| now < d)) {
+        if !all && self.next_gap.is_none_or(|d| now < d) {
             return;
         }
+        let due: Vec<FlowKey> = self
+            .table
+            .iter()
+            .filter(|(_, f)| f.gap_since.is_some_and(|t| all || now >= t + GAP_TIMEOUT))
+            .map(|(k, _)| *k)
+            .collect();
         let mut step = Vec::new();
-        for (key, flow) in &mut self.table {
-            while flow
-                .gap_since
-                .is_some_and(|t| all || now >= t + GAP_TIMEOUT)
+        for key in due {
+            while self
+                .table
+                .get(&key)
+                .is_some_and(|f| f.gap_since.is_some_and(|t| all || now >= t + GAP_TIMEOUT))
             {
                 PipelineCounters::add(&c.gap_timeouts, 1);
-                Self::give_up_gap(
-                    flow,
-                    &mut self.pending_bytes,
-                    self.include_replication,
-                    c,
-                    &mut step,
-                );
-                out.extend(step.drain(..).map(|o| (*key, o)));
+                self.give_up_gap(key, c, &mut step);
+                self.after_progress(key, now, c, &mut step);
+                out.extend(step.drain(..).map(|o| (key, o)));
             }
         }
         self.next_gap = self
@@ -302,8 +569,8 @@ impl Flows {
             .map(|t| t + GAP_TIMEOUT);
     }
 
-    /// Forgets sessions idle for `idle`; returns how many. Bytes still waiting behind a gap
-    /// are counted as lost (`gap_bytes`).
+    /// Forgets flows idle for `idle`, and ended flows older than [`CLOSED_LINGER`]; returns
+    /// how many flows. Bytes still waiting behind a gap are counted as lost (`gap_bytes`).
     pub fn expire(&mut self, now: Instant, idle: Duration, c: &PipelineCounters) -> usize {
         let before = self.table.len();
         let mut freed = 0;
@@ -316,28 +583,42 @@ impl Flows {
         });
         self.pending_bytes -= freed;
         PipelineCounters::add(&c.gap_bytes, freed as u64);
+        self.closed
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < CLOSED_LINGER);
         before - self.table.len()
     }
 
     /// Sessions with flow state.
-    pub fn keys(&self) -> impl Iterator<Item = &SessionKey> {
-        self.table.keys()
+    pub fn sessions(&self) -> impl Iterator<Item = SessionKey> + '_ {
+        self.table.keys().map(|k| k.client)
     }
 
-    /// Frees a session's flow; bytes still waiting behind a gap are counted as lost.
-    pub fn forget(&mut self, key: &SessionKey, c: &PipelineCounters) {
-        if let Some(f) = self.table.remove(key) {
-            self.pending_bytes -= f.pending_bytes;
-            PipelineCounters::add(&c.gap_bytes, f.pending_bytes as u64);
-        }
+    /// Frees a session's flows; bytes still waiting behind a gap are counted as lost.
+    pub fn forget(&mut self, session: &SessionKey, c: &PipelineCounters) {
+        let mut freed = 0;
+        self.table.retain(|k, f| {
+            let keep = k.client != *session;
+            if !keep {
+                freed += f.pending_bytes;
+            }
+            keep
+        });
+        self.pending_bytes -= freed;
+        PipelineCounters::add(&c.gap_bytes, freed as u64);
     }
 
+    /// Open flows.
     pub fn len(&self) -> usize {
         self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
+    }
+
+    /// Ended flows still remembered.
+    pub fn closed_len(&self) -> usize {
+        self.closed.len()
     }
 
     /// Bytes waiting behind gaps.
@@ -416,6 +697,7 @@ impl Packets {
                     command::REGISTER_SLAVE | command::BINLOG_DUMP | command::BINLOG_DUMP_GTID
                 );
             let ack = seq == 0 && cmd == SEMI_SYNC_ACK;
+            self.quit = seq == 0 && cmd == command::QUIT;
             let drop = !include_replication && (self.replica || becomes_replica || ack);
             if drop == keeping {
                 flush(keep_from, start, keeping, out);
@@ -453,8 +735,25 @@ mod tests {
 
     use super::*;
 
-    fn key() -> SessionKey {
-        ("198.18.0.2".parse().unwrap(), 40000)
+    fn key() -> FlowKey {
+        server(3306)
+    }
+
+    fn server(port: u16) -> FlowKey {
+        FlowKey {
+            client: ("198.18.0.2".parse().unwrap(), 40000),
+            server: ("198.18.0.1".parse().unwrap(), port),
+        }
+    }
+
+    fn seg(seq: u32, flags: u8, data: &[u8]) -> Segment {
+        Segment::new(
+            seq,
+            0,
+            data.len() as u32,
+            flags,
+            Bytes::copy_from_slice(data),
+        )
     }
 
     /// A command packet: header, command byte, argument.
@@ -470,23 +769,19 @@ mod tests {
     fn feed(f: &mut Flows, c: &PipelineCounters, segs: &[(u32, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for (seq, data) in segs {
-            f.accept(
-                key(),
-                *seq,
-                Bytes::copy_from_slice(data),
-                Instant::now(),
-                c,
-                &mut out,
-            );
+            f.accept(key(), seg(*seq, 0, data), Instant::now(), c, &mut out);
         }
         flatten(out)
     }
 
+    /// The stream with `Q` for each COM_QUIT, `C` / `c` for each end (ended or not).
     fn flatten(out: Vec<Output>) -> Vec<u8> {
         out.into_iter()
             .flat_map(|o| match o {
                 Output::Data(d) => d.to_vec(),
                 Output::Quit => b"Q".to_vec(),
+                Output::Closed { ended: true } => b"C".to_vec(),
+                Output::Closed { ended: false } => b"c".to_vec(),
             })
             .collect()
     }
@@ -526,7 +821,12 @@ mod tests {
         assert_eq!(got, b"abcdefgh");
         assert_eq!(f.pending_bytes(), 0);
         assert_eq!(c.load().seq_gaps, 1);
-        assert_eq!(f.next_deadline(), None);
+        // The deadline kept for the closed gap is early: reaching it gives up nothing and
+        // clears it.
+        let mut out = Vec::new();
+        f.on_timeout(f.next_deadline().unwrap(), false, &c, &mut out);
+        assert!(out.is_empty());
+        assert_eq!((f.next_deadline(), c.load().gap_timeouts), (None, 0));
     }
 
     #[test]
@@ -634,6 +934,168 @@ mod tests {
         assert_eq!(c.load().replication_sessions, 1);
     }
 
+    /// Feeds (flags, seq, bytes) at `now`; returns the outputs flattened.
+    fn run(f: &mut Flows, c: &PipelineCounters, k: FlowKey, segs: &[(u8, u32, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (flags, seq, data) in segs {
+            f.accept(k, seg(*seq, *flags, data), Instant::now(), c, &mut out);
+        }
+        flatten(out)
+    }
+
+    #[test]
+    fn a_syn_fixes_the_start_so_a_late_first_segment_is_not_lost() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let isn = u32::MAX;
+        let got = run(
+            &mut f,
+            &c,
+            key(),
+            &[
+                (TCP_SYN, isn, b""),
+                (TCP_SYN, isn, b""),
+                (0, 5, b"fghij"),
+                (0, 0, b"abcde"),
+            ],
+        );
+        assert_eq!(got, b"abcdefghij");
+        let l = c.load();
+        assert_eq!((l.syn_opened, l.seq_gaps, l.retransmitted), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_fin_ends_the_flow_once_the_bytes_before_it_arrived() {
+        let quit = packet(command::QUIT, b"");
+        let q = packet(command::QUERY, b"SELECT 1");
+        let n = q.len() as u32;
+        // The client's COM_QUIT before the FIN: nothing synthetic.
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let got = run(
+            &mut f,
+            &c,
+            key(),
+            &[
+                (TCP_SYN, 99, b""),
+                (0, 100 + n, &quit),
+                (TCP_FIN, 100 + n + quit.len() as u32, b""),
+            ],
+        );
+        assert!(got.is_empty(), "the FIN waits for the gap");
+        assert_eq!(f.len(), 1);
+        let got = run(
+            &mut f,
+            &c,
+            key(),
+            &[
+                (0, 100, &q),
+                (0, 100, &q),
+                (TCP_FIN, 100 + n + quit.len() as u32, b""),
+            ],
+        );
+        assert_eq!(got, [&q[..], &quit, b"C"].concat());
+        assert_eq!(
+            (f.len(), f.closed_len(), f.next_deadline().is_some()),
+            (0, 1, true)
+        );
+        // Late retransmissions (data, FIN) after the end are not a new connection.
+        assert!(
+            run(
+                &mut f,
+                &c,
+                key(),
+                &[(0, 100, &q), (TCP_FIN, 100 + n + quit.len() as u32, b"")]
+            )
+            .is_empty()
+        );
+        let l = c.load();
+        assert_eq!((l.fin_closed, l.close_quits, l.retransmitted), (1, 0, 2));
+        // No COM_QUIT from the client, and a FIN that carries the last bytes: synthetic one.
+        let got = run(
+            &mut f,
+            &c,
+            server(3307),
+            &[(0, 7, &q), (TCP_FIN, 7 + n, &q)],
+        );
+        assert_eq!(got, [&q[..], &q, b"QC"].concat());
+        assert_eq!(c.load().close_quits, 1);
+        // The end of a connection that sent nothing while captured: the bootstrap decides.
+        assert_eq!(run(&mut f, &c, server(3308), &[(TCP_FIN, 7, b"")]), b"c");
+        // A new connection on the address opens with its SYN, the old one long forgotten.
+        let got = run(&mut f, &c, key(), &[(TCP_SYN, 5000, b""), (0, 5001, &q)]);
+        assert_eq!(got, q);
+        let later = Instant::now() + CLOSED_LINGER;
+        f.expire(later, CLOSED_LINGER * 10, &c);
+        assert_eq!((f.len(), f.closed_len()), (1, 0));
+    }
+
+    #[test]
+    fn a_rst_ends_the_flow_at_once_and_counts_what_waited() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let q = packet(command::QUERY, b"SELECT 1");
+        let got = run(
+            &mut f,
+            &c,
+            key(),
+            &[
+                (0, 0, &q),
+                (0, 100, b"waiting"),
+                (TCP_RST, 50, b""),
+                (0, 100, b"waiting"),
+            ],
+        );
+        assert_eq!(got, [&q[..], b"QC"].concat());
+        let l = c.load();
+        assert_eq!(
+            (l.rst_closed, l.close_quits, l.gap_bytes, l.retransmitted),
+            (1, 1, 7, 1)
+        );
+        assert_eq!((f.len(), f.pending_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_fin_past_a_gap_that_never_fills_times_out() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let q = packet(command::QUERY, b"SELECT 1");
+        let got = run(&mut f, &c, key(), &[(0, 0, &q), (TCP_FIN, 1000, b"")]);
+        assert_eq!(got, q);
+        let mut out = Vec::new();
+        f.on_timeout(f.next_deadline().unwrap(), false, &c, &mut out);
+        assert_eq!(flatten(out.into_iter().map(|(_, o)| o).collect()), b"QC");
+        assert_eq!(
+            (f.len(), c.load().gap_timeouts, c.load().gap_bytes),
+            (0, 1, 1000 - q.len() as u64)
+        );
+    }
+
+    #[test]
+    fn one_client_address_to_two_servers_is_two_flows() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let got = run(&mut f, &c, key(), &[(0, 0, b"ab")]);
+        let other = run(
+            &mut f,
+            &c,
+            server(3307),
+            &[(0, 1 << 30, b"xy"), (0, (1 << 30) + 2, b"z")],
+        );
+        let more = run(&mut f, &c, key(), &[(0, 2, b"cd")]);
+        assert_eq!(
+            (got, other, more),
+            (b"ab".to_vec(), b"xyz".to_vec(), b"cd".to_vec())
+        );
+        assert_eq!((f.len(), c.load().flow_restarts), (2, 0));
+        assert_eq!(
+            f.sessions().collect::<std::collections::HashSet<_>>().len(),
+            1
+        );
+        f.forget(&key().client, &c);
+        assert!(f.is_empty());
+    }
+
     proptest! {
         /// Any order and duplication of a stream's segments (within the reorder bound) gives
         /// back the stream.
@@ -658,9 +1120,9 @@ mod tests {
             let mut f = Flows::default();
             let mut out = Vec::new();
             // The first segment opens the flow.
-            f.accept(key(), segs[0].0, Bytes::from(segs[0].1.clone()), Instant::now(), &c, &mut out);
+            f.accept(key(), seg(segs[0].0, 0, &segs[0].1), Instant::now(), &c, &mut out);
             for (seq, data) in arrivals {
-                f.accept(key(), seq, Bytes::from(data), Instant::now(), &c, &mut out);
+                f.accept(key(), seg(seq, 0, &data), Instant::now(), &c, &mut out);
             }
             prop_assert_eq!(flatten(out), stream);
             prop_assert_eq!(f.pending_bytes(), 0);

@@ -17,7 +17,7 @@ use crate::{
     bootstrap::{Event, Pass, Session, Snapshot},
     capture::{Record, RecordSink},
     encode,
-    flow::{Flows, Output, SessionKey},
+    flow::{FlowKey, Flows, Output, Segment, SessionKey},
     protocol::{changes_database, is_handshake_response},
     publish::Fanout,
     status::PipelineCounters,
@@ -61,6 +61,9 @@ pub struct Pipeline {
     hold: Hold,
     /// Sessions of the last process-list read, with their ids.
     known: HashMap<SessionKey, u64>,
+    /// Sessions whose connection ended (FIN/RST), with their id if known, until the process
+    /// list no longer shows them: the GC must not end them a second time.
+    ended: HashMap<SessionKey, Option<u64>>,
     /// Replicas' connections of the last read.
     replicas: HashSet<SessionKey>,
     /// Sessions read just before attaching, until the first read after.
@@ -89,6 +92,7 @@ impl Pipeline {
                 ..Default::default()
             },
             known: HashMap::new(),
+            ended: HashMap::new(),
             replicas: HashSet::new(),
             before: None,
         }
@@ -162,13 +166,14 @@ impl Pipeline {
             .filter(|r| changes_database(&r.data))
             .map(|r| (r.src, r.sport))
             .collect();
-        // Sessions whose handshake was captured (their first segment is the handshake
+        // Sessions whose handshake was captured (their first payload is the handshake
         // response): the consumer learns their database from it.
         let mut first_seen = HashSet::new();
         let started: HashSet<SessionKey> = self
             .hold
             .records
             .iter()
+            .filter(|r| !r.data.is_empty())
             .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
             .map(|r| (r.src, r.sport))
             .collect();
@@ -239,7 +244,19 @@ impl Pipeline {
         for key in &gone {
             self.hold.pending.remove(key);
         }
-        self.known = snap.sessions.iter().map(|(k, s)| (*k, s.id)).collect();
+        // A session whose end was captured may still be listed for a moment; a new session
+        // on its address has another id.
+        self.ended.retain(|key, id| {
+            snap.sessions
+                .get(key)
+                .is_some_and(|s| id.is_none_or(|id| id == s.id))
+        });
+        self.known = snap
+            .sessions
+            .iter()
+            .filter(|(k, _)| !self.ended.contains_key(k))
+            .map(|(k, s)| (*k, s.id))
+            .collect();
         self.hold.all = false;
         self.release();
         for key in gone {
@@ -257,8 +274,7 @@ impl Pipeline {
         for u in std::mem::take(&mut snap.unresolved) {
             let mut found: Vec<SessionKey> = self
                 .flows
-                .keys()
-                .copied()
+                .sessions()
                 .chain(self.hold.records.iter().map(|r| (r.src, r.sport)))
                 .filter(|k| u.matches(k))
                 .collect();
@@ -339,21 +355,22 @@ impl Pipeline {
     }
 
     fn deliver(&mut self, r: Record) {
-        let IpAddr::V4(ip) = r.src else {
-            PipelineCounters::add(&self.counters.unencodable, 1);
+        if !r.src.is_ipv4() {
+            if !r.data.is_empty() {
+                PipelineCounters::add(&self.counters.unencodable, 1);
+            }
             return;
+        }
+        let key = FlowKey {
+            client: (r.src, r.sport),
+            server: (r.dst, r.dport),
         };
+        let seg = Segment::new(r.seq, r.offset, r.segment_len, r.tcp_flags, r.data);
         let mut out = std::mem::take(&mut self.out);
-        self.flows.accept(
-            (r.src, r.sport),
-            r.seq,
-            r.data,
-            self.now,
-            &self.counters,
-            &mut out,
-        );
+        self.flows
+            .accept(key, seg, self.now, &self.counters, &mut out);
         for o in out.drain(..) {
-            self.publish(ip, r.sport, o);
+            self.publish(key.client, o);
         }
         self.out = out;
     }
@@ -363,17 +380,30 @@ impl Pipeline {
         let mut timed_out = Vec::new();
         self.flows
             .on_timeout(self.now, all, &self.counters, &mut timed_out);
-        for ((ip, port), o) in timed_out {
-            if let IpAddr::V4(ip) = ip {
-                self.publish(ip, port, o);
-            }
+        for (key, o) in timed_out {
+            self.publish(key.client, o);
         }
     }
 
-    fn publish(&mut self, ip: std::net::Ipv4Addr, port: u16, o: Output) {
+    fn publish(&mut self, session: SessionKey, o: Output) {
+        let IpAddr::V4(ip) = session.0 else {
+            return;
+        };
         match o {
-            Output::Data(d) => self.fanout.push(ip, port, &d, self.now),
-            Output::Quit => self.fanout.push(ip, port, &encode::COM_QUIT, self.now),
+            Output::Data(d) => self.fanout.push(ip, session.1, &d, self.now),
+            Output::Quit => self.fanout.push(ip, session.1, &encode::COM_QUIT, self.now),
+            Output::Closed { ended } => {
+                // The session is over: the process-list GC must not end it again, and a
+                // session the bootstrap gave a database ends for the consumer too.
+                let id = self.known.remove(&session);
+                let known = id.is_some();
+                self.ended.insert(session, id);
+                self.hold.pending.remove(&session);
+                if known && !ended {
+                    self.fanout.push(ip, session.1, &encode::COM_QUIT, self.now);
+                    PipelineCounters::add(&self.counters.close_quits, 1);
+                }
+            }
         }
     }
 }

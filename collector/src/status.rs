@@ -61,6 +61,13 @@ pipeline_counters! {
     /// Flows restarted because a segment was far from the expected byte: a new connection on
     /// the same client address.
     flow_restarts,
+    /// Connections opened by a SYN the capture saw (their stream is exact from the first byte),
+    /// and flows ended by the client's FIN (once every byte before it arrived) or RST.
+    syn_opened,
+    fin_closed,
+    rst_closed,
+    /// Synthetic COM_QUIT units for connections that ended (FIN/RST) without the client's own.
+    close_quits,
     /// Replica sessions recognised by their COM_REGISTER_SLAVE / COM_BINLOG_DUMP(_GTID), and
     /// semi-sync ACK packets; the bytes of both left out of the replay stream.
     replication_sessions,
@@ -89,7 +96,8 @@ pipeline_counters! {
     replication_skipped,
     /// Process-list rows whose host could not be mapped to an address.
     unresolved_hosts,
-    /// Synthetic COM_QUIT units for sessions gone from the process list.
+    /// Synthetic COM_QUIT units for sessions gone from the process list whose end the capture
+    /// did not see.
     gc_quits,
     /// Sessions gone whose address a new session already uses: no COM_QUIT, which would end
     /// the new one.
@@ -152,6 +160,11 @@ impl Totals {
         self.pipeline.gap_timeouts + self.pipeline.gap_overflow
     }
 
+    /// Flows ended by FIN or RST.
+    pub fn closed(&self) -> u64 {
+        self.pipeline.fin_closed + self.pipeline.rst_closed
+    }
+
     pub fn parse_errors(&self) -> u64 {
         Counter::ALL
             .iter()
@@ -185,7 +198,7 @@ impl StatusLine {
 
     pub fn header() -> String {
         format!(
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}",
             "DateTime",
             "TotalPacket",
             "ValidPacket",
@@ -204,6 +217,7 @@ impl StatusLine {
             "Flows",
             "ReorderKB",
             "GapLost",
+            "Closed",
         )
     }
 
@@ -219,7 +233,7 @@ impl StatusLine {
         }
         let _ = write!(
             out,
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}",
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
             rate(now.total_packets(), p.total_packets()),
             rate(now.valid_packets(), p.valid_packets()),
@@ -244,6 +258,7 @@ impl StatusLine {
             now.flows,
             now.reorder_bytes / 1024,
             rate(now.gaps_lost(), p.gaps_lost()),
+            rate(now.closed(), p.closed()),
         );
         self.lines += 1;
         self.prev = now.clone();
@@ -302,7 +317,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0"
         );
         // The header comes back every 20 lines.
         for _ in 0..19 {

@@ -54,11 +54,7 @@ async fn every_frame_continues_unchanged_and_moves_its_counter() {
             "{}: {counter:?}",
             case.name
         );
-        let want = if counter == Counter::WithPayload {
-            1
-        } else {
-            0
-        };
+        let want = u64::from(case.record.is_some() && case.name != "three tags");
         assert_eq!(
             delta(&before, &after, Counter::Records),
             want,
@@ -74,10 +70,22 @@ async fn every_frame_continues_unchanged_and_moves_its_counter() {
         r.len() >= expected
     })
     .await;
+    let (control, payload): (Vec<_>, Vec<_>) = cap.records.iter().partition(|r| r.data.is_empty());
     assert!(
-        cap.records
+        payload
             .iter()
             .all(|r| &r.data[..] == b"\x05\x00\x00\x00\x03hello")
+    );
+    // Header-only records: exactly the SYN/FIN/RST cases, flags as sent.
+    let controls = cases()
+        .iter()
+        .filter(|c| c.counter == Counter::Control)
+        .count();
+    assert_eq!(control.len(), controls);
+    assert!(
+        control
+            .iter()
+            .all(|r| r.tcp_flags & 0x07 != 0 && r.segment_len == 0)
     );
 }
 

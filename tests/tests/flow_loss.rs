@@ -7,7 +7,10 @@ mod common;
 
 use std::{collections::HashMap, io::Write, net::Ipv4Addr, process::Command};
 
-use collector::{encode::decode_message, protocol::command};
+use collector::{
+    encode::{COM_QUIT, decode_message},
+    protocol::command,
+};
 use common::{
     agent::{Agent, totals},
     broker::TestExchange,
@@ -93,9 +96,16 @@ async fn exact_under_loss(percent: u32, sizes: &[&[usize]]) {
     ]);
     agent.wait_attached();
 
-    // 20 sessions at once from the namespace, each a different mix of query sizes.
+    // 20 sessions at once from the namespace, each a different mix of query sizes; half end
+    // with their own COM_QUIT, half just close.
     let streams: Vec<Vec<u8>> = (0..20)
-        .map(|i| queries(sizes[i % sizes.len()], i as u64 + 1))
+        .map(|i| {
+            let mut q = queries(sizes[i % sizes.len()], i as u64 + 1);
+            if i % 2 == 0 {
+                q.extend_from_slice(&COM_QUIT);
+            }
+            q
+        })
         .collect();
     let to_send = streams.clone();
     let addr = sink.addr;
@@ -138,6 +148,13 @@ async fn exact_under_loss(percent: u32, sizes: &[&[usize]]) {
         get("retransmitted") > 0,
         "the loss showed as duplicates: {stdout}"
     );
+    // Every connection opened (SYN) and ended (FIN, once all its bytes were in) while
+    // captured; those that closed without a COM_QUIT got one after their last byte.
+    assert_eq!(
+        (get("syn_opened"), get("fin_closed"), get("close_quits")),
+        (20, 20, 10),
+        "{stdout}"
+    );
     for k in [
         "gap_timeouts",
         "gap_overflow",
@@ -150,6 +167,11 @@ async fn exact_under_loss(percent: u32, sizes: &[&[usize]]) {
     assert_eq!(got.len(), sent.len(), "{stdout}");
     for (port, bytes) in &sent {
         let published = &got[port];
+        let bytes = &if bytes.ends_with(&COM_QUIT) {
+            bytes.clone()
+        } else {
+            [&bytes[..], &COM_QUIT].concat()
+        };
         assert!(
             published == bytes,
             "port {port}: published {} bytes, sent {} (first difference at {:?})",

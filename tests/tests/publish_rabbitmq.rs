@@ -168,11 +168,17 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
         get("published_bytes"),
         messages.iter().map(|m| m.data.len() as u64).sum::<u64>()
     );
-    // Every record became a unit, except data already published (retransmissions) and the
-    // collector's own MySQL connection.
+    // Every record became a unit, except data already published (retransmissions), the
+    // collector's own MySQL connection, and the header-only SYN/FIN/RST records. Every
+    // session opened and ended while captured, each with its own COM_QUIT.
     assert_eq!(
         get("records"),
-        units + get("retransmitted") + get("own_traffic"),
+        units + get("retransmitted") + get("own_traffic") + get("control"),
+        "{stdout}"
+    );
+    assert_eq!(
+        (get("syn_opened"), get("fin_closed"), get("close_quits")),
+        (50, 50, 0),
         "{stdout}"
     );
     assert_eq!(get("hold_overflow"), 0, "{stdout}");
@@ -210,7 +216,11 @@ async fn ipv6_clients_are_counted_as_unencodable_not_lost() {
         s.write_all(&data).await.unwrap();
         if let (SocketAddr::V4(local), IpAddr::V4(ip)) = (s.local_addr().unwrap(), addr.ip()) {
             assert_eq!(ip, Ipv4Addr::LOCALHOST);
-            sent.insert((*local.ip(), local.port()), data);
+            // The connection ends (FIN) without a COM_QUIT of its own: it gets a synthetic one.
+            sent.insert(
+                (*local.ip(), local.port()),
+                [&data[..], &[1, 0, 0, 0, 1]].concat(),
+            );
         }
     }
     // One status line at least.
@@ -224,9 +234,10 @@ async fn ipv6_clients_are_counted_as_unencodable_not_lost() {
     let t = totals(&stdout);
     let get = |k: &str| t.get(k).copied().unwrap_or(0);
     assert_eq!(get("unencodable"), 1, "one IPv6 segment: {stdout}");
+    assert_eq!((get("fin_closed"), get("close_quits")), (2, 2), "{stdout}");
     assert_eq!(
-        get("records"),
-        units + get("unencodable") + get("retransmitted")
+        get("records") + get("close_quits"),
+        units + get("unencodable") + get("retransmitted") + get("control")
     );
     assert!(stdout.contains("Unencodable"), "status column: {stdout}");
 }

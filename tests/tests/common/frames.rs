@@ -106,6 +106,13 @@ pub fn cases() -> Vec<Case> {
         counter: Counter::WithPayload,
         record: Some(hello.clone()),
     };
+    // Payload-less SYN/FIN/RST: one header-only record each.
+    let control = |name, frame| Case {
+        name,
+        frame,
+        counter: Counter::Control,
+        record: Some(Vec::new()),
+    };
     let bad = |name, frame, counter| Case {
         name,
         frame,
@@ -157,6 +164,22 @@ pub fn cases() -> Vec<Case> {
             "pure ACK",
             frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x10, b""))),
             Counter::NoPayload,
+        ),
+        control(
+            "SYN",
+            frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x02, b""))),
+        ),
+        control(
+            "FIN",
+            frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x11, b""))),
+        ),
+        control(
+            "RST",
+            frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x04, b""))),
+        ),
+        control(
+            "FIN, IPv6",
+            frame(0x86dd, &ipv6(&[], 6, &tcp(PORT, 5, 0x11, b""), None)),
         ),
         bad(
             "other port",
