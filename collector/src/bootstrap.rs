@@ -82,6 +82,8 @@ pub struct Snapshot {
     pub sessions: HashMap<SessionKey, Session>,
     /// Replicas' connections (binlog dump threads): never bootstrapped, never closed.
     pub replication: HashSet<SessionKey>,
+    /// The replicas' binlog dump thread ids (also of rows not placed).
+    pub replication_ids: HashSet<u64>,
     /// Rows the socket table could not place.
     pub unresolved: Vec<Unresolved>,
 }
@@ -238,6 +240,9 @@ pub fn snapshot(rows: &[Row], connections: &[SocketAddr]) -> Snapshot {
             continue;
         };
         let replication = !r.own && is_replication(&r.command, r.state.as_deref());
+        if replication {
+            s.replication_ids.insert(r.id);
+        }
         let session = Session {
             id: r.id,
             db: r.db.clone().filter(|d| !d.is_empty()),
@@ -556,6 +561,7 @@ mod tests {
             s.replication,
             [(ip("198.18.0.4"), 103), (ip("198.18.0.5"), 104)].into()
         );
+        assert_eq!(s.replication_ids.len(), 2);
         assert_eq!(s.sessions.len(), 3);
         assert_eq!(
             s.sessions[&(ip("198.18.0.2"), 100)].db.as_deref(),

@@ -22,7 +22,7 @@
 //! packets (`0xef` after the header) are left out, unless `--include_replication`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -90,6 +90,16 @@ pub const TOTAL_PENDING_MAX: usize = 64 << 20;
 /// How long an ended flow is remembered: the server may still be missing bytes the capture
 /// has seen, and the client retransmits them (backing off) until it has them.
 pub const CLOSED_LINGER: Duration = Duration::from_secs(60);
+
+/// What the packet follower leaves out.
+#[derive(Debug, Default)]
+struct Policy {
+    include_replication: bool,
+    /// Thread ids of the replicas' binlog dumps in the process list: a `KILL` of one of them
+    /// is a semi-sync replica stopping (it kills its dump thread on the source), not a
+    /// statement to replay.
+    replica_ids: HashSet<u64>,
+}
 
 /// The semi-sync ACK's magic byte, where a command byte would be.
 const SEMI_SYNC_ACK: u8 = 0xef;
@@ -194,10 +204,12 @@ impl Flow {
 #[derive(Default)]
 pub struct Flows {
     table: HashMap<FlowKey, Flow>,
+    /// Replicas' sessions the process list shows.
+    replicas: HashSet<SessionKey>,
     /// Ended flows, by the sequence number after their last byte, and when they ended.
     closed: HashMap<FlowKey, (u32, Instant)>,
     pending_bytes: usize,
-    include_replication: bool,
+    policy: Policy,
     /// No gap times out before this (it may be early: a gap can close before its deadline).
     next_gap: Option<Instant>,
 }
@@ -205,7 +217,10 @@ pub struct Flows {
 impl Flows {
     pub fn new(include_replication: bool) -> Self {
         Self {
-            include_replication,
+            policy: Policy {
+                include_replication,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -251,7 +266,9 @@ impl Flows {
                 }
                 return;
             }
-            self.table.insert(key, Flow::new(seq, now));
+            let mut flow = Flow::new(seq, now);
+            flow.packets.replica = self.replicas.contains(&key.client);
+            self.table.insert(key, flow);
         }
         let Some(flow) = self.table.get_mut(&key) else {
             return;
@@ -335,14 +352,8 @@ impl Flows {
                 }
             }
         }
-        Self::emit(flow, data, self.include_replication, c, out);
-        Self::drain_pending(
-            flow,
-            &mut self.pending_bytes,
-            self.include_replication,
-            c,
-            out,
-        );
+        Self::emit(flow, data, &self.policy, c, out);
+        Self::drain_pending(flow, &mut self.pending_bytes, &self.policy, c, out);
     }
 
     /// A SYN: the connection starts at `seq`. A flow still open on the same 4-tuple with
@@ -454,14 +465,14 @@ impl Flows {
     fn emit(
         flow: &mut Flow,
         data: Bytes,
-        include_replication: bool,
+        policy: &Policy,
         c: &PipelineCounters,
         out: &mut Vec<Output>,
     ) {
         flow.next_seq = flow.next_seq.wrapping_add(data.len() as u32);
         flow.pos += data.len() as u64;
         let before = out.len();
-        flow.packets.feed(data, include_replication, c, out);
+        flow.packets.feed(data, policy, c, out);
         flow.published |= out[before..].iter().any(|o| matches!(o, Output::Data(_)));
     }
 
@@ -469,7 +480,7 @@ impl Flows {
     fn drain_pending(
         flow: &mut Flow,
         total: &mut usize,
-        include_replication: bool,
+        policy: &Policy,
         c: &PipelineCounters,
         out: &mut Vec<Output>,
     ) {
@@ -487,7 +498,7 @@ impl Flows {
                 continue;
             }
             PipelineCounters::add(&c.retransmitted_bytes, old as u64);
-            Self::emit(flow, data.slice(old..), include_replication, c, out);
+            Self::emit(flow, data.slice(old..), policy, c, out);
         }
         if flow.pending.is_empty() && flow.fin.is_none_or(|at| at <= flow.pos) {
             flow.gap_since = None;
@@ -513,13 +524,7 @@ impl Flows {
         flow.next_seq = flow.next_seq.wrapping_add(missing as u32);
         flow.pos = at.max(flow.pos);
         flow.gap_since = None;
-        Self::drain_pending(
-            flow,
-            &mut self.pending_bytes,
-            self.include_replication,
-            c,
-            out,
-        );
+        Self::drain_pending(flow, &mut self.pending_bytes, &self.policy, c, out);
         if !flow.pending.is_empty() || flow.fin.is_some_and(|f| f > flow.pos) {
             flow.gap_since = Some(flow.last_seen);
         }
@@ -588,6 +593,21 @@ impl Flows {
         before - self.table.len()
     }
 
+    /// The replicas' sessions in the process list (their binlog dump may have begun before
+    /// capture, unseen): everything of theirs is left out, unless `include_replication`.
+    pub fn set_replicas(&mut self, replicas: &HashSet<SessionKey>, ids: &HashSet<u64>) {
+        if self.policy.include_replication {
+            return;
+        }
+        self.policy.replica_ids.clone_from(ids);
+        for (key, flow) in &mut self.table {
+            if replicas.contains(&key.client) {
+                flow.packets.replica = true;
+            }
+        }
+        self.replicas.clone_from(replicas);
+    }
+
     /// Sessions with flow state.
     pub fn sessions(&self) -> impl Iterator<Item = SessionKey> + '_ {
         self.table.keys().map(|k| k.client)
@@ -629,13 +649,8 @@ impl Flows {
 
 impl Packets {
     /// Follows `data` through the packets; appends the bytes to publish.
-    fn feed(
-        &mut self,
-        data: Bytes,
-        include_replication: bool,
-        c: &PipelineCounters,
-        out: &mut Vec<Output>,
-    ) {
+    fn feed(&mut self, data: Bytes, policy: &Policy, c: &PipelineCounters, out: &mut Vec<Output>) {
+        let include_replication = policy.include_replication;
         if self.resync {
             if !starts_command(&data) {
                 PipelineCounters::add(&c.gap_bytes, data.len() as u64);
@@ -697,8 +712,22 @@ impl Packets {
                     command::REGISTER_SLAVE | command::BINLOG_DUMP | command::BINLOG_DUMP_GTID
                 );
             let ack = seq == 0 && cmd == SEMI_SYNC_ACK;
+            // A short query whose whole packet is in this segment: a replica's KILL of its
+            // dump thread? (A statement split over segments is published as it is.)
+            let kill = !include_replication
+                && seq == 0
+                && cmd == command::QUERY
+                && !policy.replica_ids.is_empty()
+                && len <= 64
+                && data
+                    .get(i..i + len - 1)
+                    .and_then(killed_thread)
+                    .is_some_and(|id| policy.replica_ids.contains(&id));
+            if kill {
+                PipelineCounters::add(&c.replica_kills, 1);
+            }
             self.quit = seq == 0 && cmd == command::QUIT;
-            let drop = !include_replication && (self.replica || becomes_replica || ack);
+            let drop = !include_replication && (self.replica || becomes_replica || ack || kill);
             if drop == keeping {
                 flush(keep_from, start, keeping, out);
                 keep_from = start;
@@ -719,6 +748,23 @@ impl Packets {
         }
         flush(keep_from, data.len(), keeping, out);
     }
+}
+
+/// The thread id a `KILL [HARD|SOFT] [CONNECTION|QUERY] id` statement names.
+fn killed_thread(sql: &[u8]) -> Option<u64> {
+    let sql = std::str::from_utf8(sql).ok()?;
+    let mut words = sql.split_ascii_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("kill") {
+        return None;
+    }
+    let mut word = words.next()?;
+    for optional in [["hard", "soft"], ["connection", "query"]] {
+        if optional.iter().any(|o| word.eq_ignore_ascii_case(o)) {
+            word = words.next()?;
+        }
+    }
+    let id = word.trim_end_matches(';').parse().ok()?;
+    words.next().is_none().then_some(id)
 }
 
 /// Whether a segment starts with a command packet: sequence 0 and a command byte.
@@ -932,6 +978,42 @@ mod tests {
         let got = feed(&mut f, &c, &[(0, &replica), (replica.len() as u32, &q)]);
         assert_eq!(got, [&q[..], b"Q"].concat());
         assert_eq!(c.load().replication_sessions, 1);
+
+        // A KILL of a replica's dump thread is left out; other KILLs are not.
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        f.set_replicas(&HashSet::new(), &[8].into());
+        let kill_dump = packet(command::QUERY, b"KILL 8");
+        let kill_other = packet(command::QUERY, b"kill connection 9");
+        let got = feed(
+            &mut f,
+            &c,
+            &[(0, &[kill_other.clone(), kill_dump, q.clone()].concat())],
+        );
+        assert_eq!(got, [kill_other, q.clone()].concat());
+        assert_eq!(c.load().replica_kills, 1);
+        // A replica the process list shows, whose binlog dump began before capture: its
+        // flow leaves everything out.
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        f.set_replicas(&[key().client].into(), &HashSet::new());
+        let got = feed(&mut f, &c, &[(0, &[ack.clone(), q.clone()].concat())]);
+        assert!(got.is_empty());
+        assert_eq!(c.load().semi_sync_acks, 1);
+    }
+
+    #[test]
+    fn kill_statements_name_their_thread() {
+        for (sql, id) in [
+            (&b"KILL 8"[..], Some(8)),
+            (b"kill  HARD connection 12;", Some(12)),
+            (b"KILL QUERY 3", Some(3)),
+            (b"KILL USER bob", None),
+            (b"KILL 8 9", None),
+            (b"SELECT 8", None),
+        ] {
+            assert_eq!(killed_thread(sql), id, "{}", String::from_utf8_lossy(sql));
+        }
     }
 
     /// Feeds (flags, seq, bytes) at `now`; returns the outputs flattened.

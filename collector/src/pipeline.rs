@@ -147,6 +147,9 @@ impl Pipeline {
         self.place_unresolved(&mut snap);
         let new_replicas = snap.replication.difference(&self.replicas).count();
         PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
+        // Replicas whose COM_BINLOG_DUMP was before capture: their flows learn it here.
+        self.flows
+            .set_replicas(&snap.replication, &snap.replication_ids);
         self.replicas = snap.replication;
         if snap.own.is_some() {
             self.own = snap.own;
@@ -365,6 +368,7 @@ impl Pipeline {
             client: (r.src, r.sport),
             server: (r.dst, r.dport),
         };
+
         let seg = Segment::new(r.seq, r.offset, r.segment_len, r.tcp_flags, r.data);
         let mut out = std::mem::take(&mut self.out);
         self.flows

@@ -73,6 +73,9 @@ pipeline_counters! {
     replication_sessions,
     semi_sync_acks,
     replication_bytes,
+    /// `KILL` statements naming a replica's binlog dump thread (a semi-sync replica stopping
+    /// kills its dump thread on the source), left out of the replay stream.
+    replica_kills,
     /// Segments from IPv6 clients, which the MRTE format cannot carry.
     unencodable,
     /// Segments dropped because their publisher's queue was full.

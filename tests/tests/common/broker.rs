@@ -92,7 +92,6 @@ impl TestExchange {
         Self { exchange, queue }
     }
 
-    /// Takes every message now in the queue, in order.
     /// Every unit of every message taken from the queue, per client port, in order.
     pub fn units_by_port(&self) -> std::collections::HashMap<u16, Vec<collector::encode::Unit>> {
         let mut units: std::collections::HashMap<u16, Vec<collector::encode::Unit>> =
@@ -105,6 +104,7 @@ impl TestExchange {
         units
     }
 
+    /// Takes every message now in the queue, in order.
     pub fn take_all(&self) -> Vec<Received> {
         let q = self.queue.clone();
         on_own_runtime(async move {
