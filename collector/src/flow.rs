@@ -373,6 +373,11 @@ impl Flows {
                 // The SYN again (retransmitted).
                 return;
             }
+            if flow.isn.is_none() && (seq == flow.next_seq || flow.behind(seq).is_some()) {
+                // The SYN of the connection whose bytes came first (held apart from them).
+                flow.isn = Some(isn);
+                return;
+            }
             PipelineCounters::add(&c.flow_restarts, 1);
             PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
             self.pending_bytes -= flow.pending_bytes;
@@ -1044,6 +1049,15 @@ mod tests {
         assert_eq!(got, b"abcdefghij");
         let l = c.load();
         assert_eq!((l.syn_opened, l.seq_gaps, l.retransmitted), (1, 1, 0));
+        // A SYN handed over after the first bytes of its connection is not a new connection.
+        let got = run(
+            &mut f,
+            &c,
+            server(3307),
+            &[(0, 100, b"ab"), (TCP_SYN, 99, b""), (0, 102, b"cd")],
+        );
+        assert_eq!(got, b"abcd");
+        assert_eq!(c.load().flow_restarts, 0);
     }
 
     #[test]

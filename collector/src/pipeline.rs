@@ -422,11 +422,16 @@ impl RecordSink for Pipeline {
         if self.hold.holds(&key) {
             if !self.hold.all
                 && is_handshake_response(&r.data)
-                && !self.hold.records.iter().any(|h| (h.src, h.sport) == key)
+                && !self
+                    .hold
+                    .records
+                    .iter()
+                    .any(|h| (h.src, h.sport) == key && !h.data.is_empty())
             {
                 // A session pending since the first pass sends its handshake only now: the
-                // consumer learns its database from it.
+                // consumer learns its database from it. Its SYN, if held, goes first.
                 self.hold.pending.remove(&key);
+                self.release();
                 self.deliver(r);
                 return;
             }

@@ -149,8 +149,14 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
         let got = streams
             .get(&(Ipv4Addr::LOCALHOST, *port))
             .unwrap_or_else(|| panic!("nothing published for port {port}"));
-        assert_eq!(got.len(), bytes.len(), "length for port {port}");
-        assert!(got == bytes, "bytes differ for port {port}");
+        let at = got.iter().zip(bytes).position(|(a, b)| a != b);
+        assert!(
+            got == bytes,
+            "port {port}: published {} bytes, sent {}, first difference at {at:?}: {:?}\n{stdout}",
+            got.len(),
+            bytes.len(),
+            at.map(|i| &got[i.saturating_sub(8)..(i + 24).min(got.len())])
+        );
     }
     assert_eq!(
         streams.len(),
@@ -181,7 +187,12 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
         (50, 50, 0),
         "{stdout}"
     );
-    assert_eq!(get("hold_overflow"), 0, "{stdout}");
+    assert_eq!(
+        get("hold_overflow"),
+        0,
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(get("ValidPacket"), get("with_payload"));
     let payload: u64 = sent.values().map(|s| s.len() as u64).sum();
     // Message bytes: LOCAL_IP per message, 14 bytes around each unit, the clients' payload.
