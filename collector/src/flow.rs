@@ -32,7 +32,7 @@ use collector_common::{TCP_FIN, TCP_RST, TCP_SYN};
 use tokio::time::Instant;
 
 use crate::{
-    protocol::{HEADER, command},
+    protocol::{HEADER, command, starts_command},
     status::PipelineCounters,
 };
 
@@ -770,14 +770,6 @@ fn killed_thread(sql: &[u8]) -> Option<u64> {
     }
     let id = word.trim_end_matches(';').parse().ok()?;
     words.next().is_none().then_some(id)
-}
-
-/// Whether a segment starts with a command packet: sequence 0 and a command byte.
-fn starts_command(data: &[u8]) -> bool {
-    data.len() > HEADER && data[3] == 0 && data[4] <= 0x1f && {
-        let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
-        len >= 1
-    }
 }
 
 #[cfg(test)]

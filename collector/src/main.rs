@@ -88,7 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         confirm: cli.rabbitmq_confirm,
         connect_timeout: Duration::from_secs(cli.rabbitmq_connect_timeout),
     };
-    let broker = Broker::connect(&broker_cfg).await?;
+    let broker = Arc::new(Broker::connect(&broker_cfg).await?);
     tracing::info!(
         broker = %broker.addr(),
         exchange = %cli.rabbitmq_exchange_name,
@@ -124,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .start_publishers(
             cli.thread_count.into(),
             cli.queue_size as usize,
+            local_ip,
             budget.clone(),
             counters.clone(),
         )

@@ -127,6 +127,14 @@ fn lenenc(bytes: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_le_bytes(le), &rest[width..]))
 }
 
+/// Whether a segment starts with a command packet: sequence 0 and a command byte.
+pub fn starts_command(data: &[u8]) -> bool {
+    data.len() > HEADER && data[3] == 0 && data[4] <= 0x1f && {
+        let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
+        len >= 1
+    }
+}
+
 /// Whether a segment starts with a client's handshake response (or its TLS request): sequence
 /// number 1, at least 32 bytes, the CLIENT_PROTOCOL_41 capability set.
 pub fn is_handshake_response(data: &[u8]) -> bool {

@@ -5,8 +5,16 @@
 //! always go to the same publisher (a hash of client address and port), so they stay in order
 //! on one channel. The fan-out runs on the drain's task and never waits: a full queue or an
 //! exhausted memory budget drops the batch, counts its units and logs (at most every 10 s).
+//!
+//! When the broker goes away, publishers keep their batches and reconnect (1 s doubling to
+//! 30 s, one reconnection shared by all); meanwhile their queues fill up to `--queue_size` and
+//! the memory budget, past which the fan-out drops. A session that lost units on the way (a
+//! dropped batch, a nacked message, a message unconfirmed when the channel broke) is ended for
+//! the consumer as after a TCP gap: a synthetic COM_QUIT in its place, then nothing of the
+//! session until a unit that starts a command.
 
 use std::{
+    collections::{HashSet, VecDeque},
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
@@ -16,10 +24,9 @@ use std::{
 };
 
 use bytes::BytesMut;
-use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    ExchangeKind,
+    ExchangeKind, PublisherConfirm,
     options::{
         BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
         QueueDeclareOptions,
@@ -30,7 +37,7 @@ use lapin::{
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
-use crate::{encode, status::PipelineCounters};
+use crate::{encode, protocol::starts_command, status::PipelineCounters};
 
 /// Where and how to publish.
 #[derive(Clone, Debug)]
@@ -101,9 +108,10 @@ fn amqp_kind(e: &lapin::Error) -> Option<&AMQPErrorKind> {
     }
 }
 
-/// The connection to the broker, checked: the login works and the exchange exists.
+/// The connection to the broker, checked: the login works and the exchange exists. Shared by
+/// the publishers, which reopen it (one of them, the others wait) when it breaks.
 pub struct Broker {
-    conn: Connection,
+    conn: tokio::sync::Mutex<Connection>,
     cfg: BrokerConfig,
 }
 
@@ -114,172 +122,220 @@ impl Broker {
 
     /// Connects, logs in, and checks (or with `declare`, creates) the exchange.
     pub async fn connect(cfg: &BrokerConfig) -> Result<Self, PublishError> {
-        let addr = cfg.addr();
-        let uri = AMQPUri {
-            authority: AMQPAuthority {
-                userinfo: AMQPUserInfo {
-                    username: cfg.user.clone(),
-                    password: cfg.password.clone(),
-                },
-                host: cfg.host.clone(),
-                port: cfg.port,
-            },
-            vhost: cfg.vhost.clone(),
-            query: AMQPQueryString {
-                connection_timeout: Some(cfg.connect_timeout.as_millis() as u64),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("mrte-collector pid {}", std::process::id()).into());
-        let conn = tokio::time::timeout(cfg.connect_timeout, Connection::connect_uri(uri, props))
-            .await
-            .map_err(|_| PublishError::Timeout {
-                addr: addr.clone(),
-                secs: cfg.connect_timeout.as_secs(),
-            })?
-            .map_err(|e| match amqp_kind(&e) {
-                Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => {
-                    PublishError::LoginRefused {
-                        addr: addr.clone(),
-                        user: cfg.user.clone(),
-                    }
-                }
-                Some(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)) => {
-                    PublishError::VhostRefused {
-                        addr: addr.clone(),
-                        vhost: cfg.vhost.clone(),
-                        user: cfg.user.clone(),
-                    }
-                }
-                _ if e.is_io_error() => PublishError::Unreachable {
-                    addr: addr.clone(),
-                    cause: e,
-                },
-                _ => PublishError::Amqp {
-                    addr: addr.clone(),
-                    what: "connecting".into(),
-                    source: e,
-                },
-            })?;
-        let broker = Self {
-            conn,
+        Ok(Self {
+            conn: tokio::sync::Mutex::new(open(cfg).await?),
             cfg: cfg.clone(),
-        };
-        broker.check_exchange().await?;
-        Ok(broker)
+        })
     }
 
-    fn amqp(&self, what: impl Into<String>) -> impl FnOnce(lapin::Error) -> PublishError {
-        let addr = self.addr();
-        let what = what.into();
-        move |source| PublishError::Amqp { addr, what, source }
-    }
-
-    async fn check_exchange(&self) -> Result<(), PublishError> {
-        let cfg = &self.cfg;
-        // The default exchange ("") always exists and cannot be declared.
-        if cfg.exchange.is_empty() && !cfg.declare {
-            return Ok(());
-        }
-        // A failed declare closes its channel: use one for the checks only.
-        let ch = self
-            .conn
-            .create_channel()
-            .await
-            .map_err(self.amqp("opening a channel"))?;
-        let options = ExchangeDeclareOptions {
-            passive: !cfg.declare,
-            durable: true,
-            ..Default::default()
-        };
-        ch.exchange_declare(
-            cfg.exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            options,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| match amqp_kind(&e) {
-            Some(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => PublishError::ExchangeMissing {
-                addr: self.addr(),
-                vhost: cfg.vhost.clone(),
-                exchange: cfg.exchange.clone(),
-            },
-            _ => self.amqp(format!(
-                "declaring exchange {:?} (fanout, durable; an existing exchange of that name \
-                 must match)",
-                cfg.exchange
-            ))(e),
-        })?;
-        if let (true, Some(queue)) = (cfg.declare, &cfg.queue) {
-            let options = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            ch.queue_declare(queue.as_str().into(), options, FieldTable::default())
+    /// A channel for publisher `index` (with confirms, if asked) on the current connection.
+    async fn channel(&self, conn: &Connection, index: usize) -> Result<Channel, PublishError> {
+        let channel = conn.create_channel().await.map_err(amqp(
+            &self.cfg,
+            format!("opening channel for publisher {index}"),
+        ))?;
+        if self.cfg.confirm {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
                 .await
-                .map_err(self.amqp(format!("declaring queue {queue:?}")))?;
-            ch.queue_bind(
-                queue.as_str().into(),
-                cfg.exchange.as_str().into(),
-                cfg.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(self.amqp(format!(
-                "binding queue {queue:?} to exchange {:?}",
-                cfg.exchange
-            )))?;
+                .map_err(amqp(&self.cfg, "turning on publisher confirms"))?;
         }
-        let _ = ch.close(200, "checked".into()).await;
-        Ok(())
+        Ok(channel)
+    }
+
+    /// A new channel after the old one broke: the connection is opened again if it is gone
+    /// and the exchange checked again; retried with backoff (1 s doubling to 30 s) until it
+    /// works, each failure counted (MQError) and logged (at most every 10 s).
+    async fn reopen(&self, index: usize, counters: &PipelineCounters) -> Channel {
+        let mut delay = Duration::from_secs(1);
+        let mut log = Throttled::default();
+        loop {
+            let attempt = async {
+                let mut conn = self.conn.lock().await;
+                if !conn.status().connected() {
+                    *conn = open(&self.cfg).await?;
+                    PipelineCounters::add(&counters.mq_reconnects, 1);
+                    tracing::info!(broker = %self.addr(), "connected to RabbitMQ again");
+                } else {
+                    check_exchange(&self.cfg, &conn).await?;
+                }
+                self.channel(&conn, index).await
+            };
+            match attempt.await {
+                Ok(channel) => return channel,
+                Err(e) => {
+                    PipelineCounters::add(&counters.mq_errors, 1);
+                    log.hit(Instant::now(), |more| {
+                        tracing::warn!(
+                            publisher = index,
+                            retry_in = ?delay,
+                            similar_since_last_warning = more,
+                            "{e}; batches wait in memory meanwhile (--queue_size, --max_mem_mb)"
+                        )
+                    });
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
     }
 
     /// Opens one channel per publisher and starts the publisher tasks.
     pub async fn start_publishers(
-        &self,
+        self: &Arc<Self>,
         count: usize,
         queue_size: usize,
+        local_ip: Ipv4Addr,
         budget: Arc<MemoryBudget>,
         counters: Arc<PipelineCounters>,
     ) -> Result<Publishers, PublishError> {
         let mut senders = Vec::with_capacity(count);
         let mut tasks = Vec::with_capacity(count);
         for index in 0..count {
-            let channel = self
-                .conn
-                .create_channel()
-                .await
-                .map_err(self.amqp(format!("opening channel for publisher {index}")))?;
-            if self.cfg.confirm {
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(self.amqp("turning on publisher confirms"))?;
-            }
+            let channel = {
+                let conn = self.conn.lock().await;
+                self.channel(&conn, index).await?
+            };
             let (tx, rx) = mpsc::channel(queue_size);
             let publisher = Publisher {
                 index,
-                channel,
-                exchange: self.cfg.exchange.clone(),
-                routing_key: self.cfg.routing_key.clone(),
-                confirm: self.cfg.confirm,
+                broker: self.clone(),
+                local_ip,
                 budget: budget.clone(),
                 counters: counters.clone(),
+                broken: HashSet::new(),
             };
-            tasks.push(tokio::spawn(publisher.run(rx)));
+            tasks.push(tokio::spawn(publisher.run(channel, rx)));
             senders.push(tx);
         }
         Ok(Publishers { senders, tasks })
     }
 
     /// Closes the connection politely (after the publishers finished).
-    pub async fn close(self) {
-        let _ = self.conn.close(200, "mrte-collector stopping".into()).await;
+    pub async fn close(&self) {
+        let conn = self.conn.lock().await;
+        let _ = conn.close(200, "mrte-collector stopping".into()).await;
     }
+}
+
+fn amqp(cfg: &BrokerConfig, what: impl Into<String>) -> impl FnOnce(lapin::Error) -> PublishError {
+    let addr = cfg.addr();
+    let what = what.into();
+    move |source| PublishError::Amqp { addr, what, source }
+}
+
+/// Connects and logs in, then checks the exchange.
+async fn open(cfg: &BrokerConfig) -> Result<Connection, PublishError> {
+    let addr = cfg.addr();
+    let uri = AMQPUri {
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: cfg.user.clone(),
+                password: cfg.password.clone(),
+            },
+            host: cfg.host.clone(),
+            port: cfg.port,
+        },
+        vhost: cfg.vhost.clone(),
+        query: AMQPQueryString {
+            connection_timeout: Some(cfg.connect_timeout.as_millis() as u64),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("mrte-collector pid {}", std::process::id()).into());
+    let conn = tokio::time::timeout(cfg.connect_timeout, Connection::connect_uri(uri, props))
+        .await
+        .map_err(|_| PublishError::Timeout {
+            addr: addr.clone(),
+            secs: cfg.connect_timeout.as_secs(),
+        })?
+        .map_err(|e| match amqp_kind(&e) {
+            Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => PublishError::LoginRefused {
+                addr: addr.clone(),
+                user: cfg.user.clone(),
+            },
+            Some(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)) => PublishError::VhostRefused {
+                addr: addr.clone(),
+                vhost: cfg.vhost.clone(),
+                user: cfg.user.clone(),
+            },
+            _ if e.is_io_error() => PublishError::Unreachable {
+                addr: addr.clone(),
+                cause: e,
+            },
+            _ => PublishError::Amqp {
+                addr: addr.clone(),
+                what: "connecting".into(),
+                source: e,
+            },
+        })?;
+    check_exchange(cfg, &conn).await?;
+    Ok(conn)
+}
+
+/// Checks (or with `declare`, creates) the exchange, and the queue with its binding.
+async fn check_exchange(cfg: &BrokerConfig, conn: &Connection) -> Result<(), PublishError> {
+    // The default exchange ("") always exists and cannot be declared.
+    if cfg.exchange.is_empty() && !cfg.declare {
+        return Ok(());
+    }
+    // A failed declare closes its channel: use one for the checks only.
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp(cfg, "opening a channel"))?;
+    let options = ExchangeDeclareOptions {
+        passive: !cfg.declare,
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        cfg.exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        options,
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| match amqp_kind(&e) {
+        Some(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => PublishError::ExchangeMissing {
+            addr: cfg.addr(),
+            vhost: cfg.vhost.clone(),
+            exchange: cfg.exchange.clone(),
+        },
+        _ => amqp(
+            cfg,
+            format!(
+                "declaring exchange {:?} (fanout, durable; an existing exchange of that name \
+                 must match)",
+                cfg.exchange
+            ),
+        )(e),
+    })?;
+    if let (true, Some(queue)) = (cfg.declare, &cfg.queue) {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .await
+            .map_err(amqp(cfg, format!("declaring queue {queue:?}")))?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            cfg.routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(
+            cfg,
+            format!("binding queue {queue:?} to exchange {:?}", cfg.exchange),
+        ))?;
+    }
+    let _ = ch.close(200, "checked".into()).await;
+    Ok(())
 }
 
 impl BrokerConfig {
@@ -352,9 +408,34 @@ pub struct Batch {
     units: u64,
     /// When the oldest unit went in: the batch leaves at the latest `max_wait` later.
     opened: Instant,
+    /// Bytes taken from the memory budget for it, given back once it is done with.
+    budgeted: u64,
+    /// Sessions whose units in batches of this publisher just before this one were dropped:
+    /// they end (COM_QUIT) before this batch.
+    lost: Vec<(Ipv4Addr, u16)>,
 }
 
 impl Batch {
+    fn new(local_ip: Ipv4Addr, capacity: usize, now: Instant) -> Self {
+        let mut buf = BytesMut::with_capacity(capacity + encode::UNIT_OVERHEAD * 2);
+        encode::put_message_header(&mut buf, local_ip);
+        Self {
+            buf,
+            units: 0,
+            opened: now,
+            budgeted: 0,
+            lost: Vec::new(),
+        }
+    }
+
+    /// The sessions of its units.
+    fn sessions(&self) -> impl Iterator<Item = (Ipv4Addr, u16)> {
+        let units = encode::decode_message(&self.buf)
+            .map(|m| m.units)
+            .unwrap_or_default();
+        units.into_iter().map(|u| (u.ip, u.port))
+    }
+
     pub fn units(&self) -> u64 {
         self.units
     }
@@ -399,6 +480,8 @@ impl Throttled {
 struct Lane {
     tx: mpsc::Sender<Batch>,
     open: Option<Batch>,
+    /// Sessions of dropped batches, for the next batch that gets through.
+    lost: HashSet<(Ipv4Addr, u16)>,
 }
 
 /// Spreads units over the publishers' queues, batching per publisher.
@@ -433,7 +516,11 @@ impl Fanout {
             local_ip,
             lanes: senders
                 .into_iter()
-                .map(|tx| Lane { tx, open: None })
+                .map(|tx| Lane {
+                    tx,
+                    open: None,
+                    lost: HashSet::new(),
+                })
                 .collect(),
             limits,
             budget,
@@ -448,16 +535,9 @@ impl Fanout {
         let lane = lane_of(IpAddr::V4(ip), port, self.lanes.len());
         let limits = self.limits;
         let local_ip = self.local_ip;
-        let batch = self.lanes[lane].open.get_or_insert_with(|| {
-            let mut buf =
-                BytesMut::with_capacity(limits.bytes.min(1 << 20) + encode::UNIT_OVERHEAD * 2);
-            encode::put_message_header(&mut buf, local_ip);
-            Batch {
-                buf,
-                units: 0,
-                opened: now,
-            }
-        });
+        let batch = self.lanes[lane]
+            .open
+            .get_or_insert_with(|| Batch::new(local_ip, limits.bytes.min(1 << 20), now));
         encode::put_unit(&mut batch.buf, ip, port, data);
         batch.units += 1;
         if batch.units > limits.segments || batch.buf.len() > limits.bytes {
@@ -487,9 +567,13 @@ impl Fanout {
         }
     }
 
-    /// Sends every open batch (at shutdown).
+    /// Sends every open batch (at shutdown), and the news of sessions dropped since the
+    /// last batch that got through.
     pub fn send_all(&mut self, now: Instant) {
         for lane in 0..self.lanes.len() {
+            if self.lanes[lane].open.is_none() && !self.lanes[lane].lost.is_empty() {
+                self.lanes[lane].open = Some(Batch::new(self.local_ip, 0, now));
+            }
             self.send(lane, now);
         }
     }
@@ -503,12 +587,14 @@ impl Fanout {
     }
 
     fn send(&mut self, lane: usize, now: Instant) {
-        let Some(batch) = self.lanes[lane].open.take() else {
+        let Some(mut batch) = self.lanes[lane].open.take() else {
             return;
         };
         let units = batch.units;
         let size = batch.buf.len() as u64;
+        batch.budgeted = size;
         if !self.budget.try_take(size) {
+            self.lanes[lane].lost.extend(batch.sessions());
             PipelineCounters::add(&self.counters.mem_limit, units);
             let (used, limit) = (self.budget.used(), self.budget.limit);
             self.mem_log.hit(now, |more| {
@@ -524,12 +610,20 @@ impl Fanout {
             });
             return;
         }
+        batch.lost = self.lanes[lane].lost.drain().collect();
         match self.lanes[lane].tx.try_send(batch) {
             Ok(()) => {}
             Err(e) => {
                 self.budget.give_back(size);
                 PipelineCounters::add(&self.counters.queue_full, units);
                 let closed = matches!(e, mpsc::error::TrySendError::Closed(_));
+                let batch = match e {
+                    mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+                };
+                let sessions = batch.sessions();
+                let lost = &mut self.lanes[lane].lost;
+                lost.extend(batch.lost.iter().copied());
+                lost.extend(sessions);
                 self.queue_full_log.hit(now, |more| {
                     tracing::warn!(
                         publisher = lane,
@@ -545,90 +639,226 @@ impl Fanout {
     }
 }
 
-/// Confirms awaited at once per publisher before it waits for the oldest.
+/// Messages awaiting their confirm per publisher, at most.
 const MAX_UNCONFIRMED: usize = 256;
 
 struct Publisher {
     index: usize,
-    channel: Channel,
-    exchange: String,
-    routing_key: String,
-    confirm: bool,
+    broker: Arc<Broker>,
+    /// LOCAL_IP of the synthetic messages it publishes itself.
+    local_ip: Ipv4Addr,
     budget: Arc<MemoryBudget>,
     counters: Arc<PipelineCounters>,
+    /// Sessions that lost units and got their COM_QUIT: their units are left out until one
+    /// starts a command.
+    broken: HashSet<(Ipv4Addr, u16)>,
 }
 
 impl Publisher {
-    async fn run(self, mut rx: mpsc::Receiver<Batch>) {
-        // What the original sent: text/plain, transient, no headers.
-        let props = BasicProperties::default()
-            .with_content_type("text/plain".into())
-            .with_delivery_mode(1);
-        let mut unconfirmed = FuturesUnordered::new();
+    async fn run(mut self, channel: Channel, mut rx: mpsc::Receiver<Batch>) {
+        let confirm = self.broker.cfg.confirm;
+        let mut channel = Some(channel);
+        // Batches to publish (again) before taking new ones, oldest first.
+        let mut retry: VecDeque<Batch> = VecDeque::new();
+        // Published, awaiting their confirm, in publish order (confirms come in that order).
+        let mut unconfirmed: VecDeque<(Batch, PublisherConfirm)> = VecDeque::new();
+        let mut closing = false;
         let mut errors = Throttled::default();
         loop {
-            tokio::select! {
-                Some((units, confirmed)) = unconfirmed.next(), if !unconfirmed.is_empty() => {
-                    self.confirmed(units, confirmed, &mut errors);
+            let ch = match &channel {
+                Some(ch) if ch.status().connected() => ch.clone(),
+                _ => {
+                    // What waited for a confirm on the broken channel may or may not have
+                    // arrived: publishing it again could repeat statements, so it counts as
+                    // lost and its sessions end there.
+                    if let Some(quits) = self.abandon(&mut unconfirmed) {
+                        retry.push_front(quits);
+                    }
+                    if closing && retry.is_empty() {
+                        break;
+                    }
+                    channel = Some(self.broker.reopen(self.index, &self.counters).await);
+                    continue;
                 }
-                batch = rx.recv(), if unconfirmed.len() < MAX_UNCONFIRMED => {
-                    let Some(batch) = batch else { break };
-                    let units = batch.units;
-                    let size = batch.buf.len() as u64;
-                    let sent = self
-                        .channel
-                        .basic_publish(
-                            self.exchange.as_str().into(),
-                            self.routing_key.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &batch.buf,
-                            props.clone(),
-                        )
-                        .await;
-                    self.budget.give_back(size);
-                    match sent {
-                        Ok(confirm) => {
-                            PipelineCounters::add(&self.counters.published_msgs, 1);
-                            PipelineCounters::add(&self.counters.published_units, units);
-                            PipelineCounters::add(&self.counters.published_bytes, size);
-                            if self.confirm {
-                                unconfirmed.push(async move { (units, confirm.await) });
+            };
+            if let Some(mut batch) = retry.pop_front() {
+                if !batch.lost.is_empty() {
+                    // Units of these sessions were dropped just before this batch.
+                    let quits = self.end_sessions(std::mem::take(&mut batch.lost));
+                    retry.push_front(batch);
+                    retry.push_front(quits);
+                    continue;
+                }
+                if unconfirmed.len() < MAX_UNCONFIRMED {
+                    if let Err(batch) = self.publish(&ch, batch, &mut unconfirmed).await {
+                        retry.push_front(batch);
+                        channel = None;
+                    }
+                    continue;
+                }
+                retry.push_front(batch);
+            }
+            if closing && retry.is_empty() && unconfirmed.is_empty() {
+                break;
+            }
+            tokio::select! {
+                confirmed = async { (&mut unconfirmed.front_mut().unwrap().1).await },
+                    if confirm && !unconfirmed.is_empty() =>
+                {
+                    match confirmed {
+                        Ok(c) => {
+                            let (batch, _) = unconfirmed.pop_front().unwrap();
+                            self.budget.give_back(batch.budgeted);
+                            if let Confirmation::Nack(_) = c {
+                                self.error("the broker nacked a message", &mut errors);
+                                let quits = self.lose(vec![batch]);
+                                retry.push_front(quits);
+                            } else {
+                                self.published(&batch);
                             }
                         }
-                        Err(e) => self.failed(units, &e.to_string(), &mut errors),
+                        // The channel broke (handled at the top of the loop).
+                        Err(e) => {
+                            self.error(&e.to_string(), &mut errors);
+                            channel = None;
+                        }
+                    }
+                }
+                batch = rx.recv(), if !closing && retry.is_empty() && unconfirmed.len() < MAX_UNCONFIRMED => {
+                    match batch {
+                        Some(batch) => retry.push_back(batch),
+                        None => closing = true,
                     }
                 }
             }
         }
-        while let Some((units, confirmed)) = unconfirmed.next().await {
-            self.confirmed(units, confirmed, &mut errors);
+    }
+
+    /// Publishes one batch (units of ended sessions left out); without confirms it is done
+    /// then. Gives the batch back if the channel failed.
+    async fn publish(
+        &mut self,
+        ch: &Channel,
+        batch: Batch,
+        unconfirmed: &mut VecDeque<(Batch, PublisherConfirm)>,
+    ) -> Result<(), Batch> {
+        let batch = self.leave_out_broken(batch);
+        if batch.units == 0 {
+            self.budget.give_back(batch.budgeted);
+            return Ok(());
+        }
+        // What the original sent: text/plain, transient, no headers.
+        let props = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_delivery_mode(1);
+        let cfg = &self.broker.cfg;
+        match ch
+            .basic_publish(
+                cfg.exchange.as_str().into(),
+                cfg.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &batch.buf,
+                props,
+            )
+            .await
+        {
+            Ok(confirm) if cfg.confirm => {
+                unconfirmed.push_back((batch, confirm));
+                Ok(())
+            }
+            Ok(_) => {
+                self.published(&batch);
+                self.budget.give_back(batch.budgeted);
+                Ok(())
+            }
+            Err(e) => {
+                self.error(&e.to_string(), &mut Throttled::default());
+                Err(batch)
+            }
         }
     }
 
-    fn confirmed(
-        &self,
-        units: u64,
-        confirmed: lapin::Result<Confirmation>,
-        errors: &mut Throttled,
-    ) {
-        match confirmed {
-            Ok(Confirmation::Nack(_)) => self.failed(units, "the broker nacked it", errors),
-            Ok(_) => {}
-            Err(e) => self.failed(units, &e.to_string(), errors),
-        }
+    fn published(&self, batch: &Batch) {
+        PipelineCounters::add(&self.counters.published_msgs, 1);
+        PipelineCounters::add(&self.counters.published_units, batch.units);
+        PipelineCounters::add(&self.counters.published_bytes, batch.buf.len() as u64);
     }
 
-    fn failed(&self, units: u64, why: &str, errors: &mut Throttled) {
+    /// Batches whose units are lost (refused, or unknown after a broken channel): counted,
+    /// and their sessions end; returns the message of COM_QUITs to publish first.
+    fn lose(&mut self, batches: Vec<Batch>) -> Batch {
+        let mut sessions = Vec::new();
+        for batch in &batches {
+            PipelineCounters::add(&self.counters.mq_error_units, batch.units);
+            sessions.extend(batch.sessions());
+        }
+        self.end_sessions(sessions)
+    }
+
+    fn abandon(&mut self, unconfirmed: &mut VecDeque<(Batch, PublisherConfirm)>) -> Option<Batch> {
+        if unconfirmed.is_empty() {
+            return None;
+        }
+        let batches: Vec<Batch> = unconfirmed.drain(..).map(|(b, _)| b).collect();
+        for b in &batches {
+            self.budget.give_back(b.budgeted);
+        }
+        Some(self.lose(batches))
+    }
+
+    fn error(&self, why: &str, errors: &mut Throttled) {
         PipelineCounters::add(&self.counters.mq_errors, 1);
-        PipelineCounters::add(&self.counters.mq_error_units, units);
         errors.hit(Instant::now(), |more| {
             tracing::error!(
                 publisher = self.index,
-                units,
                 similar_since_last_error = more,
                 "publishing a message failed: {why}"
             )
         });
+    }
+
+    /// A message of COM_QUITs for sessions that just lost units (those not ended already);
+    /// their later units are left out until one starts a command.
+    fn end_sessions(&mut self, sessions: Vec<(Ipv4Addr, u16)>) -> Batch {
+        let mut quits = Batch::new(self.local_ip, 0, Instant::now());
+        for s in sessions {
+            if self.broken.insert(s) {
+                encode::put_unit(&mut quits.buf, s.0, s.1, &encode::COM_QUIT);
+                quits.units += 1;
+            }
+        }
+        PipelineCounters::add(&self.counters.mq_lost_sessions, quits.units);
+        quits
+    }
+
+    fn leave_out_broken(&mut self, batch: Batch) -> Batch {
+        if self.broken.is_empty() {
+            return batch;
+        }
+        let Ok(m) = encode::decode_message(&batch.buf) else {
+            return batch;
+        };
+        let mut buf = BytesMut::with_capacity(batch.buf.len());
+        encode::put_message_header(&mut buf, m.local_ip);
+        let mut units = 0;
+        for u in &m.units {
+            let key = (u.ip, u.port);
+            if self.broken.contains(&key) {
+                if !starts_command(&u.data) {
+                    PipelineCounters::add(&self.counters.mq_lost_skipped, 1);
+                    continue;
+                }
+                // The consumer sees a new session from here.
+                self.broken.remove(&key);
+            }
+            encode::put_unit(&mut buf, u.ip, u.port, &u.data);
+            units += 1;
+        }
+        Batch {
+            buf,
+            units,
+            ..batch
+        }
     }
 }
 
@@ -735,13 +965,30 @@ mod tests {
             segments: 0,
             ..LIMITS
         };
-        let (mut f, _rxs, c) = fanout(1, 2, tiny, u64::MAX);
+        let (mut f, mut rxs, c) = fanout(1, 2, tiny, u64::MAX);
         let t = Instant::now();
         for _ in 0..5 {
             f.push(Ipv4Addr::LOCALHOST, 1, b"abc", t);
         }
         assert_eq!(c.load().queue_full, 3);
         assert_eq!(f.waiting(), 2);
+        // The next batch that gets through says which sessions lost units before it.
+        assert!(rxs[0].try_recv().unwrap().lost.is_empty());
+        assert!(rxs[0].try_recv().unwrap().lost.is_empty());
+        f.push(Ipv4Addr::LOCALHOST, 2, b"abc", t);
+        assert_eq!(rxs[0].try_recv().unwrap().lost, [(Ipv4Addr::LOCALHOST, 1)]);
+        // Also when nothing follows: at exit.
+        f.push(Ipv4Addr::LOCALHOST, 3, b"abc", t);
+        f.push(Ipv4Addr::LOCALHOST, 3, b"abc", t);
+        f.push(Ipv4Addr::LOCALHOST, 3, b"abc", t);
+        rxs[0].try_recv().unwrap();
+        rxs[0].try_recv().unwrap();
+        f.send_all(t);
+        let last = rxs[0].try_recv().unwrap();
+        assert_eq!(
+            (last.units, last.lost.as_slice()),
+            (0, &[(Ipv4Addr::LOCALHOST, 3)][..])
+        );
 
         // Two 4+17 byte messages fit in 50 bytes, the third does not.
         let (mut f, _rxs, c) = fanout(1, 100, tiny, 50);

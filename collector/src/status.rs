@@ -86,9 +86,16 @@ pipeline_counters! {
     published_msgs,
     published_units,
     published_bytes,
-    /// Failed publishes and nacks (MQError), and the units those messages held.
+    /// Failed publishes, nacks and failed reconnection attempts (MQError), and the units of
+    /// messages lost (nacked, or unconfirmed when the channel broke).
     mq_errors,
     mq_error_units,
+    /// Connections to the broker opened again after it went away.
+    mq_reconnects,
+    /// Sessions that lost units on the way to the broker (a dropped batch, a lost message):
+    /// each got a synthetic COM_QUIT there; their units skipped until the next command.
+    mq_lost_sessions,
+    mq_lost_skipped,
     /// Synthetic COM_INIT_DB units sent for sessions open before capture (bootstrap).
     bootstrap_units,
     /// Sessions not bootstrapped because they changed database while the process list was

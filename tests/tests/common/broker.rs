@@ -85,6 +85,54 @@ impl TestExchange {
         this
     }
 
+    /// A durable fanout exchange with a quorum queue bound to it: both, and every message in
+    /// the queue, survive a broker restart (`rabbitmqctl stop_app` / `start_app`).
+    pub fn durable(tag: &str) -> Self {
+        let this = Self::named(tag);
+        let (e, q) = (this.exchange.clone(), this.queue.clone());
+        on_own_runtime(async move {
+            let conn = connect().await;
+            let ch = conn.create_channel().await.unwrap();
+            ch.exchange_declare(
+                e.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+            ch.queue_bind(
+                q.as_str().into(),
+                e.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+            conn.close(200, "".into()).await.unwrap();
+        });
+        this
+    }
+
     /// Names only, for an exchange and queue that the agent creates (removed on drop too).
     pub fn named(tag: &str) -> Self {
         let exchange = super::unique(&format!("mrte_test_{tag}_"));
