@@ -286,10 +286,14 @@ impl Flows {
                 flow.ahead(end)
             };
         }
+        // Most segments neither carry nor follow a FIN: one lookup less for them.
+        let fin = flow.fin.is_some();
         if !data.is_empty() {
             self.take_data(key, seq, data, now, c, out);
         }
-        self.after_progress(key, now, c, out);
+        if fin {
+            self.after_progress(key, now, c, out);
+        }
     }
 
     /// The payload part of [`Self::accept`].
