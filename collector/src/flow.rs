@@ -267,7 +267,8 @@ impl Flows {
                 return;
             }
             let mut flow = Flow::new(seq, now);
-            flow.packets.replica = self.replicas.contains(&key.client);
+            flow.packets.replica =
+                !self.policy.include_replication && self.replicas.contains(&key.client);
             self.table.insert(key, flow);
         }
         let Some(flow) = self.table.get_mut(&key) else {
@@ -603,18 +604,20 @@ impl Flows {
     }
 
     /// The replicas' sessions in the process list (their binlog dump may have begun before
-    /// capture, unseen): everything of theirs is left out, unless `include_replication`.
-    pub fn set_replicas(&mut self, replicas: &HashSet<SessionKey>, ids: &HashSet<u64>) {
-        if self.policy.include_replication {
-            return;
-        }
-        self.policy.replica_ids.clone_from(ids);
-        for (key, flow) in &mut self.table {
-            if replicas.contains(&key.client) {
-                flow.packets.replica = true;
+    /// capture, unseen) and their dump threads' ids: everything of theirs is left out, unless
+    /// `include_replication`. Returns how many sessions were not replicas before.
+    pub fn set_replicas(&mut self, replicas: HashSet<SessionKey>, ids: HashSet<u64>) -> usize {
+        let new = replicas.difference(&self.replicas).count();
+        if !self.policy.include_replication {
+            for (key, flow) in &mut self.table {
+                if replicas.contains(&key.client) {
+                    flow.packets.replica = true;
+                }
             }
         }
-        self.replicas.clone_from(replicas);
+        self.replicas = replicas;
+        self.policy.replica_ids = ids;
+        new
     }
 
     /// Sessions with flow state.
@@ -983,7 +986,7 @@ mod tests {
         // A KILL of a replica's dump thread is left out; other KILLs are not.
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        f.set_replicas(&HashSet::new(), &[8].into());
+        f.set_replicas(HashSet::new(), [8].into());
         let kill_dump = packet(command::QUERY, b"KILL 8");
         let kill_other = packet(command::QUERY, b"kill connection 9");
         let got = feed(
@@ -997,7 +1000,7 @@ mod tests {
         // flow leaves everything out.
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        f.set_replicas(&[key().client].into(), &HashSet::new());
+        f.set_replicas([key().client].into(), HashSet::new());
         let got = feed(&mut f, &c, &[(0, &[ack.clone(), q.clone()].concat())]);
         assert!(got.is_empty());
         assert_eq!(c.load().semi_sync_acks, 1);

@@ -213,7 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!("{}", status.next(&now, last.elapsed()));
                 last = Instant::now();
-                pipeline.flows.expire(last, FLOW_IDLE, &counters);
+                pipeline.expire(last, FLOW_IDLE);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -25,6 +25,9 @@ use crate::{
 
 /// Longest a segment is held back while a process-list read decides on its session.
 const HOLD_MAX_TIME: Duration = Duration::from_secs(10);
+/// How long a session whose end was captured is kept from the GC without a process-list read
+/// showing it gone (MySQL down, or `--mysql_optional` without MySQL).
+const ENDED_LINGER: Duration = Duration::from_secs(10 * 60);
 /// Most payload bytes held back at once.
 const HOLD_MAX_BYTES: usize = 32 << 20;
 
@@ -61,11 +64,10 @@ pub struct Pipeline {
     hold: Hold,
     /// Sessions of the last process-list read, with their ids.
     known: HashMap<SessionKey, u64>,
-    /// Sessions whose connection ended (FIN/RST), with their id if known, until the process
-    /// list no longer shows them: the GC must not end them a second time.
-    ended: HashMap<SessionKey, Option<u64>>,
-    /// Replicas' connections of the last read.
-    replicas: HashSet<SessionKey>,
+    /// Sessions whose connection ended (FIN/RST), with their id if known and when, until the
+    /// process list no longer shows them (or [`ENDED_LINGER`] passed, when MySQL is not
+    /// read): the GC must not end them a second time.
+    ended: HashMap<SessionKey, (Option<u64>, Instant)>,
     /// Sessions read just before attaching, until the first read after.
     before: Option<HashMap<SessionKey, Session>>,
 }
@@ -93,7 +95,6 @@ impl Pipeline {
             },
             known: HashMap::new(),
             ended: HashMap::new(),
-            replicas: HashSet::new(),
             before: None,
         }
     }
@@ -106,6 +107,13 @@ impl Pipeline {
     /// The process list read just before attaching.
     pub fn set_before(&mut self, before: Snapshot) {
         self.before = Some(before.sessions);
+    }
+
+    /// Frees flows idle for `idle` and ended flows and sessions remembered long enough.
+    pub fn expire(&mut self, now: Instant, idle: Duration) {
+        self.flows.expire(now, idle, &self.counters);
+        self.ended
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < ENDED_LINGER);
     }
 
     /// When the next batch or held segment must leave.
@@ -145,12 +153,12 @@ impl Pipeline {
     fn apply(&mut self, pass: Pass, mut snap: Snapshot) {
         let c = self.counters.clone();
         self.place_unresolved(&mut snap);
-        let new_replicas = snap.replication.difference(&self.replicas).count();
-        PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
         // Replicas whose COM_BINLOG_DUMP was before capture: their flows learn it here.
-        self.flows
-            .set_replicas(&snap.replication, &snap.replication_ids);
-        self.replicas = snap.replication;
+        let new_replicas = self.flows.set_replicas(
+            std::mem::take(&mut snap.replication),
+            std::mem::take(&mut snap.replication_ids),
+        );
+        PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
         if snap.own.is_some() {
             self.own = snap.own;
         }
@@ -249,7 +257,7 @@ impl Pipeline {
         }
         // A session whose end was captured may still be listed for a moment; a new session
         // on its address has another id.
-        self.ended.retain(|key, id| {
+        self.ended.retain(|key, (id, _)| {
             snap.sessions
                 .get(key)
                 .is_some_and(|s| id.is_none_or(|id| id == s.id))
@@ -368,7 +376,6 @@ impl Pipeline {
             client: (r.src, r.sport),
             server: (r.dst, r.dport),
         };
-
         let seg = Segment::new(r.seq, r.offset, r.segment_len, r.tcp_flags, r.data);
         let mut out = std::mem::take(&mut self.out);
         self.flows
@@ -401,7 +408,7 @@ impl Pipeline {
                 // session the bootstrap gave a database ends for the consumer too.
                 let id = self.known.remove(&session);
                 let known = id.is_some();
-                self.ended.insert(session, id);
+                self.ended.insert(session, (id, self.now));
                 self.hold.pending.remove(&session);
                 if known && !ended {
                     self.fanout.push(ip, session.1, &encode::COM_QUIT, self.now);

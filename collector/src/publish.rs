@@ -690,7 +690,10 @@ impl Publisher {
                     continue;
                 }
                 if unconfirmed.len() < MAX_UNCONFIRMED {
-                    if let Err(batch) = self.publish(&ch, batch, &mut unconfirmed).await {
+                    if let Err(batch) = self
+                        .publish(&ch, batch, &mut unconfirmed, &mut errors)
+                        .await
+                    {
                         retry.push_front(batch);
                         channel = None;
                     }
@@ -741,6 +744,7 @@ impl Publisher {
         ch: &Channel,
         batch: Batch,
         unconfirmed: &mut VecDeque<(Batch, PublisherConfirm)>,
+        errors: &mut Throttled,
     ) -> Result<(), Batch> {
         let batch = self.leave_out_broken(batch);
         if batch.units == 0 {
@@ -772,7 +776,7 @@ impl Publisher {
                 Ok(())
             }
             Err(e) => {
-                self.error(&e.to_string(), &mut Throttled::default());
+                self.error(&e.to_string(), errors);
                 Err(batch)
             }
         }

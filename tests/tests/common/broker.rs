@@ -51,43 +51,16 @@ async fn connect() -> Connection {
 impl TestExchange {
     /// A fresh fanout exchange with a queue bound to it.
     pub fn new(tag: &str) -> Self {
-        let this = Self::named(tag);
-        let (e, q) = (this.exchange.clone(), this.queue.clone());
-        on_own_runtime(async move {
-            let conn = connect().await;
-            let ch = conn.create_channel().await.unwrap();
-            ch.exchange_declare(
-                e.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-            ch.queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-            ch.queue_bind(
-                q.as_str().into(),
-                e.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-            conn.close(200, "".into()).await.unwrap();
-        });
-        this
+        Self::declared(tag, false)
     }
 
     /// A durable fanout exchange with a quorum queue bound to it: both, and every message in
     /// the queue, survive a broker restart (`rabbitmqctl stop_app` / `start_app`).
     pub fn durable(tag: &str) -> Self {
+        Self::declared(tag, true)
+    }
+
+    fn declared(tag: &str, durable: bool) -> Self {
         let this = Self::named(tag);
         let (e, q) = (this.exchange.clone(), this.queue.clone());
         on_own_runtime(async move {
@@ -97,7 +70,7 @@ impl TestExchange {
                 e.as_str().into(),
                 ExchangeKind::Fanout,
                 ExchangeDeclareOptions {
-                    durable: true,
+                    durable,
                     ..Default::default()
                 },
                 FieldTable::default(),
@@ -105,14 +78,16 @@ impl TestExchange {
             .await
             .unwrap();
             let mut args = FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                lapin::types::AMQPValue::LongString("quorum".into()),
-            );
+            if durable {
+                args.insert(
+                    "x-queue-type".into(),
+                    lapin::types::AMQPValue::LongString("quorum".into()),
+                );
+            }
             ch.queue_declare(
                 q.as_str().into(),
                 QueueDeclareOptions {
-                    durable: true,
+                    durable,
                     ..Default::default()
                 },
                 args,
