@@ -13,7 +13,7 @@ pub const MAX_PORTS: usize = 16;
 pub const PORT_MAP_ENTRIES: u32 = 65536;
 
 /// Default ring buffer size (bytes, a power-of-two multiple of the page size).
-pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
 /// Link-layer framing of the captured interface, set by the agent as a load-time constant.
 #[repr(u8)]

@@ -151,7 +151,7 @@ pub struct Cli {
     pub gc_interval: u64,
 
     /// Kernel ring buffer size in MiB (a power of two).
-    #[arg(long, default_value_t = 64, value_parser = ring_mb, help_heading = "Capture")]
+    #[arg(long, default_value_t = 8, value_parser = ring_mb, help_heading = "Capture")]
     pub ring_buffer_mb: u32,
 
     /// How to attach: tcx (kernel 6.6+, detached by the kernel if the agent dies), netlink

@@ -201,7 +201,6 @@ impl Flow {
 }
 
 /// The flow table.
-#[derive(Default)]
 pub struct Flows {
     table: HashMap<FlowKey, Flow>,
     /// Replicas' sessions the process list shows.
@@ -209,20 +208,39 @@ pub struct Flows {
     /// Ended flows, by the sequence number after their last byte, and when they ended.
     closed: HashMap<FlowKey, (u32, Instant)>,
     pending_bytes: usize,
+    /// Most bytes waiting behind gaps, in all flows ([`TOTAL_PENDING_MAX`] unless the memory
+    /// plan gives less).
+    pending_max: usize,
     policy: Policy,
     /// No gap times out before this (it may be early: a gap can close before its deadline).
     next_gap: Option<Instant>,
 }
 
+impl Default for Flows {
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
 impl Flows {
     pub fn new(include_replication: bool) -> Self {
         Self {
+            table: HashMap::new(),
+            replicas: HashSet::new(),
+            closed: HashMap::new(),
+            pending_bytes: 0,
+            pending_max: TOTAL_PENDING_MAX,
             policy: Policy {
                 include_replication,
                 ..Default::default()
             },
-            ..Default::default()
+            next_gap: None,
         }
+    }
+
+    /// Lowers the cap of the bytes waiting behind gaps (the memory plan's share).
+    pub fn set_pending_max(&mut self, max: usize) {
+        self.pending_max = max.min(TOTAL_PENDING_MAX);
     }
 
     /// Takes a segment of `key`'s stream; appends what can be published now to `out`.
@@ -315,6 +333,9 @@ impl Flows {
             let longer = flow.pending.get(&at).is_none_or(|d| d.len() < data.len());
             if longer {
                 let len = data.len();
+                // A copy: the slice would keep its whole arena chunk (1 MiB) alive while it
+                // waits, which the byte count would not show.
+                let data = Bytes::copy_from_slice(&data);
                 if let Some(old) = flow.pending.insert(at, data) {
                     flow.pending_bytes -= old.len();
                     self.pending_bytes -= old.len();
@@ -325,8 +346,8 @@ impl Flows {
                 PipelineCounters::add(&c.retransmitted, 1);
                 PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
             }
-            let over =
-                flow.pending_bytes > FLOW_PENDING_MAX || self.pending_bytes > TOTAL_PENDING_MAX;
+            let over = flow.pending_bytes > FLOW_PENDING_MAX.min(self.pending_max)
+                || self.pending_bytes > self.pending_max;
             self.gap_opened(key, now, c);
             if over {
                 PipelineCounters::add(&c.gap_overflow, 1);

@@ -7,8 +7,9 @@ use collector::{
     capture::{self, Capture, CaptureConfig},
     cli::Cli,
     flow::{Flows, SessionKey},
+    memory::{self, MemoryBudget, MemoryPlan},
     pipeline::Pipeline,
-    publish::{BatchLimits, Broker, BrokerConfig, Fanout, MemoryBudget},
+    publish::{BatchLimits, Broker, BrokerConfig, Fanout},
     status::{PipelineCounters, StatusLine, Totals, if_rx_dropped},
 };
 use collector_common::Counters;
@@ -64,6 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // Everything that can be wrong with the input is found before the program is attached.
     cfg.check()?;
+    let plan = MemoryPlan::new(cli.max_mem_mb, cli.ring_buffer_mb.into(), cfg.transport)?;
+    tracing::debug!(?plan, "memory plan");
     let local_ip = match cli.local_ip {
         Some(ip) => ip,
         None => capture::interface_ipv4(&cli.interface)?,
@@ -119,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     let counters = Arc::new(PipelineCounters::default());
-    let budget = Arc::new(MemoryBudget::new(cli.max_mem_mb << 20));
+    let budget = Arc::new(MemoryBudget::new(plan.queues));
     let mut publishers = broker
         .start_publishers(
             cli.thread_count.into(),
@@ -138,13 +141,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         local_ip,
         std::mem::take(&mut publishers.senders),
         limits,
-        budget,
+        budget.clone(),
         counters.clone(),
     );
     // Everything captured is held until the first process-list read has put each session's
     // COM_INIT_DB in front of it.
     let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cli.include_replication);
     pipeline.set_own(own);
+    pipeline.set_memory(&plan);
 
     // The process list as capture begins: the database of sessions that change it, or end,
     // before the first read after attaching.
@@ -175,6 +179,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         waiting,
         flows: flows.len() as u64,
         reorder_bytes: flows.pending_bytes() as u64,
+        queued_bytes: budget.used(),
+        rss: memory::rss(),
     };
 
     let (events_tx, mut events) = mpsc::unbounded_channel();

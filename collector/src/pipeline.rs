@@ -18,6 +18,7 @@ use crate::{
     capture::{Record, RecordSink},
     encode,
     flow::{FlowKey, Flows, Output, Segment, SessionKey},
+    memory::MemoryPlan,
     protocol::{changes_database, is_handshake_response},
     publish::Fanout,
     status::PipelineCounters,
@@ -28,8 +29,11 @@ const HOLD_MAX_TIME: Duration = Duration::from_secs(10);
 /// How long a session whose end was captured is kept from the GC without a process-list read
 /// showing it gone (MySQL down, or `--mysql_optional` without MySQL).
 const ENDED_LINGER: Duration = Duration::from_secs(10 * 60);
-/// Most payload bytes held back at once.
+/// What a held segment costs beyond its payload: the record, and its slot in the hold's
+/// vector (which grows by doubling).
+/// Most bytes held back at once unless the memory plan gives less.
 const HOLD_MAX_BYTES: usize = 32 << 20;
+const HELD_OVERHEAD: usize = 2 * std::mem::size_of::<Record>();
 
 /// Segments held back until the bootstrap has decided on their sessions: every segment while
 /// a read is under way (`all`), and the segments of sessions that were mid-handshake at the
@@ -39,7 +43,9 @@ struct Hold {
     all: bool,
     pending: HashSet<SessionKey>,
     records: Vec<Record>,
+    /// Payload and overhead of the held records, against `max` (the memory plan's share).
     bytes: usize,
+    max: usize,
     since: Option<Instant>,
 }
 
@@ -91,12 +97,19 @@ impl Pipeline {
             hold: Hold {
                 all: hold,
                 since: hold.then_some(now),
+                max: HOLD_MAX_BYTES,
                 ..Default::default()
             },
             known: HashMap::new(),
             ended: HashMap::new(),
             before: None,
         }
+    }
+
+    /// The memory plan's shares of the hold and of the bytes waiting behind gaps.
+    pub fn set_memory(&mut self, plan: &MemoryPlan) {
+        self.hold.max = plan.hold as usize;
+        self.flows.set_pending_max(plan.reorder as usize);
     }
 
     /// The collector's own MySQL connection, known before capture starts.
@@ -330,7 +343,7 @@ impl Pipeline {
         self.hold.bytes = 0;
         for r in records {
             if self.hold.holds(&(r.src, r.sport)) {
-                self.hold.bytes += r.data.len();
+                self.hold.bytes += r.data.len() + HELD_OVERHEAD;
                 self.hold.records.push(r);
             } else {
                 self.deliver(r);
@@ -442,10 +455,10 @@ impl RecordSink for Pipeline {
                 self.deliver(r);
                 return;
             }
-            self.hold.bytes += r.data.len();
+            self.hold.bytes += r.data.len() + HELD_OVERHEAD;
             self.hold.since.get_or_insert(self.now);
             self.hold.records.push(r);
-            if self.hold.bytes > HOLD_MAX_BYTES {
+            if self.hold.bytes > self.hold.max {
                 self.overflow();
             }
             return;
@@ -469,7 +482,8 @@ mod tests {
         use super::super::*;
         use crate::{
             encode::{COM_QUIT, com_init_db, decode_message},
-            publish::{Batch, BatchLimits, MemoryBudget},
+            memory::MemoryBudget,
+            publish::{Batch, BatchLimits},
         };
 
         fn pipeline() -> (Pipeline, mpsc::Receiver<Batch>, Arc<PipelineCounters>) {

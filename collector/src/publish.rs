@@ -16,10 +16,7 @@
 use std::{
     collections::{HashSet, VecDeque},
     net::{IpAddr, Ipv4Addr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -37,7 +34,7 @@ use lapin::{
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
-use crate::{encode, protocol::starts_command, status::PipelineCounters};
+use crate::{encode, memory::MemoryBudget, protocol::starts_command, status::PipelineCounters};
 
 /// Where and how to publish.
 #[derive(Clone, Debug)]
@@ -369,38 +366,6 @@ impl Publishers {
     }
 }
 
-/// Bytes queued for the broker, against `--max_mem_mb`.
-#[derive(Debug)]
-pub struct MemoryBudget {
-    used: AtomicU64,
-    limit: u64,
-}
-
-impl MemoryBudget {
-    pub fn new(limit: u64) -> Self {
-        Self {
-            used: AtomicU64::new(0),
-            limit,
-        }
-    }
-
-    fn try_take(&self, n: u64) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u + n <= self.limit).then_some(u + n)
-            })
-            .is_ok()
-    }
-
-    fn give_back(&self, n: u64) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
-    }
-
-    pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-}
-
 /// One message being filled: `LOCAL_IP` then units.
 #[derive(Debug)]
 pub struct Batch {
@@ -591,7 +556,13 @@ impl Fanout {
             return;
         };
         let units = batch.units;
-        let size = batch.buf.len() as u64;
+        // A batch sent early (by time) holds a buffer sized for a full one: queued like
+        // that, a stalled broker would pin ~32 KiB per few units. It is copied to its size.
+        if batch.buf.capacity() > 2 * batch.buf.len() {
+            batch.buf = BytesMut::from(&batch.buf[..]);
+        }
+        // What the allocator holds for it, not just its length.
+        let size = batch.buf.capacity() as u64;
         batch.budgeted = size;
         if !self.budget.try_take(size) {
             self.lanes[lane].lost.extend(batch.sessions());

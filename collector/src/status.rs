@@ -141,6 +141,10 @@ pub struct Totals {
     /// Sessions in the flow table, and bytes waiting behind gaps in it (gauges).
     pub flows: u64,
     pub reorder_bytes: u64,
+    /// Bytes of the batches queued for the broker, against the memory plan's share (a gauge).
+    pub queued_bytes: u64,
+    /// The process's resident set now and at its peak (VmRSS, VmHWM).
+    pub rss: (u64, u64),
 }
 
 impl Totals {
@@ -208,7 +212,7 @@ impl StatusLine {
 
     pub fn header() -> String {
         format!(
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}{:>10}{:>7}",
             "DateTime",
             "TotalPacket",
             "ValidPacket",
@@ -228,6 +232,8 @@ impl StatusLine {
             "ReorderKB",
             "GapLost",
             "Closed",
+            "QueuedKB",
+            "RssMB",
         )
     }
 
@@ -243,7 +249,7 @@ impl StatusLine {
         }
         let _ = write!(
             out,
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}",
+            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}{:>10}{:>7}",
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
             rate(now.total_packets(), p.total_packets()),
             rate(now.valid_packets(), p.valid_packets()),
@@ -269,6 +275,8 @@ impl StatusLine {
             now.reorder_bytes / 1024,
             rate(now.gaps_lost(), p.gaps_lost()),
             rate(now.closed(), p.closed()),
+            now.queued_bytes / 1024,
+            now.rss.0 >> 20,
         );
         self.lines += 1;
         self.prev = now.clone();
@@ -287,6 +295,9 @@ impl StatusLine {
             now.waiting,
             now.mq_errors(),
         );
+        if now.rss.1 != 0 {
+            let _ = write!(out, " rss_peak_mb={}", now.rss.1 >> 20);
+        }
         let kernel = Counter::ALL.iter().map(|&c| (c.name(), now.kernel.get(c)));
         let drain = [("lost", now.drain.lost), ("malformed", now.drain.malformed)];
         for (name, v) in kernel.chain(drain).chain(now.pipeline.named()) {
@@ -327,7 +338,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0"
         );
         // The header comes back every 20 lines.
         for _ in 0..19 {

@@ -99,6 +99,13 @@ fn bad_input_says_what_to_fix() {
         &["--interface=lo", "--snapshot_len=10"],
         &["--snapshot_len", "4096..=65535"],
     );
+    fails_with(
+        &["--interface=lo", "--max_mem_mb=64", "--ring_buffer_mb=64"],
+        &[
+            "--max_mem_mb 64 is too small",
+            "Raise --max_mem_mb to 172 or more",
+        ],
+    );
     fails_with(&["--interface=lo", "--no_such_flag=1"], &["--no_such_flag"]);
     fails_with(&[], &["--interface"]);
 }

@@ -1,7 +1,9 @@
-//! The broker stopped for 20 s under steady load, then started again: the agent stays up,
+//! Broker faults under load. Stopped for 20 s, then started again: the agent stays up,
 //! reports the errors and the drops, reconnects by itself, delivers every session that lost
 //! nothing complete, and ends each session that lost units with a COM_QUIT at the loss,
-//! resuming it only at a command.
+//! resuming it only at a command. Stalled (RabbitMQ's memory alarm blocks publishers) while
+//! the load runs far past what the budget holds: the agent's RSS stays under `--max_mem_mb`,
+//! and publishing resumes when the broker does.
 
 mod common;
 
@@ -37,6 +39,59 @@ impl Drop for StoppedBroker {
         let _ = Command::new("rabbitmqctl")
             .args(["-q", "await_startup"])
             .status();
+    }
+}
+
+/// RabbitMQ's memory alarm raised (it blocks every publishing connection) until dropped, also
+/// when the test fails; the high watermark is put back as it was.
+struct StalledBroker {
+    watermark: String,
+}
+
+impl StalledBroker {
+    fn stall() -> Self {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                "vm_memory_monitor:get_vm_memory_high_watermark().",
+            ])
+            .output()
+            .unwrap();
+        let watermark = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert!(watermark.parse::<f64>().is_ok(), "watermark: {watermark:?}");
+        sh(&[
+            "rabbitmqctl",
+            "-q",
+            "set_vm_memory_high_watermark",
+            "0.00001",
+        ]);
+        let start = Instant::now();
+        while !Self::alarmed() {
+            assert!(start.elapsed() < Duration::from_secs(20), "no memory alarm");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { watermark }
+    }
+
+    fn alarmed() -> bool {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "eval", "rabbit_alarm:get_alarms()."])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("memory")
+    }
+}
+
+impl Drop for StalledBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "set_vm_memory_high_watermark", &self.watermark])
+            .status();
+        let start = Instant::now();
+        while Self::alarmed() && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -172,5 +227,104 @@ async fn a_broker_outage_is_survived_and_no_session_has_a_silent_hole() {
     }
     assert!(quits_at_losses >= 1, "some session lost units: {stdout}");
     assert_eq!(get("mq_lost_sessions"), quits_at_losses, "{stdout}");
+    drop(sink);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_broker_keeps_rss_under_max_mem_mb() {
+    const MAX_MEM_MB: u64 = 64;
+    let mq = TestExchange::new("stall");
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap()).await;
+    let mut agent = Agent::start(&[
+        "--interface=lo",
+        &format!("--port={}", sink.addr.port()),
+        &format!("--rabbitmq_exchange_name={}", mq.exchange),
+        &format!("--max_mem_mb={MAX_MEM_MB}"),
+        // Queues long enough that the memory budget, not their length, is what stops them.
+        "--queue_size=5000",
+        "--mysql_optional",
+        "--mysql_port=1",
+        "--status_interval=1",
+    ]);
+    agent.wait_attached();
+    let idle = agent.proc_status_bytes("VmRSS");
+
+    // 4 connections writing 16 KiB packets as fast as they can for 6 s: gigabytes, while
+    // the broker takes nothing.
+    let stalled = tokio::task::block_in_place(StalledBroker::stall);
+    let addr = sink.addr;
+    let sent: u64 = tokio::task::block_in_place(|| {
+        let blasters: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut c = std::net::TcpStream::connect(addr).unwrap();
+                    let mut p = query(0, 0);
+                    p.resize(16 << 10, b'x');
+                    p[..3].copy_from_slice(&((16 << 10) as u32 - 4).to_le_bytes()[..3]);
+                    let start = Instant::now();
+                    let mut sent = 0u64;
+                    while start.elapsed() < Duration::from_secs(6) {
+                        c.write_all(&p).unwrap();
+                        sent += p.len() as u64;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        blasters.into_iter().map(|b| b.join().unwrap()).sum()
+    });
+    let peak = agent.proc_status_bytes("VmHWM");
+    drop(stalled);
+
+    // Publishing resumes by itself: a query sent now reaches the queue.
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(&query(1, 1)).unwrap();
+    let port = c.local_addr().unwrap().port();
+    let start = Instant::now();
+    let mut delivered = false;
+    while !delivered && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        delivered = mq.units_by_port().contains_key(&port);
+    }
+    let stdout = agent.stop();
+    let t = totals(&stdout);
+    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    eprintln!(
+        "sent {} MiB; RSS idle {} MiB, peak {} MiB, budget {MAX_MEM_MB} MiB",
+        sent >> 20,
+        idle >> 20,
+        peak >> 20
+    );
+    assert!(
+        delivered,
+        "nothing published after the broker came back: {stdout}"
+    );
+    assert!(get("mem_limit") > 0, "the budget was reached: {stdout}");
+    assert!(
+        sent > 4 * (MAX_MEM_MB << 20),
+        "the load exceeded the budget many times"
+    );
+    assert!(
+        peak <= MAX_MEM_MB << 20,
+        "peak RSS {} KiB over --max_mem_mb={MAX_MEM_MB}: {stdout}",
+        peak >> 10
+    );
+    // The status line shows the memory: RssMB, the last column, within the budget.
+    let rss_column: Vec<u64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("20"))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    assert!(!rss_column.is_empty(), "{stdout}");
+    assert!(
+        rss_column.iter().all(|&mb| mb > 0 && mb <= MAX_MEM_MB),
+        "{rss_column:?}"
+    );
+    // The exit summary's peak (taken later, so no lower) is within the budget too.
+    let summary_peak = get("rss_peak_mb");
+    assert!(
+        summary_peak >= peak >> 20 && summary_peak <= MAX_MEM_MB,
+        "{stdout}"
+    );
     drop(sink);
 }

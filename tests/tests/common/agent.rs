@@ -132,6 +132,25 @@ impl Agent {
         all
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// A line of the agent's /proc status (e.g. `VmHWM`), in bytes.
+    pub fn proc_status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap();
+        kb << 10
+    }
+
     pub fn signal(&self, sig: Signal) {
         let pid = self.child.as_ref().unwrap().id() as i32;
         nix::sys::signal::kill(Pid::from_raw(pid), sig).unwrap();
