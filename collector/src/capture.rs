@@ -25,7 +25,7 @@ use aya::{
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
-        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError, qdisc_add_clsact},
     },
 };
 use bytes::{Bytes, BytesMut};
@@ -377,7 +377,13 @@ impl Capture {
         }
     }
 
-    /// Detaches the program (and removes a clsact qdisc this agent added).
+    /// Whether attaching added the clsact qdisc (netlink mode), which detaching removes.
+    pub fn added_clsact(&self) -> bool {
+        self.added_clsact
+    }
+
+    /// Detaches the program (and removes a clsact qdisc this agent added, unless another
+    /// filter is on it).
     pub fn detach(mut self) -> Result<(), CaptureError> {
         self.detach_inner()
     }
@@ -394,7 +400,7 @@ impl Capture {
         }
         if self.added_clsact {
             self.added_clsact = false;
-            remove_clsact(&self.interface);
+            remove_clsact_if_unused(&self.interface);
         }
         Ok(())
     }
@@ -450,9 +456,7 @@ fn attach_program(
     // clsact already present (another tool's, or ours from a previous run) is left as found.
     let added_clsact = match qdisc_add_clsact(interface) {
         Ok(()) => true,
-        Err(aya::programs::tc::TcError::IoError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-            false
-        }
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
         Err(e) => {
             return Err(CaptureError::Attach {
                 interface: interface.into(),
@@ -469,7 +473,7 @@ fn attach_program(
         Ok(link) => Ok((link, "netlink", added_clsact)),
         Err(source) => {
             if added_clsact {
-                remove_clsact(interface);
+                remove_clsact_if_unused(interface);
             }
             Err(CaptureError::Attach {
                 interface: interface.into(),
@@ -480,16 +484,46 @@ fn attach_program(
     }
 }
 
-/// aya adds a clsact qdisc but has no call to remove one; iproute2's `tc` does.
-fn remove_clsact(interface: &str) {
-    match Command::new("tc")
-        .args(["qdisc", "del", "dev", interface, "clsact"])
-        .status()
-    {
-        Ok(s) if s.success() => tracing::info!(interface, "removed the clsact qdisc we added"),
-        Ok(s) => tracing::warn!(interface, "tc qdisc del clsact exited with {s}"),
-        Err(e) => tracing::warn!(interface, "could not run tc to remove clsact: {e}"),
+/// Removes the interface's clsact qdisc unless a filter (anyone's) is still on it: `Some(true)`
+/// removed, `Some(false)` in use and left, `None` not there (or `tc` failed: logged). aya adds a
+/// clsact qdisc but has no call to remove one; iproute2's `tc` does.
+pub fn remove_clsact_if_unused(interface: &str) -> Option<bool> {
+    let tc = |args: &[&str]| -> Option<String> {
+        match Command::new("tc").args(args).output() {
+            Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+            Ok(o) => {
+                tracing::warn!(
+                    interface,
+                    "tc {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(interface, "could not run tc to remove clsact: {e}");
+                None
+            }
+        }
+    };
+    if !tc(&["qdisc", "show", "dev", interface])?.contains("clsact") {
+        return None;
     }
+    for side in ["ingress", "egress"] {
+        if !tc(&["filter", "show", "dev", interface, side])?
+            .trim()
+            .is_empty()
+        {
+            tracing::info!(
+                interface,
+                "left the clsact qdisc we added: another filter uses it"
+            );
+            return Some(false);
+        }
+    }
+    tc(&["qdisc", "del", "dev", interface, "clsact"])?;
+    tracing::info!(interface, "removed the clsact qdisc we added");
+    Some(true)
 }
 
 /// Reads the effective capability set: loading needs CAP_BPF (or CAP_SYS_ADMIN) and attaching

@@ -14,6 +14,7 @@
 //! - [`protocol`]: MySQL packet framing, command bytes, the handshake response.
 //! - [`encode`]: the MRTE wire format, encoder and decoder.
 //! - [`publish`]: RabbitMQ connection and checks, fan-out, batching, publisher tasks.
+//! - [`instance`]: one agent per interface (a lock), and clean-up after one that died.
 //! - [`memory`]: how `--max_mem_mb` is split between the buffers, the budget they take from.
 //! - [`status`]: the counters and the periodic status line.
 //! - [`cli`]: command-line flags.
@@ -22,6 +23,7 @@ pub mod capture;
 pub mod cli;
 pub mod encode;
 pub mod flow;
+pub mod instance;
 pub mod memory;
 pub mod pipeline;
 pub mod protocol;

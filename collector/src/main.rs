@@ -7,6 +7,7 @@ use collector::{
     capture::{self, Capture, CaptureConfig},
     cli::Cli,
     flow::{Flows, SessionKey},
+    instance::Instance,
     memory::{self, MemoryBudget, MemoryPlan},
     pipeline::Pipeline,
     publish::{BatchLimits, Broker, BrokerConfig, Fanout},
@@ -62,11 +63,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // Installed before anything is attached: without a handler, a SIGUSR1 or a hangup (the
+    // terminal closed) would end the agent on the spot.
+    let mut sigusr1 =
+        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     // Everything that can be wrong with the input is found before the program is attached.
     cfg.check()?;
     let plan = MemoryPlan::new(cli.max_mem_mb, cli.ring_buffer_mb.into(), cfg.transport)?;
     tracing::debug!(?plan, "memory plan");
+    // One agent per interface; what one that died left in the kernel goes before we attach.
+    let mut instance = Instance::acquire(&cfg.interface, &cfg.ports)?;
+    instance.clean_up();
     let local_ip = match cli.local_ip {
         Some(ip) => ip,
         None => capture::interface_ipv4(&cli.interface)?,
@@ -162,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     let mut capture = Capture::attach(&cfg)?;
+    instance.attached(capture.added_clsact());
     let stats_fd = if cli.bpf_stats {
         Some(capture::enable_bpf_stats().context("enabling BPF run-time statistics")?)
     } else {
@@ -192,13 +202,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         again_rx,
         counters.clone(),
     ));
-    let mut sigusr1 =
-        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
 
     let mut status = StatusLine::new();
     let period = Duration::from_secs(cli.status_interval);
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     let mut last = Instant::now();
+    let mut status_due = false;
     loop {
         let due = pipeline.next_due();
         tokio::select! {
@@ -211,18 +220,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("SIGUSR1: sending the session bootstrap again");
                 let _ = again_tx.send(());
             }
-            _ = ticker.tick() => {
-                let now = totals(
-                    capture.read_counters()?,
-                    pipeline.fanout.waiting(),
-                    &pipeline.flows,
+            _ = ticker.tick() => status_due = true,
+            _ = sighup.recv() => {
+                tracing::info!(
+                    "SIGHUP: a status line now; nothing is re-read (restart the agent to change \
+                     its flags)"
                 );
-                println!("{}", status.next(&now, last.elapsed()));
-                last = Instant::now();
-                pipeline.expire(last, FLOW_IDLE);
+                status_due = true;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+        }
+        if std::mem::take(&mut status_due) {
+            let now = totals(
+                capture.read_counters()?,
+                pipeline.fanout.waiting(),
+                &pipeline.flows,
+            );
+            print_status(&status.next(&now, last.elapsed()));
+            last = Instant::now();
+            pipeline.expire(last, FLOW_IDLE);
         }
     }
     drain.drain_now(&mut pipeline);
@@ -239,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     capture.detach()?;
+    instance.release();
     bootstrap.abort();
 
     // What was captured is published before the agent exits.
@@ -261,8 +279,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!("the broker did not confirm the connection close within 3 s");
     }
     let end = totals(kernel, if late > 0 { waiting } else { 0 }, &flows);
-    println!("{}{kernel_cost}", StatusLine::summary(&end));
+    print_status(&format!("{}{kernel_cost}", StatusLine::summary(&end)));
     Ok(())
+}
+
+/// Writes a status line to stdout. A closed stdout (the terminal gone, a reader that quit)
+/// must not stop the capture, as `println!` would by panicking.
+fn print_status(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        tracing::debug!("stdout is closed; status line not printed");
+    }
 }
 
 /// Connects to MySQL and reads the process list once: the credentials and the PROCESS

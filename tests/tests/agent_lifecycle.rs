@@ -153,3 +153,160 @@ fn netlink_mode_removes_its_filter_and_qdisc() {
     assert_eq!(tc_show(&["filter", "show", "dev", &ns.host, "ingress"]), "");
     assert!(!tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
 }
+
+#[test]
+fn a_second_agent_on_the_same_interface_is_refused() {
+    let mq = TestExchange::new("second");
+    let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
+    let before = ours_attached("lo");
+    let mut first = Agent::start(&["--interface=lo", "--port=3306", &exchange]);
+    first.wait_attached();
+    // Another port on the same interface: refused, saying who is there; nothing attached.
+    let out = Command::new(binary())
+        .args(["--interface=lo", "--port=3307", &exchange])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let who = format!(
+        "another mrte-collector (pid {}, --port 3306) is already capturing on lo",
+        first.pid()
+    );
+    assert!(stderr.contains(&who), "{stderr}");
+    assert!(stderr.contains("--port takes a list"), "{stderr}");
+    assert_eq!(ours_attached("lo"), before + 1, "the first one's hook only");
+
+    // Another interface meanwhile: fine.
+    let ns = common::NetNs::new();
+    common::sh(&["ip", "link", "set", &ns.host, "up"]);
+    let mut other = Agent::start(&[
+        &format!("--interface={}", ns.host),
+        "--local_ip=198.18.0.1",
+        &exchange,
+    ]);
+    other.wait_attached();
+    other.stop();
+
+    // Once the first is gone, the interface is free.
+    first.stop();
+    let mut second = Agent::start(&["--interface=lo", "--port=3307", &exchange]);
+    second.wait_attached();
+    second.stop();
+    assert_eq!(ours_attached("lo"), before);
+}
+
+/// The filters on `dev`'s ingress named like ours.
+fn our_filters(dev: &str) -> usize {
+    tc_show(&["filter", "show", "dev", dev, "ingress"])
+        .lines()
+        .filter(|l| l.contains(PROGRAM_NAME))
+        .count()
+}
+
+#[test]
+fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
+    let ns = common::NetNs::new();
+    common::sh(&["ip", "addr", "add", "198.18.7.1/24", "dev", &ns.host]);
+    common::sh(&["ip", "link", "set", &ns.host, "up"]);
+    ns.ip(&["addr", "add", "198.18.7.2/24", "dev", &ns.peer]);
+    ns.ip(&["link", "set", &ns.peer, "up"]);
+    let mq = TestExchange::new("netlink_kill");
+    let iface = format!("--interface={}", ns.host);
+    let args = [
+        iface.as_str(),
+        "--attach_mode=netlink",
+        "--mysql_optional",
+        "--mysql_port=1",
+        &format!("--rabbitmq_exchange_name={}", mq.exchange),
+    ];
+    let qdisc = || tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact");
+
+    // Killed: its filter and the clsact qdisc it added stay in the kernel.
+    let mut killed = Agent::start(&args);
+    killed.wait_attached();
+    killed.signal(Signal::SIGKILL);
+    assert!(!killed.wait().status.success());
+    assert_eq!(our_filters(&ns.host), 1);
+    assert!(qdisc());
+    // Someone else's filter on the same hook (a classic BPF one, no name): never touched.
+    common::sh(&[
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        &ns.host,
+        "ingress",
+        "prio",
+        "7",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 0,",
+    ]);
+
+    // The next start removes the dead agent's filter, attaches its own, captures.
+    let mut next = Agent::start(&args);
+    next.wait_attached();
+    next.wait_log_blocking(
+        "removed the mrte_capture filter an agent that did not exit cleanly left",
+    );
+    assert_eq!(our_filters(&ns.host), 1, "exactly one of ours");
+    ns.run(|| {
+        // A SYN to the MySQL port through the veth (nothing listens: refused).
+        let _ = std::net::TcpStream::connect_timeout(
+            &"198.18.7.1:3306".parse().unwrap(),
+            Duration::from_secs(2),
+        );
+    });
+    let stdout = next.stop();
+    let t = common::agent::totals(&stdout);
+    assert!(
+        t["TotalPacket"] >= 1,
+        "captured after the clean-up: {stdout}"
+    );
+    assert_eq!(our_filters(&ns.host), 0);
+    let foreign = tc_show(&["filter", "show", "dev", &ns.host, "ingress"]);
+    assert!(foreign.contains("bytecode '1,6 0 0 0'"), "{foreign}");
+    // The qdisc carries the other filter, so it stays...
+    assert!(qdisc());
+
+    // ...until that filter is gone: the agent after that removes it (it inherited the job).
+    common::sh(&[
+        "tc", "filter", "del", "dev", &ns.host, "ingress", "prio", "7",
+    ]);
+    let mut last = Agent::start(&args);
+    last.wait_attached();
+    last.stop();
+    assert!(!qdisc(), "{}", tc_show(&["qdisc", "show", "dev", &ns.host]));
+}
+
+#[test]
+fn sighup_prints_a_status_line_and_a_closed_stdout_stops_nothing() {
+    let mq = TestExchange::new("sighup");
+    let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
+    // No status line is due for an hour: the one printed is SIGHUP's.
+    let mut agent = Agent::start(&["--interface=lo", "--status_interval=3600", &exchange]);
+    agent.wait_attached();
+    agent.signal(Signal::SIGHUP);
+    agent.wait_log_blocking("SIGHUP: a status line now; nothing is re-read");
+    assert!(agent.running(), "SIGHUP must not end the agent");
+    let stdout = agent.stop();
+    // Status rows start "YYYY-MM-DD hh:mm:ss"; log lines "YYYY-MM-DDThh".
+    let rows = stdout
+        .lines()
+        .filter(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b' '))
+        .count();
+    assert_eq!(rows, 1, "{stdout}");
+
+    // Whoever read stdout went away: status lines fail to print, capture goes on, and the
+    // agent still exits cleanly.
+    let mut agent = Agent::start(&["--interface=lo", "--status_interval=1", &exchange]);
+    agent.wait_attached();
+    agent.close_stdout();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(agent.running(), "{}", agent.log.lock().unwrap());
+    let log = agent.log.clone();
+    agent.signal(Signal::SIGINT);
+    let out = agent.wait();
+    assert!(out.status.success(), "{}", log.lock().unwrap());
+    assert!(!log.lock().unwrap().contains("panicked"));
+}

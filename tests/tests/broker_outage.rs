@@ -312,7 +312,7 @@ async fn a_stalled_broker_keeps_rss_under_max_mem_mb() {
     // The status line shows the memory: RssMB, the last column, within the budget.
     let rss_column: Vec<u64> = stdout
         .lines()
-        .filter(|l| l.starts_with("20"))
+        .filter(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b' '))
         .filter_map(|l| l.split_whitespace().last()?.parse().ok())
         .collect();
     assert!(!rss_column.is_empty(), "{stdout}");

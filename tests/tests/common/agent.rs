@@ -108,14 +108,26 @@ impl Agent {
     /// Waits (at most 20 s) until the log, collected since `wait_attached`, contains `needle`.
     pub async fn wait_log(&self, needle: &str) {
         let start = Instant::now();
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the agent did not log {needle:?}; its log:\n{}",
-                self.log.lock().unwrap()
-            );
+        while !self.logged(needle, start) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// [`Self::wait_log`] for tests without a runtime.
+    pub fn wait_log_blocking(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.logged(needle, start) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logged(&self, needle: &str, since: Instant) -> bool {
+        let log = self.log.lock().unwrap();
+        assert!(
+            log.contains(needle) || since.elapsed() < Duration::from_secs(20),
+            "the agent did not log {needle:?}; its log:\n{log}"
+        );
+        log.contains(needle)
     }
 
     /// SIGINT, then waits; asserts a clean exit and returns stdout followed by the log.
@@ -130,6 +142,16 @@ impl Agent {
         );
         assert!(out.status.success(), "{all}");
         all
+    }
+
+    /// Closes the read end of the agent's stdout, as a reader that quit would.
+    pub fn close_stdout(&mut self) {
+        drop(self.child.as_mut().unwrap().stdout.take());
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,244 @@
+//! One agent per interface, and what a dead one left behind.
+//!
+//! An agent holds an exclusive `flock` on `/run/mrte-collector/<netns>-<interface>.lock` while
+//! it runs; the kernel drops the lock when the process dies, however it dies. A second agent on
+//! the same interface (same network namespace) is refused with the first one's pid and ports:
+//! one agent captures up to 16 ports, so there is no reason for two, and two would publish
+//! every segment twice.
+//!
+//! A TCX link is the agent's file descriptor, so the kernel removes it with the process. The
+//! netlink fallback's filter and clsact qdisc outlive a SIGKILL: the agent that gets the lock
+//! next removes every ingress filter named [`PROGRAM_NAME`] on the interface (no live agent can
+//! own one: it would hold the lock) and, if the lock file says the dead agent added the
+//! qdisc, the qdisc too once no filter of anyone else's is left on it. Other filters are never
+//! touched.
+
+use std::{
+    fs::File,
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+};
+
+use aya::programs::{
+    TcAttachType,
+    tc::{TcError, qdisc_detach_program},
+};
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::capture::{PROGRAM_NAME, remove_clsact_if_unused};
+
+pub const LOCK_DIR: &str = "/run/mrte-collector";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error(
+        "cannot use the instance lock {path}: {source}. The agent keeps one lock per \
+         interface in {LOCK_DIR}; run it as root, or make {LOCK_DIR} writable for its user"
+    )]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another mrte-collector (pid {pid}, --port {ports}) is already capturing on \
+         {interface}: stop it first, or give it this agent's ports too (--port takes a list \
+         of up to 16); two agents on one interface would publish every segment twice"
+    )]
+    Busy {
+        interface: String,
+        pid: String,
+        ports: String,
+    },
+}
+
+/// What the lock file says: the holder's pid and ports, and whether the clsact qdisc on the
+/// interface is the holder's to remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Holder {
+    pid: String,
+    ports: String,
+    clsact: bool,
+}
+
+impl Holder {
+    fn parse(s: &str) -> Self {
+        let mut h = Self::default();
+        for line in s.lines() {
+            match line.split_once('=') {
+                Some(("pid", v)) => h.pid = v.into(),
+                Some(("ports", v)) => h.ports = v.into(),
+                Some(("clsact", v)) => h.clsact = v == "1",
+                _ => {}
+            }
+        }
+        h
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "pid={}\nports={}\nclsact={}\n",
+            self.pid, self.ports, self.clsact as u8
+        )
+    }
+}
+
+/// The lock of this agent's interface, held until drop.
+pub struct Instance {
+    lock: Flock<File>,
+    path: PathBuf,
+    interface: String,
+    me: Holder,
+    /// What the previous holder wrote, if it did not exit cleanly (or left a qdisc in use).
+    predecessor: Option<Holder>,
+}
+
+impl Instance {
+    /// Takes the interface's lock, or says who holds it.
+    pub fn acquire(interface: &str, ports: &[u16]) -> Result<Self, InstanceError> {
+        let lock_err = |path: &PathBuf, source| InstanceError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino())
+            .unwrap_or(0);
+        let path = PathBuf::from(format!("{LOCK_DIR}/net{netns}-{interface}.lock"));
+        std::fs::create_dir_all(LOCK_DIR).map_err(|e| lock_err(&path, e))?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| lock_err(&path, e))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut s = String::new();
+                let _ = file.read_to_string(&mut s);
+                let h = Holder::parse(&s);
+                return Err(InstanceError::Busy {
+                    interface: interface.into(),
+                    pid: h.pid,
+                    ports: h.ports,
+                });
+            }
+            Err((_, e)) => return Err(lock_err(&path, e.into())),
+        };
+        let mut s = String::new();
+        lock.read_to_string(&mut s)
+            .map_err(|e| lock_err(&path, e))?;
+        let predecessor = (!s.trim().is_empty()).then(|| Holder::parse(&s));
+        let me = Holder {
+            pid: std::process::id().to_string(),
+            ports: ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            clsact: predecessor.as_ref().is_some_and(|p| p.clsact),
+        };
+        let mut this = Self {
+            lock,
+            path,
+            interface: interface.into(),
+            me,
+            predecessor,
+        };
+        this.write();
+        Ok(this)
+    }
+
+    /// Removes what an agent that did not exit cleanly left on the interface: its netlink
+    /// filter(s), by name, and the clsact qdisc it added once nobody else's filter is on it
+    /// (until then, this agent takes over removing it). Returns how many hooks it removed.
+    pub fn clean_up(&mut self) -> usize {
+        let mut removed = 0;
+        let dead = self
+            .predecessor
+            .as_ref()
+            .map_or_else(|| "unknown".into(), |p| p.pid.clone());
+        match qdisc_detach_program(&self.interface, TcAttachType::Ingress, PROGRAM_NAME) {
+            Ok(()) => {
+                removed += 1;
+                tracing::warn!(
+                    interface = %self.interface,
+                    dead_pid = %dead,
+                    "removed the {PROGRAM_NAME} filter an agent that did not exit cleanly left on \
+                     the ingress"
+                );
+            }
+            Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // No clsact qdisc: nothing of ours can be there either.
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => tracing::warn!(
+                interface = %self.interface,
+                "could not look for filters a previous agent left: {e}"
+            ),
+        }
+        if self.me.clsact {
+            match remove_clsact_if_unused(&self.interface) {
+                Some(true) => {
+                    removed += 1;
+                    self.me.clsact = false;
+                    self.write();
+                }
+                // Someone else's filter is on it: removed when that one is gone.
+                Some(false) => {}
+                None => {
+                    self.me.clsact = false;
+                    self.write();
+                }
+            }
+        }
+        removed
+    }
+
+    /// After attaching: whether this agent added the clsact qdisc (then it removes it).
+    pub fn attached(&mut self, added_clsact: bool) {
+        self.me.clsact |= added_clsact;
+        self.write();
+    }
+
+    /// At a clean exit, after detaching: a qdisc this agent is to remove and still cannot
+    /// (another filter is on it) stays in the lock file for the next agent.
+    pub fn release(mut self) {
+        if self.me.clsact && remove_clsact_if_unused(&self.interface) != Some(false) {
+            self.me.clsact = false;
+        }
+        if self.me.clsact {
+            self.write();
+        } else {
+            let _ = self.lock.set_len(0);
+        }
+    }
+
+    fn write(&mut self) {
+        let text = self.me.render();
+        let r = self
+            .lock
+            .set_len(0)
+            .and_then(|()| self.lock.seek(SeekFrom::Start(0)))
+            .and_then(|_| self.lock.write_all(text.as_bytes()));
+        if let Err(e) = r {
+            tracing::warn!(path = %self.path.display(), "writing the instance lock: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_file_round_trips() {
+        let h = Holder {
+            pid: "42".into(),
+            ports: "3306,3307".into(),
+            clsact: true,
+        };
+        assert_eq!(Holder::parse(&h.render()), h);
+        assert_eq!(Holder::parse(""), Holder::default());
+    }
+}
