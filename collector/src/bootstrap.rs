@@ -18,7 +18,7 @@ use std::{
 };
 
 use mysql_async::prelude::Queryable as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{flow::SessionKey, status::PipelineCounters};
 
@@ -128,8 +128,10 @@ pub enum Pass {
 #[derive(Debug)]
 pub enum Event {
     /// Hold captured segments until the next snapshot (or `Release`): a read is under way
-    /// and the collector's own new connection is not known yet.
-    Hold,
+    /// and the collector's own new connection is not known yet. The sender, if any, is told
+    /// once the hold is on: a new connection must not start before, or its first segments
+    /// could be drained (and published) ahead of the hold.
+    Hold(Option<oneshot::Sender<()>>),
     Release,
     Snapshot(Pass, Snapshot),
 }
@@ -404,6 +406,7 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut first_done = false;
+    let mut reconnected = false;
     let mut second_at: Option<tokio::time::Instant> = None;
     let mut gc = tokio::time::interval(cfg.gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -413,11 +416,14 @@ pub async fn run(
         let conn = match mysql.as_mut() {
             Some(c) => c,
             None => {
-                let _ = events.send(Event::Hold);
+                let (on, held) = oneshot::channel();
+                let _ = events.send(Event::Hold(Some(on)));
+                let _ = held.await;
                 match Mysql::connect(&cfg).await {
                     Ok(c) => {
                         tracing::info!(mysql = %Mysql::addr(&cfg), "connected to MySQL");
                         backoff = Duration::from_secs(1);
+                        reconnected = true;
                         mysql.insert(c)
                     }
                     Err(e) => {
@@ -432,7 +438,13 @@ pub async fn run(
             }
         };
         let pass = if !first_done {
+            reconnected = false;
             Pass::First
+        } else if std::mem::take(&mut reconnected) {
+            // Read at once: everything is held until the new connection is known as ours,
+            // and sessions that ended meanwhile (a server restart ends them all) get their
+            // COM_QUIT now rather than a GC interval later.
+            Pass::Gc
         } else {
             let second = second_at;
             tokio::select! {
@@ -443,7 +455,7 @@ pub async fn run(
             }
         };
         if pass != Pass::Gc {
-            let _ = events.send(Event::Hold);
+            let _ = events.send(Event::Hold(None));
         }
         match conn.read().await {
             Ok(snap) => {
@@ -459,6 +471,7 @@ pub async fn run(
                     with_db = snap.sessions.values().filter(|s| s.db.is_some()).count(),
                     replication = snap.replication.len(),
                     unresolved = snap.unresolved.len(),
+                    own = ?snap.own,
                     "read the MySQL process list"
                 );
                 let _ = events.send(Event::Snapshot(pass, snap));

@@ -151,9 +151,12 @@ impl Pipeline {
     pub fn on_event(&mut self, event: Event) {
         self.now = Instant::now();
         match event {
-            Event::Hold => {
+            Event::Hold(on) => {
                 self.hold.all = true;
                 self.hold.since.get_or_insert(self.now);
+                if let Some(on) = on {
+                    let _ = on.send(());
+                }
             }
             Event::Release => {
                 self.hold.all = false;
@@ -379,6 +382,12 @@ impl Pipeline {
     }
 
     fn deliver(&mut self, r: Record) {
+        // Checked here too: a connection of ours made while capturing (a reconnect) is known
+        // only from the read its segments were held for.
+        if self.own == Some((r.src, r.sport)) {
+            PipelineCounters::add(&self.counters.own_traffic, 1);
+            return;
+        }
         if !r.src.is_ipv4() {
             if !r.data.is_empty() {
                 PipelineCounters::add(&self.counters.unencodable, 1);

@@ -329,3 +329,112 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
     assert_eq!(get("bootstrap_units"), 1, "{stdout}");
     drop(stream);
 }
+
+/// The client port of `conn`'s session, from its process-list row.
+async fn own_port(conn: &mut mysql_async::Conn) -> u16 {
+    let host: String = conn
+        .query_first("SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()")
+        .await
+        .unwrap()
+        .unwrap();
+    port_of(&host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_restart_mid_run_is_survived_and_the_gc_ends_its_sessions() {
+    let mut server = TestServer::start(&[]);
+    server.root_sql("CREATE DATABASE mrte_restart");
+    let mq = TestExchange::new("restart");
+    let mut args = local_server_args(server.port, &mq.exchange);
+    // A GC interval past the hold's 10 s limit: after reconnecting, the agent must read the
+    // process list at once, not a GC interval later.
+    args.retain(|a| !a.starts_with("--gc_interval"));
+    args.push("--gc_interval=12".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&args);
+    agent.wait_attached();
+
+    // A session captured from its start, connected directly: the restart ends it on the
+    // server, and its client never closes (no FIN): only the GC can end it.
+    let opts = mysql_async::OptsBuilder::from_opts(server.opts()).db_name(Some("mrte_restart"));
+    let mut a = mysql_async::Conn::new(opts.clone()).await.unwrap();
+    a.query_drop("CREATE TABLE t (v INT)").await.unwrap();
+    let a_port = own_port(&mut a).await;
+
+    // Both bootstrap passes are done: the next read is the GC's, 12 s away...
+    agent.wait_log("pass=Second").await;
+    tokio::task::block_in_place(|| server.restart(Duration::from_secs(2)));
+    // ...or the one SIGUSR1 asks for: the agent finds its connection dead and connects again.
+    agent.signal(Signal::SIGUSR1);
+    agent.wait_log("reconnecting").await;
+    agent.wait_log("connected to MySQL").await;
+    let reconnected = std::time::Instant::now();
+
+    // The read right after reconnecting ends the session the restart ended.
+    let quit_a = loop {
+        let units = mq.units_by_port();
+        if units
+            .get(&a_port)
+            .and_then(|u| u.last())
+            .is_some_and(|u| u.data == COM_QUIT)
+        {
+            break units;
+        }
+        assert!(
+            reconnected.elapsed() < Duration::from_secs(5),
+            "no COM_QUIT for the session the restart ended: {:?}",
+            agent.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Capture went on: a session after the restart is published exactly as sent.
+    let relay = Relay::start(server.addr()).await;
+    let b = mysql_async::Conn::new(
+        mysql_async::OptsBuilder::from_opts(mysql_opts(relay.addr)).db_name(Some("mrte_restart")),
+    )
+    .await
+    .unwrap();
+    let mut b = b;
+    b.query_drop("INSERT INTO t VALUES (1), (2)").await.unwrap();
+    b.disconnect().await.unwrap();
+    let sent = relay.sent_when_closed(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stdout = agent.stop();
+    drop(a);
+
+    let t = totals(&stdout);
+    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    assert!(get("mysql_errors") >= 1, "{stdout}");
+    assert!(get("gc_quits") >= 1, "{stdout}");
+    assert_eq!(get("hold_overflow"), 0, "{stdout}");
+    assert!(
+        get("own_traffic") >= 1,
+        "the new connection of ours was seen: {stdout}"
+    );
+    let mut units = quit_a;
+    for (port, more) in mq.units_by_port() {
+        units.entry(port).or_default().extend(more);
+    }
+    let (b_port, b_sent) = sent.into_iter().next().unwrap();
+    let b_stream: Vec<u8> = units[&b_port].iter().flat_map(|u| u.data.clone()).collect();
+    assert_eq!(b_stream, b_sent, "the session after the restart, exactly");
+    // Nothing else: neither of the agent's own connections (before and after the restart).
+    let mut ports: Vec<u16> = units.keys().copied().collect();
+    ports.sort();
+    let mut expected = vec![a_port, b_port];
+    expected.sort();
+    let extra: Vec<_> = units
+        .iter()
+        .filter(|(p, _)| !expected.contains(p))
+        .map(|(p, u)| {
+            (
+                p,
+                u.iter()
+                    .map(|u| String::from_utf8_lossy(&u.data).into_owned())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, expected, "{extra:?} {stdout}");
+}

@@ -18,6 +18,7 @@ pub struct TestServer {
     pub port: u16,
     pub server_id: u32,
     dir: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -39,22 +40,46 @@ impl TestServer {
             &format!("--datadir={}", data.display()),
         ]);
         let port = free_port();
-        let server_id = 100 + port as u32;
-        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let mut server = Self {
+            port,
+            server_id: 100 + port as u32,
+            dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        server.spawn();
+        server.root_sql(&format!(
+            "CREATE USER '{u}'@'%' IDENTIFIED BY '{p}'; GRANT ALL ON *.* TO '{u}'@'%' WITH GRANT OPTION;
+             CREATE USER '{u}'@'localhost' IDENTIFIED BY '{p}';
+             GRANT ALL ON *.* TO '{u}'@'localhost' WITH GRANT OPTION;",
+            u = super::MYSQL_USER,
+            p = super::MYSQL_PASSWORD
+        ));
+        server
+    }
+
+    /// Runs `mariadbd` on the datadir and waits until it answers.
+    fn spawn(&mut self) {
+        let data = self.dir.join("data");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
         let child = unsafe {
             Command::new("mariadbd")
                 .arg("--no-defaults")
                 .arg("--user=root")
                 .arg(format!("--datadir={}", data.display()))
-                .arg(format!("--socket={}", dir.join("sock").display()))
-                .arg(format!("--pid-file={}", dir.join("pid").display()))
-                .arg(format!("--port={port}"))
+                .arg(format!("--socket={}", self.dir.join("sock").display()))
+                .arg(format!("--pid-file={}", self.dir.join("pid").display()))
+                .arg(format!("--port={}", self.port))
                 .arg("--bind-address=127.0.0.1")
-                .arg(format!("--log-bin={}", dir.join("data/bin").display()))
-                .arg(format!("--server-id={server_id}"))
+                .arg(format!("--log-bin={}", self.dir.join("data/bin").display()))
+                .arg(format!("--server-id={}", self.server_id))
                 .arg("--innodb-buffer-pool-size=32M")
                 .arg("--innodb-log-file-size=16M")
-                .args(extra)
+                .args(&self.extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -65,21 +90,28 @@ impl TestServer {
                 .spawn()
                 .unwrap()
         };
-        let mut server = Self {
-            port,
-            server_id,
-            dir,
-            child: Some(child),
-        };
-        server.wait_ready();
-        server.root_sql(&format!(
-            "CREATE USER '{u}'@'%' IDENTIFIED BY '{p}'; GRANT ALL ON *.* TO '{u}'@'%' WITH GRANT OPTION;
-             CREATE USER '{u}'@'localhost' IDENTIFIED BY '{p}';
-             GRANT ALL ON *.* TO '{u}'@'localhost' WITH GRANT OPTION;",
-            u = super::MYSQL_USER,
-            p = super::MYSQL_PASSWORD
-        ));
-        server
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Shuts the server down (SIGTERM, as an init system would), waits `down`, starts it again
+    /// on the same port and data.
+    pub fn restart(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -135,15 +167,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
