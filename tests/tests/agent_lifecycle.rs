@@ -310,3 +310,45 @@ fn sighup_prints_a_status_line_and_a_closed_stdout_stops_nothing() {
     assert!(out.status.success(), "{}", log.lock().unwrap());
     assert!(!log.lock().unwrap().contains("panicked"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kernel_buffer_never_blocks_traffic_and_shows_in_packet_dropped() {
+    let mq = TestExchange::new("ringfull");
+    let sink = common::Sink::start("127.0.0.1:0".parse().unwrap()).await;
+    let mut agent = Agent::start(&[
+        "--interface=lo",
+        &format!("--port={}", sink.addr.port()),
+        &format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--ring_buffer_mb=1",
+        "--mysql_optional",
+        "--mysql_port=1",
+    ]);
+    agent.wait_attached();
+    // The agent stopped: nothing drains the 1 MiB ring. 16 MiB still goes through.
+    agent.signal(Signal::SIGSTOP);
+    let addr = sink.addr;
+    let sender = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        for _ in 0..1024 {
+            c.write_all(&[0x55; 16 << 10]).unwrap();
+        }
+    });
+    let start = std::time::Instant::now();
+    while !sender.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "traffic blocked behind a full ring"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sender.join().unwrap();
+    agent.signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stdout = agent.stop();
+    let t = common::agent::totals(&stdout);
+    assert!(t["ring_full"] > 0, "{stdout}");
+    assert!(t["PacketDropped"] >= t["ring_full"], "{stdout}");
+    // Counted per segment that did not fit (a segment is one or more records).
+    assert!(t["ring_full"] <= t["with_payload"], "{stdout}");
+}

@@ -37,7 +37,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, then run every test (unit and integration) plus fmt and clippy checks.
+    /// Set up, build, then run every test (unit and integration) plus fmt and clippy checks,
+    /// and the soak (two minutes) unless a filter is given.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -61,9 +62,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and ends with one line that adds up every
-/// test binary's result: `tests: N passed, N failed`.
-fn test_and_sum(cmd: &mut Command) -> anyhow::Result<()> {
+/// Runs `cargo test`, passing its output through; returns every test binary's results added
+/// up (passed, failed), or an error if it failed.
+fn test_and_sum(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     eprintln!("+ {cmd:?}");
     let mut child = cmd
@@ -86,11 +87,11 @@ fn test_and_sum(cmd: &mut Command) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
     if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
         bail!("cargo test failed: {status}");
     }
-    Ok(())
+    Ok((passed, failed))
 }
 
 fn setup() -> anyhow::Result<()> {
@@ -184,12 +185,30 @@ fn main() -> anyhow::Result<()> {
             // The integration tests run the real binary too.
             run(cargo().args(["build", "-p", "collector"]))?;
             // Tests share the kernel, the interfaces and the services: one at a time.
-            test_and_sum(
+            let filtered = !args.is_empty();
+            let (mut passed, mut failed) = test_and_sum(
                 cargo()
                     .args(["test", "--workspace", "--lib", "--bins", "--tests"])
                     .args(["--", "--test-threads=1"])
                     .args(args),
-            )
+            )?;
+            // The soak (minutes, ignored by plain `cargo test`) runs when everything does.
+            if !filtered {
+                let (p, f) = test_and_sum(cargo().args([
+                    "test",
+                    "-p",
+                    "integration-tests",
+                    "--test",
+                    "soak",
+                    "--",
+                    "--ignored",
+                    "--nocapture",
+                ]))?;
+                passed += p;
+                failed += f;
+            }
+            println!("tests: {passed} passed, {failed} failed");
+            Ok(())
         }
     }
 }
