@@ -484,6 +484,17 @@ fn attach_program(
     }
 }
 
+/// Whether a line of `tc filter show` is a filter, not the header line of a (priority,
+/// protocol) group (`filter protocol all pref 7 bpf chain 0`), which the kernel may still list
+/// for a moment after its last filter went.
+fn is_filter_line(line: &str) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let header = words.len() >= 2
+        && words[words.len() - 2] == "chain"
+        && words[words.len() - 1].parse::<u32>().is_ok();
+    !words.is_empty() && !header
+}
+
 /// Removes the interface's clsact qdisc unless a filter (anyone's) is still on it: `Some(true)`
 /// removed, `Some(false)` in use and left, `None` not there (or `tc` failed: logged). aya adds a
 /// clsact qdisc but has no call to remove one; iproute2's `tc` does.
@@ -510,9 +521,9 @@ pub fn remove_clsact_if_unused(interface: &str) -> Option<bool> {
         return None;
     }
     for side in ["ingress", "egress"] {
-        if !tc(&["filter", "show", "dev", interface, side])?
-            .trim()
-            .is_empty()
+        if tc(&["filter", "show", "dev", interface, side])?
+            .lines()
+            .any(is_filter_line)
         {
             tracing::info!(
                 interface,
@@ -909,5 +920,22 @@ impl Capture {
             duration_ns: attr.duration,
             frame_out: out,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_lines_and_group_headers() {
+        assert!(!is_filter_line("filter protocol all pref 7 bpf chain 0 "));
+        assert!(!is_filter_line(""));
+        assert!(is_filter_line(
+            "filter protocol all pref 7 bpf chain 0 handle 0x1 not_in_hw bytecode '1,6 0 0 0'"
+        ));
+        assert!(is_filter_line(
+            "filter protocol all pref 49152 u32 chain 0 fh 800: ht divisor 1"
+        ));
     }
 }

@@ -275,8 +275,12 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
     ]);
     let mut last = Agent::start(&args);
     last.wait_attached();
-    last.stop();
-    assert!(!qdisc(), "{}", tc_show(&["qdisc", "show", "dev", &ns.host]));
+    let out = last.stop();
+    assert!(
+        !qdisc(),
+        "{}{out}",
+        tc_show(&["qdisc", "show", "dev", &ns.host])
+    );
 }
 
 #[test]
