@@ -1,7 +1,8 @@
 //! One agent per interface, and what a dead one left behind.
 //!
 //! An agent holds an exclusive `flock` on `/run/mrte-collector/<netns>-<interface>.lock` while
-//! it runs; the kernel drops the lock when the process dies, however it dies. A second agent on
+//! it runs and removes the file as it exits; the kernel drops the lock when the process dies,
+//! however it dies (the file then stays, saying what the dead agent left). A second agent on
 //! the same interface (same network namespace) is refused with the first one's pid and ports:
 //! one agent captures up to 16 ports, so there is no reason for two, and two would publish
 //! every segment twice.
@@ -105,26 +106,35 @@ impl Instance {
             .unwrap_or(0);
         let path = PathBuf::from(format!("{LOCK_DIR}/net{netns}-{interface}.lock"));
         std::fs::create_dir_all(LOCK_DIR).map_err(|e| lock_err(&path, e))?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| lock_err(&path, e))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut s = String::new();
-                let _ = file.read_to_string(&mut s);
-                let h = Holder::parse(&s);
-                return Err(InstanceError::Busy {
-                    interface: interface.into(),
-                    pid: h.pid,
-                    ports: h.ports,
-                });
+        let mut lock = loop {
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| lock_err(&path, e))?;
+            let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => l,
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let mut s = String::new();
+                    let _ = file.read_to_string(&mut s);
+                    let h = Holder::parse(&s);
+                    return Err(InstanceError::Busy {
+                        interface: interface.into(),
+                        pid: h.pid,
+                        ports: h.ports,
+                    });
+                }
+                Err((_, e)) => return Err(lock_err(&path, e.into())),
+            };
+            // The holder before us removes the file as it exits: a lock on a file no longer
+            // at the path locks nothing, so open it again.
+            let here = std::fs::metadata(&path).map(|m| m.ino()).ok();
+            let ours = lock.metadata().map(|m| m.ino()).ok();
+            if here.is_some() && here == ours {
+                break lock;
             }
-            Err((_, e)) => return Err(lock_err(&path, e.into())),
         };
         let mut s = String::new();
         lock.read_to_string(&mut s)
@@ -201,19 +211,6 @@ impl Instance {
         self.write();
     }
 
-    /// At a clean exit, after detaching: a qdisc this agent is to remove and still cannot
-    /// (another filter is on it) stays in the lock file for the next agent.
-    pub fn release(mut self) {
-        if self.me.clsact && remove_clsact_if_unused(&self.interface) != Some(false) {
-            self.me.clsact = false;
-        }
-        if self.me.clsact {
-            self.write();
-        } else {
-            let _ = self.lock.set_len(0);
-        }
-    }
-
     fn write(&mut self) {
         let text = self.me.render();
         let r = self
@@ -223,6 +220,21 @@ impl Instance {
             .and_then(|_| self.lock.write_all(text.as_bytes()));
         if let Err(e) = r {
             tracing::warn!(path = %self.path.display(), "writing the instance lock: {e}");
+        }
+    }
+}
+
+/// At exit, after detaching: a qdisc this agent is to remove and still cannot (another filter
+/// is on it) stays in the lock file for the next agent; otherwise the file goes, still locked.
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.me.clsact && remove_clsact_if_unused(&self.interface) != Some(false) {
+            self.me.clsact = false;
+        }
+        if self.me.clsact {
+            self.write();
+        } else if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), "removing the instance lock: {e}");
         }
     }
 }

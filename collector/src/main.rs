@@ -256,7 +256,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     capture.detach()?;
-    instance.release();
+    // Clean-up of the lock (and of a qdisc we added, once unused): after the detach.
+    drop(instance);
     bootstrap.abort();
 
     // What was captured is published before the agent exits.

@@ -193,6 +193,14 @@ fn a_second_agent_on_the_same_interface_is_refused() {
     second.wait_attached();
     second.stop();
     assert_eq!(ours_attached("lo"), before);
+    // A clean exit leaves no lock file behind (one per interface would pile up).
+    let locks: Vec<_> = std::fs::read_dir(collector::instance::LOCK_DIR)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-lo.lock") || n.contains(&ns.host))
+        .collect();
+    assert!(locks.is_empty(), "{locks:?}");
 }
 
 /// The filters on `dev`'s ingress named like ours.
