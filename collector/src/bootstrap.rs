@@ -423,7 +423,7 @@ pub async fn run(
                     Ok(c) => {
                         tracing::info!(mysql = %Mysql::addr(&cfg), "connected to MySQL");
                         backoff = Duration::from_secs(1);
-                        reconnected = true;
+                        reconnected = first_done;
                         mysql.insert(c)
                     }
                     Err(e) => {
@@ -438,7 +438,6 @@ pub async fn run(
             }
         };
         let pass = if !first_done {
-            reconnected = false;
             Pass::First
         } else if std::mem::take(&mut reconnected) {
             // Read at once: everything is held until the new connection is known as ours,

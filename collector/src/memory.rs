@@ -120,14 +120,21 @@ impl MemoryBudget {
 /// The process's resident set now and at its peak (VmRSS, VmHWM), in bytes; 0 if unreadable.
 pub fn rss() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |v| v << 10)
-    };
-    (kb("VmRSS:"), kb("VmHWM:"))
+    let bytes = |name| proc_status_bytes(&status, name).unwrap_or(0);
+    (bytes("VmRSS"), bytes("VmHWM"))
+}
+
+/// A `Name:   123 kB` field of a `/proc/PID/status` text, in bytes.
+pub fn proc_status_bytes(status: &str, name: &str) -> Option<u64> {
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb << 10)
 }
 
 #[cfg(test)]

@@ -382,8 +382,8 @@ impl Pipeline {
     }
 
     fn deliver(&mut self, r: Record) {
-        // Checked here too: a connection of ours made while capturing (a reconnect) is known
-        // only from the read its segments were held for.
+        // Checked here, past the hold: a connection of ours made while capturing (a
+        // reconnect) is known only from the read its segments were held for.
         if self.own == Some((r.src, r.sport)) {
             PipelineCounters::add(&self.counters.own_traffic, 1);
             return;
@@ -444,10 +444,6 @@ impl Pipeline {
 impl RecordSink for Pipeline {
     fn push(&mut self, r: Record) {
         let key = (r.src, r.sport);
-        if self.own == Some(key) {
-            PipelineCounters::add(&self.counters.own_traffic, 1);
-            return;
-        }
         if self.hold.holds(&key) {
             if !self.hold.all
                 && is_handshake_response(&r.data)

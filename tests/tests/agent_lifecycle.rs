@@ -302,12 +302,7 @@ fn sighup_prints_a_status_line_and_a_closed_stdout_stops_nothing() {
     agent.wait_log_blocking("SIGHUP: a status line now; nothing is re-read");
     assert!(agent.running(), "SIGHUP must not end the agent");
     let stdout = agent.stop();
-    // Status rows start "YYYY-MM-DD hh:mm:ss"; log lines "YYYY-MM-DDThh".
-    let rows = stdout
-        .lines()
-        .filter(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b' '))
-        .count();
-    assert_eq!(rows, 1, "{stdout}");
+    assert_eq!(common::agent::status_rows(&stdout).len(), 1, "{stdout}");
 
     // Whoever read stdout went away: status lines fail to print, capture goes on, and the
     // agent still exits cleanly.

@@ -16,7 +16,7 @@ use std::{
 use collector::{encode::COM_QUIT, protocol::command};
 use common::{
     Sink,
-    agent::{Agent, totals},
+    agent::{Agent, status_rows, totals},
     broker::TestExchange,
     sh,
 };
@@ -309,12 +309,8 @@ async fn a_stalled_broker_keeps_rss_under_max_mem_mb() {
         "peak RSS {} KiB over --max_mem_mb={MAX_MEM_MB}: {stdout}",
         peak >> 10
     );
-    // The status line shows the memory: RssMB, the last column, within the budget.
-    let rss_column: Vec<u64> = stdout
-        .lines()
-        .filter(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b' '))
-        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
-        .collect();
+    // The status line shows the memory: RssMB within the budget.
+    let rss_column: Vec<u64> = status_rows(&stdout).iter().map(|r| r["RssMB"]).collect();
     assert!(!rss_column.is_empty(), "{stdout}");
     assert!(
         rss_column.iter().all(|&mb| mb > 0 && mb <= MAX_MEM_MB),

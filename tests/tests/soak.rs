@@ -14,31 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{MYSQL_ADDR, agent::Agent, broker::TestExchange, mysql_opts};
+use common::{
+    MYSQL_ADDR,
+    agent::{Agent, status_rows},
+    broker::TestExchange,
+    mysql_opts,
+};
 use mysql_async::prelude::*;
-
-/// The status rows (not the header or log lines) as maps column → value.
-fn status_rows(stdout: &str) -> Vec<std::collections::HashMap<String, u64>> {
-    let header: Vec<&str> = stdout
-        .lines()
-        .find(|l| l.starts_with("DateTime"))
-        .expect("a status header")
-        .split_whitespace()
-        .collect();
-    stdout
-        .lines()
-        .filter(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b' '))
-        .map(|l| {
-            // The date and time are two words; the header names them with one.
-            let values: Vec<&str> = l.split_whitespace().skip(2).collect();
-            header[1..]
-                .iter()
-                .zip(values)
-                .map(|(h, v)| (h.to_string(), v.parse().unwrap()))
-                .collect()
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takes minutes; cargo xtask test runs it"]

@@ -158,19 +158,11 @@ impl Agent {
         self.child.as_ref().unwrap().id()
     }
 
-    /// A line of the agent's /proc status (e.g. `VmHWM`), in bytes.
+    /// A field of the agent's /proc status (e.g. `VmHWM`), in bytes.
     pub fn proc_status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        collector::memory::proc_status_bytes(&status, field)
             .unwrap_or_else(|| panic!("no {field} in {status}"))
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap();
-        kb << 10
     }
 
     pub fn signal(&self, sig: Signal) {
@@ -214,6 +206,30 @@ pub fn wait_detached(interface: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The status rows (not the header or log lines) of `stdout`, each as column → value. Rows
+/// start "YYYY-MM-DD hh:mm:ss"; log lines "YYYY-MM-DDThh".
+pub fn status_rows(stdout: &str) -> Vec<std::collections::HashMap<String, u64>> {
+    let header: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.starts_with("DateTime"))
+        .map(|h| h.split_whitespace().collect())
+        .unwrap_or_default();
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b' '))
+        .map(|l| {
+            // The date and time are two words; the header names them with one.
+            let values = l.split_whitespace().skip(2);
+            header
+                .iter()
+                .skip(1)
+                .zip(values)
+                .map(|(h, v)| (h.to_string(), v.parse().unwrap()))
+                .collect()
+        })
+        .collect()
 }
 
 /// The exit summary (`Totals: Name=value ...`) as a map; a counter that never moved is 0.
