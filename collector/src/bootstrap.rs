@@ -11,11 +11,12 @@
 //! socket table: the server's established socket with that client port.
 
 use std::{
-    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
+
+use foldhash::{HashMap, HashSet};
 
 use mysql_async::prelude::Queryable as _;
 use tokio::sync::{mpsc, oneshot};
@@ -571,7 +572,9 @@ mod tests {
         assert_eq!(gone.session.as_ref().map(|s| s.id), Some(7));
         assert_eq!(
             s.replication,
-            [(ip("198.18.0.4"), 103), (ip("198.18.0.5"), 104)].into()
+            [(ip("198.18.0.4"), 103), (ip("198.18.0.5"), 104)]
+                .into_iter()
+                .collect()
         );
         assert_eq!(s.replication_ids.len(), 2);
         assert_eq!(s.sessions.len(), 3);

@@ -21,11 +21,10 @@
 //! replica (a COM_QUIT ends what was published of it, nothing more is), and semi-sync ACK
 //! packets (`0xef` after the header) are left out, unless `--include_replication`.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    net::IpAddr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+// Flow keys come from the network: a seeded hasher, but far cheaper per segment than SipHash.
+use foldhash::{HashMap, HashSet};
 
 use bytes::Bytes;
 use collector_common::{TCP_FIN, TCP_RST, TCP_SYN};
@@ -225,9 +224,9 @@ impl Default for Flows {
 impl Flows {
     pub fn new(include_replication: bool) -> Self {
         Self {
-            table: HashMap::new(),
-            replicas: HashSet::new(),
-            closed: HashMap::new(),
+            table: HashMap::default(),
+            replicas: HashSet::default(),
+            closed: HashMap::default(),
             pending_bytes: 0,
             pending_max: TOTAL_PENDING_MAX,
             policy: Policy {
@@ -1007,7 +1006,7 @@ mod tests {
         // A KILL of a replica's dump thread is left out; other KILLs are not.
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        f.set_replicas(HashSet::new(), [8].into());
+        f.set_replicas(HashSet::default(), [8].into_iter().collect());
         let kill_dump = packet(command::QUERY, b"KILL 8");
         let kill_other = packet(command::QUERY, b"kill connection 9");
         let got = feed(
@@ -1021,7 +1020,7 @@ mod tests {
         // flow leaves everything out.
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        f.set_replicas([key().client].into(), HashSet::new());
+        f.set_replicas([key().client].into_iter().collect(), HashSet::default());
         let got = feed(&mut f, &c, &[(0, &[ack.clone(), q.clone()].concat())]);
         assert!(got.is_empty());
         assert_eq!(c.load().semi_sync_acks, 1);

@@ -4,12 +4,10 @@
 //! passes each session's segments through its flow ([`crate::flow`]), and hands what comes out
 //! to the MRTE fan-out.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+// Flow keys come from the network: a seeded hasher, but far cheaper per segment than SipHash.
+use foldhash::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
@@ -100,8 +98,8 @@ impl Pipeline {
                 max: HOLD_MAX_BYTES,
                 ..Default::default()
             },
-            known: HashMap::new(),
-            ended: HashMap::new(),
+            known: HashMap::default(),
+            ended: HashMap::default(),
             before: None,
         }
     }
@@ -183,7 +181,7 @@ impl Pipeline {
         // first read after attaching needs.
         let before = match pass {
             Pass::First => self.before.take().unwrap_or_default(),
-            _ => HashMap::new(),
+            _ => HashMap::default(),
         };
         // Sessions that changed database in what is held: this read may show the new one.
         let changed: HashSet<SessionKey> = self
@@ -195,7 +193,7 @@ impl Pipeline {
             .collect();
         // Sessions whose handshake was captured (their first payload is the handshake
         // response): the consumer learns their database from it.
-        let mut first_seen = HashSet::new();
+        let mut first_seen = HashSet::default();
         let started: HashSet<SessionKey> = self
             .hold
             .records
@@ -551,7 +549,7 @@ mod tests {
             rx: &mut mpsc::Receiver<Batch>,
         ) -> HashMap<u16, Vec<Vec<u8>>> {
             p.fanout.send_all(Instant::now());
-            let mut out: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+            let mut out: HashMap<u16, Vec<Vec<u8>>> = HashMap::default();
             while let Ok(b) = rx.try_recv() {
                 for u in decode_message(b.bytes()).unwrap().units {
                     out.entry(u.port).or_default().push(u.data);
@@ -569,7 +567,9 @@ mod tests {
                 let (mut p, mut rx, c) = pipeline();
                 if with_before {
                     p.set_before(Snapshot {
-                        sessions: [(key(1), session(11, "old")), (key(2), session(12, "b"))].into(),
+                        sessions: [(key(1), session(11, "old")), (key(2), session(12, "b"))]
+                            .into_iter()
+                            .collect(),
                         ..Default::default()
                     });
                 }
@@ -584,7 +584,7 @@ mod tests {
                 }
                 assert!(published(&mut p, &mut rx).is_empty(), "held");
                 let after = Snapshot {
-                    sessions: [(key(1), session(11, "new"))].into(),
+                    sessions: [(key(1), session(11, "new"))].into_iter().collect(),
                     ..Default::default()
                 };
                 p.on_event(Event::Snapshot(Pass::First, after));

@@ -14,11 +14,16 @@
 //! session until a unit that starts a command.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::VecDeque,
+    future::Future,
     net::{IpAddr, Ipv4Addr},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
+
+// Flow keys come from the network: a seeded hasher, but far cheaper per segment than SipHash.
+use foldhash::HashSet;
 
 use bytes::BytesMut;
 use lapin::{
@@ -200,7 +205,7 @@ impl Broker {
                 local_ip,
                 budget: budget.clone(),
                 counters: counters.clone(),
-                broken: HashSet::new(),
+                broken: HashSet::default(),
             };
             tasks.push(tokio::spawn(publisher.run(channel, rx)));
             senders.push(tx);
@@ -484,7 +489,7 @@ impl Fanout {
                 .map(|tx| Lane {
                     tx,
                     open: None,
-                    lost: HashSet::new(),
+                    lost: HashSet::default(),
                 })
                 .collect(),
             limits,
@@ -610,8 +615,12 @@ impl Fanout {
     }
 }
 
-/// Messages awaiting their confirm per publisher, at most.
+/// Messages written or awaiting their confirm per publisher, at most.
 const MAX_UNCONFIRMED: usize = 256;
+
+/// A message handed to the channel: resolves, with its batch, once lapin wrote it to the
+/// socket (with the confirm to wait for, if confirms are on).
+type Write = Pin<Box<dyn Future<Output = (Batch, lapin::Result<PublisherConfirm>)> + Send>>;
 
 struct Publisher {
     index: usize,
@@ -631,7 +640,11 @@ impl Publisher {
         let mut channel = Some(channel);
         // Batches to publish (again) before taking new ones, oldest first.
         let mut retry: VecDeque<Batch> = VecDeque::new();
-        // Published, awaiting their confirm, in publish order (confirms come in that order).
+        // Handed to the channel, not yet written, in publish order. Waiting for each write
+        // before the next message would cap a publisher at one message per round trip through
+        // lapin's I/O thread (a few thousand a second on a loaded server).
+        let mut writing: VecDeque<Write> = VecDeque::new();
+        // Written, awaiting their confirm, in publish order (confirms come in that order).
         let mut unconfirmed: VecDeque<(Batch, PublisherConfirm)> = VecDeque::new();
         let mut closing = false;
         let mut errors = Throttled::default();
@@ -639,6 +652,19 @@ impl Publisher {
             let ch = match &channel {
                 Some(ch) if ch.status().connected() => ch.clone(),
                 _ => {
+                    // Writes pending on the broken channel fail (lapin fails every pending
+                    // frame when a channel closes): publish them again, in order.
+                    let mut failed = VecDeque::new();
+                    while let Some(write) = writing.pop_front() {
+                        let (batch, written) = write.await;
+                        if let Some(batch) =
+                            self.written(batch, written, &mut unconfirmed, &mut errors)
+                        {
+                            failed.push_back(batch);
+                        }
+                    }
+                    failed.extend(retry.drain(..));
+                    retry = failed;
                     // What waited for a confirm on the broken channel may or may not have
                     // arrived: publishing it again could repeat statements, so it counts as
                     // lost and its sessions end there.
@@ -652,6 +678,7 @@ impl Publisher {
                     continue;
                 }
             };
+            let room = writing.len() + unconfirmed.len() < MAX_UNCONFIRMED;
             if let Some(mut batch) = retry.pop_front() {
                 if !batch.lost.is_empty() {
                     // Units of these sessions were dropped just before this batch.
@@ -660,22 +687,25 @@ impl Publisher {
                     retry.push_front(quits);
                     continue;
                 }
-                if unconfirmed.len() < MAX_UNCONFIRMED {
-                    if let Err(batch) = self
-                        .publish(&ch, batch, &mut unconfirmed, &mut errors)
-                        .await
-                    {
-                        retry.push_front(batch);
-                        channel = None;
-                    }
+                if room {
+                    self.publish(&ch, batch, &mut writing).await;
                     continue;
                 }
                 retry.push_front(batch);
             }
-            if closing && retry.is_empty() && unconfirmed.is_empty() {
+            if closing && retry.is_empty() && writing.is_empty() && unconfirmed.is_empty() {
                 break;
             }
             tokio::select! {
+                (batch, written) = async { writing.front_mut().unwrap().as_mut().await },
+                    if !writing.is_empty() =>
+                {
+                    writing.pop_front();
+                    if let Some(batch) = self.written(batch, written, &mut unconfirmed, &mut errors) {
+                        retry.push_front(batch);
+                        channel = None;
+                    }
+                }
                 confirmed = async { (&mut unconfirmed.front_mut().unwrap().1).await },
                     if confirm && !unconfirmed.is_empty() =>
                 {
@@ -698,7 +728,7 @@ impl Publisher {
                         }
                     }
                 }
-                batch = rx.recv(), if !closing && retry.is_empty() && unconfirmed.len() < MAX_UNCONFIRMED => {
+                batch = rx.recv(), if !closing && retry.is_empty() && room => {
                     match batch {
                         Some(batch) => retry.push_back(batch),
                         None => closing = true,
@@ -708,47 +738,64 @@ impl Publisher {
         }
     }
 
-    /// Publishes one batch (units of ended sessions left out); without confirms it is done
-    /// then. Gives the batch back if the channel failed.
-    async fn publish(
-        &mut self,
-        ch: &Channel,
-        batch: Batch,
-        unconfirmed: &mut VecDeque<(Batch, PublisherConfirm)>,
-        errors: &mut Throttled,
-    ) -> Result<(), Batch> {
+    /// Hands one batch (units of ended sessions left out) to the channel: lapin queues its
+    /// frames on this first poll, so the order of calls is the order on the wire.
+    async fn publish(&mut self, ch: &Channel, batch: Batch, writing: &mut VecDeque<Write>) {
         let batch = self.leave_out_broken(batch);
         if batch.units == 0 {
             self.budget.give_back(batch.budgeted);
-            return Ok(());
+            return;
         }
         // What the original sent: text/plain, transient, no headers.
         let props = BasicProperties::default()
             .with_content_type("text/plain".into())
             .with_delivery_mode(1);
-        let cfg = &self.broker.cfg;
-        match ch
-            .basic_publish(
-                cfg.exchange.as_str().into(),
-                cfg.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &batch.buf,
-                props,
-            )
-            .await
-        {
-            Ok(confirm) if cfg.confirm => {
+        let (ch, broker) = (ch.clone(), self.broker.clone());
+        let mut write: Write = Box::pin(async move {
+            let cfg = &broker.cfg;
+            let written = ch
+                .basic_publish(
+                    cfg.exchange.as_str().into(),
+                    cfg.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &batch.buf,
+                    props,
+                )
+                .await;
+            (batch, written)
+        });
+        // Poll once now (queues the frames); what is left waits in `writing`.
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+        match first {
+            std::task::Poll::Pending => writing.push_back(write),
+            // Done already (e.g. the channel was closed): handled in order like the others.
+            std::task::Poll::Ready(out) => writing.push_back(Box::pin(std::future::ready(out))),
+        }
+    }
+
+    /// A write finished: without confirms the batch is published; with them it waits for
+    /// its confirm. Gives the batch back if the channel failed.
+    fn written(
+        &mut self,
+        batch: Batch,
+        written: lapin::Result<PublisherConfirm>,
+        unconfirmed: &mut VecDeque<(Batch, PublisherConfirm)>,
+        errors: &mut Throttled,
+    ) -> Option<Batch> {
+        match written {
+            Ok(confirm) if self.broker.cfg.confirm => {
                 unconfirmed.push_back((batch, confirm));
-                Ok(())
+                None
             }
             Ok(_) => {
                 self.published(&batch);
                 self.budget.give_back(batch.budgeted);
-                Ok(())
+                None
             }
             Err(e) => {
                 self.error(&e.to_string(), errors);
-                Err(batch)
+                Some(batch)
             }
         }
     }

@@ -32,9 +32,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, then run the benchmarks; tables land in target/bench/.
+    /// Set up, build (release), then run the benchmarks (all, or those named); each prints
+    /// its table and writes it as Markdown and JSON into target/bench/.
     Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        /// overhead (sysbench: nothing, the agent, tcpdump), capacity (load generator: zero-loss
+        /// rate and cost curve), transport (ring buffer against perf buffer).
+        #[arg(value_parser = ["overhead", "capacity", "transport"])]
+        benches: Vec<String>,
+        /// Arguments for the benchmark(s), after `--` (see the top of tests/benches/NAME.rs).
+        #[arg(last = true)]
         args: Vec<String>,
     },
     /// Set up, build, then run every test (unit and integration) plus fmt and clippy checks,
@@ -156,19 +162,26 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["build", "--release", "-p", "collector"]))?;
             run(Command::new(root().join("target/release/mrte-collector")).args(args))
         }
-        Cmd::Bench { args } => {
+        Cmd::Bench { benches, args } => {
             setup()?;
             build_ebpf(true)?;
-            run(cargo()
-                .args([
-                    "bench",
-                    "-p",
-                    "integration-tests",
-                    "--bench",
-                    "transport",
-                    "--",
-                ])
-                .args(args))
+            run(cargo().args(["build", "--release", "-p", "collector"]))?;
+            let benches = if benches.is_empty() {
+                vec!["overhead".into(), "capacity".into(), "transport".into()]
+            } else {
+                benches
+            };
+            for bench in benches {
+                run(cargo()
+                    .args(["bench", "-p", "integration-tests", "--bench", &bench, "--"])
+                    .args(&args)
+                    // The benchmarks run the agent as users do: the release build.
+                    .env(
+                        "MRTE_COLLECTOR_BIN",
+                        root().join("target/release/mrte-collector"),
+                    ))?;
+            }
+            Ok(())
         }
         Cmd::Test { args } => {
             setup()?;
