@@ -50,6 +50,9 @@ struct Run {
     p95_ms: f64,
     /// The capturing process's CPU during the sysbench run.
     cpu: Duration,
+    /// RabbitMQ's (beam.smp) CPU during the run: on this machine it takes CPU from MariaDB
+    /// too, where in production it usually runs elsewhere.
+    broker_cpu: Duration,
     /// What the capturing process says it missed: drop counters or tcpdump's kernel drops.
     drops: u64,
     /// What it captured: published units (agent), packets captured (tcpdump).
@@ -186,7 +189,21 @@ impl Drop for Tcpdump {
     }
 }
 
+/// The RabbitMQ node's process.
+fn broker_pid() -> u32 {
+    let out = output(Command::new("pgrep").args(["-o", "beam.smp"]));
+    out.trim().parse().expect("RabbitMQ's beam.smp process")
+}
+
 fn run(config: Config, workload: &str, threads: u32, secs: u32) -> Run {
+    let broker = broker_pid();
+    let cpu0 = process_cpu(broker);
+    let mut r = run_capturing(config, workload, threads, secs);
+    r.broker_cpu = process_cpu(broker) - cpu0;
+    r
+}
+
+fn run_capturing(config: Config, workload: &str, threads: u32, secs: u32) -> Run {
     let mut bench = sysbench_cmd(workload, threads, secs, "run");
     match config {
         Config::Nothing => {
@@ -218,6 +235,7 @@ fn run(config: Config, workload: &str, threads: u32, secs: u32) -> Run {
                 cpu,
                 drops: get("PacketDropped"),
                 captured: get("published_units"),
+                ..Default::default()
             }
         }
         Config::Tcpdump => {
@@ -232,6 +250,7 @@ fn run(config: Config, workload: &str, threads: u32, secs: u32) -> Run {
                 cpu,
                 drops,
                 captured,
+                ..Default::default()
             }
         }
     }
@@ -256,10 +275,11 @@ fn main() {
          against nothing attached in the same round. The agent: release build, default flags, \
          publishing to RabbitMQ on this machine (exchange without a queue); tcpdump: `tcpdump \
          -i lo -w /dev/null 'tcp dst port 3306'`. \"capturer CPU\": the capturing process's \
-         user + system time during the run, as a share of the run.\n\n\
-         | workload | configuration | qps (min / median / max) | qps ratio (min / median / max) | p95 ms (median) | p95 ratio (min / median / max) | capturer CPU % (median) | captured (median) | dropped (all rounds) |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
-        support::machine()
+         user + system time during the run, as a share of one core (the machine has {}).\n\n\
+         | workload | configuration | qps (min / median / max) | qps ratio (min / median / max) | p95 ms (median) | p95 ratio (min / median / max) | capturer CPU % (median) | RabbitMQ CPU % (median) | captured (median) | dropped (all rounds) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        support::machine(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let mut json = Vec::new();
     for workload in &workloads {
@@ -290,9 +310,16 @@ fn main() {
                     .collect::<Vec<_>>(),
             )
             .1;
+            let broker_pct = spread(
+                &runs[i]
+                    .iter()
+                    .map(|r| r.broker_cpu.as_secs_f64() * 100.0 / secs as f64)
+                    .collect::<Vec<_>>(),
+            )
+            .1;
             let dash = |s: String| if capturing { s } else { "-".into() };
             md.push_str(&format!(
-                "| {workload} | {name} | {} | {} | {:.2} | {} | {} | {} | {} |\n",
+                "| {workload} | {name} | {} | {} | {:.2} | {} | {} | {broker_pct:.1} | {} | {} |\n",
                 fmt_spread(&qps(i), 0),
                 fmt_spread(&ratios(&qps(i), &qps(0)), 3),
                 spread(&p95(i)).1,
@@ -313,6 +340,7 @@ fn main() {
                 "qps": qps(i), "p95_ms": p95(i),
                 "qps_ratio": ratios(&qps(i), &qps(0)), "p95_ratio": ratios(&p95(i), &p95(0)),
                 "capturer_cpu_s": runs[i].iter().map(|r| r.cpu.as_secs_f64()).collect::<Vec<_>>(),
+                "broker_cpu_s": runs[i].iter().map(|r| r.broker_cpu.as_secs_f64()).collect::<Vec<_>>(),
                 "captured": runs[i].iter().map(|r| r.captured).collect::<Vec<_>>(),
                 "dropped": runs[i].iter().map(|r| r.drops).collect::<Vec<_>>(),
             }));

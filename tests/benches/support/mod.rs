@@ -32,10 +32,7 @@ impl Args {
         })
     }
 
-    pub fn list<T: std::str::FromStr>(&self, name: &str, default: &[T]) -> Vec<T>
-    where
-        T: Clone,
-    {
+    pub fn list<T: std::str::FromStr + Clone>(&self, name: &str, default: &[T]) -> Vec<T> {
         self.0.get(name).map_or_else(
             || default.to_vec(),
             |v| {
