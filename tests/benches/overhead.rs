@@ -8,7 +8,7 @@
 //! drops): the replaying consumer runs elsewhere, as tcpdump's file is /dev/null here.
 //!
 //! `cargo xtask bench overhead -- [--secs 10] [--rounds 5] [--threads 4]
-//!  [--workloads oltp_point_select,oltp_read_write]`
+//!  [--workloads oltp_point_select,oltp_read_write] [--agent_args "--batch_segments=200 ..."]`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -195,15 +195,21 @@ fn broker_pid() -> u32 {
     out.trim().parse().expect("RabbitMQ's beam.smp process")
 }
 
-fn run(config: Config, workload: &str, threads: u32, secs: u32) -> Run {
+fn run(config: Config, workload: &str, threads: u32, secs: u32, agent_args: &[&str]) -> Run {
     let broker = broker_pid();
     let cpu0 = process_cpu(broker);
-    let mut r = run_capturing(config, workload, threads, secs);
+    let mut r = run_capturing(config, workload, threads, secs, agent_args);
     r.broker_cpu = process_cpu(broker) - cpu0;
     r
 }
 
-fn run_capturing(config: Config, workload: &str, threads: u32, secs: u32) -> Run {
+fn run_capturing(
+    config: Config,
+    workload: &str,
+    threads: u32,
+    secs: u32,
+    agent_args: &[&str],
+) -> Run {
     let mut bench = sysbench_cmd(workload, threads, secs, "run");
     match config {
         Config::Nothing => {
@@ -217,12 +223,10 @@ fn run_capturing(config: Config, workload: &str, threads: u32, secs: u32) -> Run
         Config::Agent => {
             // Declared by the agent, no queue bound; deleted on drop.
             let exchange = TestExchange::named("overhead");
-            let mut agent = Agent::start(&[
-                "--interface=lo",
-                "--port=3306",
-                "--rabbitmq_declare",
-                &format!("--rabbitmq_exchange_name={}", exchange.exchange),
-            ]);
+            let name = format!("--rabbitmq_exchange_name={}", exchange.exchange);
+            let mut args = vec!["--interface=lo", "--port=3306", "--rabbitmq_declare", &name];
+            args.extend(agent_args);
+            let mut agent = Agent::start(&args);
             agent.wait_attached();
             let cpu0 = process_cpu(agent.pid());
             let (qps, p95_ms) = parse_sysbench(&output(&mut bench));
@@ -257,7 +261,9 @@ fn run_capturing(config: Config, workload: &str, threads: u32, secs: u32) -> Run
 }
 
 fn main() {
-    let a = Args::parse(&["secs", "rounds", "threads", "workloads", "out"]);
+    let a = Args::parse(&["secs", "rounds", "threads", "workloads", "agent_args", "out"]);
+    let agent_args: String = a.get("agent_args", String::new());
+    let agent_args: Vec<&str> = agent_args.split_whitespace().collect();
     let (secs, rounds, threads) = (
         a.get("secs", 10u32),
         a.get("rounds", 5usize),
@@ -272,13 +278,18 @@ fn main() {
         "## Server overhead ({})\n\n\
          sysbench against the local MariaDB over TCP on `lo`, {threads} threads, {secs} s per run, \
          {rounds} rounds, the order of the three rotated each round. Ratios are per round, \
-         against nothing attached in the same round. The agent: release build, default flags, \
+         against nothing attached in the same round. The agent: release build, default flags{}, \
          publishing to RabbitMQ on this machine (exchange without a queue); tcpdump: `tcpdump \
          -i lo -w /dev/null 'tcp dst port 3306'`. \"capturer CPU\": the capturing process's \
          user + system time during the run, as a share of one core (the machine has {}).\n\n\
          | workload | configuration | qps (min / median / max) | qps ratio (min / median / max) | p95 ms (median) | p95 ratio (min / median / max) | capturer CPU % (median) | RabbitMQ CPU % (median) | captured (median) | dropped (all rounds) |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
         support::machine(),
+        if agent_args.is_empty() {
+            String::new()
+        } else {
+            format!(" plus `{}`", agent_args.join(" "))
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let mut json = Vec::new();
@@ -287,7 +298,7 @@ fn main() {
         for round in 0..rounds {
             for k in 0..CONFIGS.len() {
                 let i = (k + round) % CONFIGS.len();
-                let r = run(CONFIGS[i].0, workload, threads, secs);
+                let r = run(CONFIGS[i].0, workload, threads, secs, &agent_args);
                 eprintln!("{workload} round {round} {}: {r:?}", CONFIGS[i].1);
                 runs[i].push(r);
             }
