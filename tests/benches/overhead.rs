@@ -261,7 +261,14 @@ fn run_capturing(
 }
 
 fn main() {
-    let a = Args::parse(&["secs", "rounds", "threads", "workloads", "agent_args", "out"]);
+    let a = Args::parse(&[
+        "secs",
+        "rounds",
+        "threads",
+        "workloads",
+        "agent_args",
+        "out",
+    ]);
     let agent_args: String = a.get("agent_args", String::new());
     let agent_args: Vec<&str> = agent_args.split_whitespace().collect();
     let (secs, rounds, threads) = (
