@@ -44,7 +44,7 @@ use lapin::{
     types::FieldTable,
 };
 use serde_json::json;
-use support::{Args, fmt_spread, process_cpu, ratios, spread};
+use support::{Args, fmt_spread, median, process_cpu, ratios};
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 /// The synthetic COM_QUIT the agent adds for a connection that ended without its own.
@@ -465,7 +465,7 @@ fn capacity(b: &Bench, a: &Args, md: &mut String, json: &mut Vec<serde_json::Val
             "| {} | nothing attached, unpaced | {} | 1 | {:.1} | - | - | - | - | - | - |\n",
             size_name(size),
             fmt_spread(&base_rates, 0),
-            spread(&base_rates).1 * size as f64 / 1e6,
+            median(base_rates.iter().copied()) * size as f64 / 1e6,
         ));
         let mut best_zero_loss: Option<f64> = None;
         for (i, runs) in steps.iter().enumerate() {
@@ -473,11 +473,11 @@ fn capacity(b: &Bench, a: &Args, md: &mut String, json: &mut Vec<serde_json::Val
                 format!("paced at {f} of baseline")
             });
             let rates: Vec<f64> = runs.iter().map(|r| r.sent.rate()).collect();
-            let med = |f: fn(&Captured) -> f64| spread(&runs.iter().map(f).collect::<Vec<_>>()).1;
+            let med = |f: fn(&Captured) -> f64| median(runs.iter().map(f));
             let lost: u64 = runs.iter().map(Captured::lost).sum();
             let clean = runs.iter().filter(|r| r.lost() == 0).count();
             if clean == runs.len() {
-                let m = spread(&rates).1;
+                let m = median(rates.iter().copied());
                 best_zero_loss = Some(best_zero_loss.map_or(m, |b: f64| b.max(m)));
             }
             md.push_str(&format!(
@@ -485,7 +485,7 @@ fn capacity(b: &Bench, a: &Args, md: &mut String, json: &mut Vec<serde_json::Val
                 size_name(size),
                 fmt_spread(&rates, 0),
                 fmt_spread(&ratios(&rates, &base_rates), 3),
-                spread(&rates).1 * size as f64 / 1e6,
+                median(rates.iter().copied()) * size as f64 / 1e6,
                 runs.len(),
                 drops_text(runs),
                 med(Captured::cpu_s_per_million),
@@ -544,26 +544,14 @@ fn cost_curve(b: &Bench, a: &Args, md: &mut String, json: &mut Vec<serde_json::V
                 }
             }
             let rates: Vec<f64> = runs.iter().map(|r| r.sent.rate()).collect();
-            let cpu = spread(
-                &runs
-                    .iter()
-                    .map(Captured::cpu_s_per_million)
-                    .collect::<Vec<_>>(),
-            )
-            .1;
-            let ns = spread(
-                &runs
-                    .iter()
-                    .map(|r| r.kernel_ns_per_packet)
-                    .collect::<Vec<_>>(),
-            )
-            .1;
+            let cpu = median(runs.iter().map(Captured::cpu_s_per_million));
+            let ns = median(runs.iter().map(|r| r.kernel_ns_per_packet));
             let (cpu0, ns0) = *first.get_or_insert((cpu, ns));
             md.push_str(&format!(
                 "| {} | {conns} | {:.0} | {:.0} | {} | {} | {} | {cpu:.2} | {:.2} | {ns:.0} | {:.2} | {} |\n",
                 size_name(size),
-                spread(&base).1,
-                spread(&rates).1,
+                median(base.iter().copied()),
+                median(rates.iter().copied()),
                 fmt_spread(&ratios(&rates, &base), 3),
                 runs.iter().map(Captured::lost).sum::<u64>(),
                 drops_text(&runs),

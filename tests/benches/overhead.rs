@@ -26,7 +26,7 @@ use common::{
     broker::TestExchange,
 };
 use serde_json::json;
-use support::{Args, fmt_spread, process_cpu, ratios, spread};
+use support::{Args, fmt_spread, median, process_cpu, ratios};
 
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 10_000;
@@ -314,33 +314,23 @@ fn main() {
         let p95 = |i: usize| runs[i].iter().map(|r| r.p95_ms).collect::<Vec<_>>();
         for (i, (config, name)) in CONFIGS.iter().enumerate() {
             let capturing = *config != Config::Nothing;
-            let cpu_pct = spread(
-                &runs[i]
+            let cpu_pct = median(
+                runs[i]
                     .iter()
-                    .map(|r| r.cpu.as_secs_f64() * 100.0 / secs as f64)
-                    .collect::<Vec<_>>(),
-            )
-            .1;
-            let captured = spread(
-                &runs[i]
+                    .map(|r| r.cpu.as_secs_f64() * 100.0 / secs as f64),
+            );
+            let captured = median(runs[i].iter().map(|r| r.captured as f64));
+            let broker_pct = median(
+                runs[i]
                     .iter()
-                    .map(|r| r.captured as f64)
-                    .collect::<Vec<_>>(),
-            )
-            .1;
-            let broker_pct = spread(
-                &runs[i]
-                    .iter()
-                    .map(|r| r.broker_cpu.as_secs_f64() * 100.0 / secs as f64)
-                    .collect::<Vec<_>>(),
-            )
-            .1;
+                    .map(|r| r.broker_cpu.as_secs_f64() * 100.0 / secs as f64),
+            );
             let dash = |s: String| if capturing { s } else { "-".into() };
             md.push_str(&format!(
                 "| {workload} | {name} | {} | {} | {:.2} | {} | {} | {broker_pct:.1} | {} | {} |\n",
                 fmt_spread(&qps(i), 0),
                 fmt_spread(&ratios(&qps(i), &qps(0)), 3),
-                spread(&p95(i)).1,
+                median(p95(i)),
                 fmt_spread(&ratios(&p95(i), &p95(0)), 3),
                 dash(format!("{cpu_pct:.1}")),
                 dash(format!(

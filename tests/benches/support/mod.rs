@@ -64,6 +64,11 @@ pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
+/// The median of `v`.
+pub fn median(v: impl IntoIterator<Item = f64>) -> f64 {
+    spread(&v.into_iter().collect::<Vec<_>>()).1
+}
+
 /// "min / median / max" with `decimals` digits.
 pub fn fmt_spread(v: &[f64], decimals: usize) -> String {
     let (lo, m, hi) = spread(v);
