@@ -1,11 +1,15 @@
 //! Command-line flags. Names follow the original collector (`--name=value`, snake_case) so that
-//! existing start scripts keep working; `--name value` works too.
+//! existing start scripts keep working; `--name value` works too. Without a subcommand the
+//! agent runs (capture and publish); `inspect` and `publish-file` are tools beside it.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
-use crate::capture::{AttachMode, Transport};
+use crate::{
+    capture::{AttachMode, CaptureConfig, Transport},
+    publish::BrokerConfig,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -15,21 +19,43 @@ use crate::capture::{AttachMode, Transport};
              to RabbitMQ in the MRTE format, for MRTE-Player and compatible replayers.",
     long_about = None,
     rename_all = "snake_case",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: Run,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Shows what is captured, one line per client command (tcpdump-like, MySQL-aware), from
+    /// the kernel, a RabbitMQ queue or a recording. Needs neither MySQL nor RabbitMQ (except
+    /// --from_queue).
+    Inspect(Inspect),
+    /// Publishes a recording made with --output file:PATH to RabbitMQ, message by message in
+    /// the recorded order (so each session's order is kept).
+    PublishFile(PublishFile),
+}
+
+/// The agent: capture, flows, bootstrap, publishing.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct Run {
     /// Network interface to capture on (e.g. eth0, lo).
+    #[arg(long, required = true, help_heading = "Capture")]
+    pub interface: Option<String>,
+
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+
+    /// Publish replication traffic too: replicas' sessions (COM_REGISTER_SLAVE,
+    /// COM_BINLOG_DUMP, COM_BINLOG_DUMP_GTID) and semi-sync ACK packets, which are left out
+    /// of the replay stream (and counted) by default.
     #[arg(long, help_heading = "Capture")]
-    pub interface: String,
-
-    /// MySQL server port(s) to capture: one port or a comma list, at most 16.
-    #[arg(long, value_delimiter = ',', default_value = "3306", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Capture")]
-    pub port: Vec<u16>,
-
-    /// Most payload bytes kept per TCP segment: 0 (whole segments, up to 64 KiB) or
-    /// 4096..=65535. The original's 8192 cut large queries; every cut segment is counted
-    /// (Truncated) and leaves that session's stream unusable for replay.
-    #[arg(long, default_value_t = 0, value_parser = snapshot_len, help_heading = "Capture")]
-    pub snapshot_len: u32,
+    pub include_replication: bool,
 
     /// Longest time in milliseconds a captured segment waits in a batch before it is published.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000), help_heading = "Publishing")]
@@ -62,6 +88,135 @@ pub struct Cli {
     #[arg(long, help_heading = "Publishing")]
     pub local_ip: Option<Ipv4Addr>,
 
+    /// Where messages go: rabbitmq, file:PATH, or both (repeat the flag, or a comma list).
+    /// A file gets each MRTE message as published, after a 4-byte big-endian length; it is
+    /// cut into PATH, PATH.1, PATH.2, ... of --output_file_mb each. PATH must not exist.
+    #[arg(long, value_delimiter = ',', default_value = "rabbitmq", value_parser = output, help_heading = "Publishing")]
+    pub output: Vec<Output>,
+
+    /// Size in MiB after which a recording moves on to its next file.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20), help_heading = "Publishing")]
+    pub output_file_mb: u64,
+
+    #[command(flatten)]
+    pub rabbitmq: RabbitArgs,
+
+    /// MySQL server whose process list tells the default database of the sessions open
+    /// before capture (session bootstrap) and which sessions ended (garbage collection). The
+    /// user needs the PROCESS privilege.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "MySQL")]
+    pub mysql_host: String,
+
+    /// Default: the first --port.
+    #[arg(long, help_heading = "MySQL")]
+    pub mysql_port: Option<u16>,
+
+    #[arg(long, default_value = "root", help_heading = "MySQL")]
+    pub mysql_user: String,
+
+    /// Also read from MRTE_MYSQL_PASSWORD, which keeps it out of `ps`.
+    #[arg(
+        long,
+        env = "MRTE_MYSQL_PASSWORD",
+        hide_env_values = true,
+        default_value = "",
+        help_heading = "MySQL"
+    )]
+    pub mysql_password: String,
+
+    /// Run without the session bootstrap if MySQL cannot be reached (or read) at start; it is
+    /// retried in the background. Without this, that is an error before capture starts.
+    #[arg(long, help_heading = "MySQL")]
+    pub mysql_optional: bool,
+
+    /// Seconds to wait for MySQL at start.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "MySQL")]
+    pub mysql_connect_timeout: u64,
+
+    /// Milliseconds between the first bootstrap pass (right after attaching) and the second,
+    /// which catches sessions that were still authenticating.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=600_000), help_heading = "MySQL")]
+    pub bootstrap_second_pass_ms: u64,
+
+    /// Seconds between two process-list reads for session garbage collection: sessions gone
+    /// get a synthetic COM_QUIT.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), help_heading = "MySQL")]
+    pub gc_interval: u64,
+
+    /// Turn on the kernel's BPF run-time statistics while running, and print the capture
+    /// program's average ns per packet in the exit summary (costs two clock reads per packet).
+    #[arg(long, help_heading = "Status")]
+    pub bpf_stats: bool,
+
+    /// Seconds between status lines.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), help_heading = "Status")]
+    pub status_interval: u64,
+
+    /// text: the original's status line; json: one JSON object per status line, with the
+    /// same figures (and the exit totals as one object), for log shippers.
+    #[arg(long, value_enum, default_value_t = StatusFormat::Text, help_heading = "Status")]
+    pub status_format: StatusFormat,
+
+    /// Serve every counter, gauge and the capture-to-publish latency histogram as Prometheus
+    /// text on http://HOST:PORT/metrics.
+    #[arg(long, help_heading = "Status")]
+    pub metrics_addr: Option<String>,
+}
+
+/// How the kernel program is attached and what it keeps: the agent's and `inspect`'s.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct CaptureArgs {
+    /// MySQL server port(s) to capture: one port or a comma list, at most 16.
+    #[arg(long, value_delimiter = ',', default_value = "3306", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Capture")]
+    pub port: Vec<u16>,
+
+    /// Most payload bytes kept per TCP segment: 0 (whole segments, up to 64 KiB) or
+    /// 4096..=65535. The original's 8192 cut large queries; every cut segment is counted
+    /// (Truncated) and leaves that session's stream unusable for replay.
+    #[arg(long, default_value_t = 0, value_parser = snapshot_len, help_heading = "Capture")]
+    pub snapshot_len: u32,
+
+    /// Kernel ring buffer size in MiB (a power of two).
+    #[arg(long, default_value_t = 8, value_parser = ring_mb, help_heading = "Capture")]
+    pub ring_buffer_mb: u32,
+
+    /// How to attach: tcx (kernel 6.6+, detached by the kernel if the agent dies), netlink
+    /// (clsact qdisc + filter), or auto (tcx where the kernel has it).
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto, help_heading = "Capture")]
+    pub attach_mode: AttachMode,
+
+    /// How records reach user space: ring (BPF ring buffer, record sized to the payload),
+    /// ring_fixed (ring buffer, every record 16 KiB) or perf (per-CPU perf buffers, the skb
+    /// appended by the helper). `ring` measured best (README, "Record transport").
+    #[arg(long, value_enum, default_value_t = TransportArg::Ring, help_heading = "Capture")]
+    pub transport: TransportArg,
+
+    /// Least microseconds between two wake-ups of the agent by the kernel program. Waking on
+    /// every record costs the server a self-IPI per request; a record whose wake-up was skipped
+    /// waits at most about twice this long. 0 wakes on (nearly) every record.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Capture")]
+    pub wakeup_interval_us: u64,
+}
+
+impl CaptureArgs {
+    pub fn config(&self, interface: &str) -> CaptureConfig {
+        CaptureConfig {
+            interface: interface.to_owned(),
+            ports: self.port.clone(),
+            snap_len: self.snapshot_len,
+            ring_bytes: self.ring_buffer_mb << 20,
+            attach_mode: self.attach_mode,
+            transport: self.transport.into(),
+            wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
+        }
+    }
+}
+
+/// The broker: the agent's, `publish-file`'s, and `inspect --from_queue`'s.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct RabbitArgs {
     /// RabbitMQ host name or address.
     #[arg(long, default_value = "127.0.0.1", help_heading = "RabbitMQ")]
     pub rabbitmq_host: String,
@@ -107,91 +262,101 @@ pub struct Cli {
     /// Seconds to wait for the broker at start.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "RabbitMQ")]
     pub rabbitmq_connect_timeout: u64,
-
-    /// MySQL server whose process list tells the default database of the sessions open
-    /// before capture (session bootstrap) and which sessions ended (garbage collection). The
-    /// user needs the PROCESS privilege.
-    #[arg(long, default_value = "127.0.0.1", help_heading = "MySQL")]
-    pub mysql_host: String,
-
-    /// Default: the first --port.
-    #[arg(long, help_heading = "MySQL")]
-    pub mysql_port: Option<u16>,
-
-    #[arg(long, default_value = "root", help_heading = "MySQL")]
-    pub mysql_user: String,
-
-    /// Also read from MRTE_MYSQL_PASSWORD, which keeps it out of `ps`.
-    #[arg(
-        long,
-        env = "MRTE_MYSQL_PASSWORD",
-        hide_env_values = true,
-        default_value = "",
-        help_heading = "MySQL"
-    )]
-    pub mysql_password: String,
-
-    /// Run without the session bootstrap if MySQL cannot be reached (or read) at start; it is
-    /// retried in the background. Without this, that is an error before capture starts.
-    #[arg(long, help_heading = "MySQL")]
-    pub mysql_optional: bool,
-
-    /// Seconds to wait for MySQL at start.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "MySQL")]
-    pub mysql_connect_timeout: u64,
-
-    /// Milliseconds between the first bootstrap pass (right after attaching) and the second,
-    /// which catches sessions that were still authenticating.
-    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=600_000), help_heading = "MySQL")]
-    pub bootstrap_second_pass_ms: u64,
-
-    /// Seconds between two process-list reads for session garbage collection: sessions gone
-    /// get a synthetic COM_QUIT.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), help_heading = "MySQL")]
-    pub gc_interval: u64,
-
-    /// Kernel ring buffer size in MiB (a power of two).
-    #[arg(long, default_value_t = 8, value_parser = ring_mb, help_heading = "Capture")]
-    pub ring_buffer_mb: u32,
-
-    /// How to attach: tcx (kernel 6.6+, detached by the kernel if the agent dies), netlink
-    /// (clsact qdisc + filter), or auto (tcx where the kernel has it).
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto, help_heading = "Capture")]
-    pub attach_mode: AttachMode,
-
-    /// How records reach user space: ring (BPF ring buffer, record sized to the payload),
-    /// ring_fixed (ring buffer, every record 16 KiB) or perf (per-CPU perf buffers, the skb
-    /// appended by the helper). `ring` measured best (README, "Record transport").
-    #[arg(long, value_enum, default_value_t = TransportArg::Ring, help_heading = "Capture")]
-    pub transport: TransportArg,
-
-    /// Least microseconds between two wake-ups of the agent by the kernel program. Waking on
-    /// every record costs the server a self-IPI per request; a record whose wake-up was skipped
-    /// waits at most about twice this long. 0 wakes on (nearly) every record.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Capture")]
-    pub wakeup_interval_us: u64,
-
-    /// Publish replication traffic too: replicas' sessions (COM_REGISTER_SLAVE,
-    /// COM_BINLOG_DUMP, COM_BINLOG_DUMP_GTID) and semi-sync ACK packets, which are left out
-    /// of the replay stream (and counted) by default.
-    #[arg(long, help_heading = "Capture")]
-    pub include_replication: bool,
-
-    /// Turn on the kernel's BPF run-time statistics while running, and print the capture
-    /// program's average ns per packet in the exit summary (costs two clock reads per packet).
-    #[arg(long, help_heading = "Status")]
-    pub bpf_stats: bool,
-
-    /// Seconds between status lines.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), help_heading = "Status")]
-    pub status_interval: u64,
 }
 
-impl Cli {
+impl RabbitArgs {
+    pub fn config(&self) -> BrokerConfig {
+        BrokerConfig {
+            host: self.rabbitmq_host.clone(),
+            port: self.rabbitmq_port,
+            user: self.rabbitmq_user.clone(),
+            password: self.rabbitmq_password.clone(),
+            vhost: self.rabbitmq_vhost.clone(),
+            exchange: self.rabbitmq_exchange_name.clone(),
+            routing_key: self.rabbitmq_routing_key.clone(),
+            declare: self.rabbitmq_declare,
+            queue: self.rabbitmq_queue.clone(),
+            confirm: self.rabbitmq_confirm,
+            connect_timeout: Duration::from_secs(self.rabbitmq_connect_timeout),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct Inspect {
+    /// Network interface to capture on; not with --from_queue or --from_file.
+    #[arg(long, required_unless_present_any = ["from_queue", "from_file"], conflicts_with_all = ["from_queue", "from_file"], help_heading = "Capture")]
+    pub interface: Option<String>,
+
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+
+    /// Read MRTE messages from this RabbitMQ queue instead of the kernel (they are consumed:
+    /// bind a queue of its own to the exchange).
+    #[arg(long, visible_alias = "from-queue", conflicts_with = "from_file", help_heading = "Inspect")]
+    pub from_queue: Option<String>,
+
+    /// Read a recording (--output file:PATH) instead of the kernel: PATH, then PATH.1, ...
+    #[arg(long, visible_alias = "from-file", help_heading = "Inspect")]
+    pub from_file: Option<PathBuf>,
+
+    /// One JSON object per line instead of text.
+    #[arg(long, help_heading = "Inspect")]
+    pub json: bool,
+
+    /// Whole SQL text and arguments; by default a text line is cut to the terminal width.
+    #[arg(long, help_heading = "Inspect")]
+    pub full: bool,
+
+    #[command(flatten)]
+    pub rabbitmq: RabbitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct PublishFile {
+    /// The recording's first file (its PATH.1, PATH.2, ... follow).
+    pub path: PathBuf,
+
+    #[command(flatten)]
+    pub rabbitmq: RabbitArgs,
+}
+
+impl Run {
+    pub fn interface(&self) -> &str {
+        self.interface
+            .as_deref()
+            .expect("clap requires --interface without a subcommand")
+    }
+
     /// The MySQL port of the bootstrap connection: --mysql_port, else the first --port.
     pub fn mysql_port(&self) -> u16 {
-        self.mysql_port.unwrap_or(self.port[0])
+        self.mysql_port.unwrap_or(self.capture.port[0])
     }
+
+    /// Whether messages go to RabbitMQ, and the recording's path if they go to a file.
+    pub fn outputs(&self) -> (bool, Option<&PathBuf>) {
+        let broker = self.output.contains(&Output::Rabbitmq);
+        let file = self.output.iter().find_map(|o| match o {
+            Output::File(p) => Some(p),
+            Output::Rabbitmq => None,
+        });
+        (broker, file)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Rabbitmq,
+    File(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum StatusFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -229,5 +394,13 @@ fn ring_mb(s: &str) -> Result<u32, String> {
         Ok(v)
     } else {
         Err(format!("{v} is not a power of two in 1..=1024"))
+    }
+}
+
+fn output(s: &str) -> Result<Output, String> {
+    match s.split_once(':') {
+        None if s == "rabbitmq" => Ok(Output::Rabbitmq),
+        Some(("file", path)) if !path.is_empty() => Ok(Output::File(path.into())),
+        _ => Err(format!("{s:?} is neither rabbitmq nor file:PATH")),
     }
 }

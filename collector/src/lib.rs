@@ -16,16 +16,23 @@
 //! - [`publish`]: RabbitMQ connection and checks, fan-out, batching, publisher tasks.
 //! - [`instance`]: one agent per interface (a lock), and clean-up after one that died.
 //! - [`memory`]: how `--max_mem_mb` is split between the buffers, the budget they take from.
-//! - [`status`]: the counters and the periodic status line.
+//! - [`recording`]: `--output file:PATH` recordings, `publish-file`.
+//! - [`status`]: the counters and the periodic status line (text or JSON).
+//! - [`metrics`]: the Prometheus endpoint (`--metrics_addr`).
+//! - [`inspect`]: the `inspect` view: each session's commands, from the kernel, a queue or a
+//!   recording.
 //! - [`cli`]: command-line flags.
 pub mod bootstrap;
 pub mod capture;
 pub mod cli;
 pub mod encode;
 pub mod flow;
+pub mod inspect;
 pub mod instance;
 pub mod memory;
+pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
 pub mod publish;
+pub mod recording;
 pub mod status;

@@ -4,13 +4,15 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use collector::{
     bootstrap::{self, Mysql, MysqlConfig},
-    capture::{self, Capture, CaptureConfig},
-    cli::Cli,
+    capture::{self, Capture},
+    cli::{Cli, Command, Output, Run, StatusFormat},
     flow::{Flows, SessionKey},
-    instance::Instance,
+    inspect, instance::Instance,
     memory::{self, MemoryBudget, MemoryPlan},
+    metrics,
     pipeline::Pipeline,
-    publish::{BatchLimits, Broker, BrokerConfig, Fanout},
+    publish::{self, BatchLimits, Broker, Fanout, PublisherShared},
+    recording::{self, Recorder},
     status::{PipelineCounters, StatusLine, Totals, if_rx_dropped},
 };
 use collector_common::Counters;
@@ -41,7 +43,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(run(cli)) {
+    let work = async {
+        match cli.command {
+            None => run(cli.run).await,
+            Some(Command::Inspect(args)) => inspect::run(args).await,
+            Some(Command::PublishFile(args)) => recording::publish_file(args).await,
+        }
+    };
+    let code = match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mrte-collector: error: {e:#}");
@@ -54,16 +63,8 @@ fn main() -> ExitCode {
     code
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = CaptureConfig {
-        interface: cli.interface.clone(),
-        ports: cli.port.clone(),
-        snap_len: cli.snapshot_len,
-        ring_bytes: cli.ring_buffer_mb << 20,
-        attach_mode: cli.attach_mode,
-        transport: cli.transport.into(),
-        wakeup_interval: Duration::from_micros(cli.wakeup_interval_us),
-    };
+async fn run(cli: Run) -> anyhow::Result<()> {
+    let cfg = cli.capture.config(cli.interface());
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Installed before anything is attached: without a handler, a SIGUSR1 or a hangup (the
@@ -74,49 +75,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // Everything that can be wrong with the input is found before the program is attached.
     cfg.check()?;
-    let plan = MemoryPlan::new(cli.max_mem_mb, cli.ring_buffer_mb.into(), cfg.transport)?;
+    let plan = MemoryPlan::new(
+        cli.max_mem_mb,
+        cli.capture.ring_buffer_mb.into(),
+        cfg.transport,
+    )?;
+    let (to_broker, to_file) = cli.outputs();
+    if cli.output.iter().filter(|o| matches!(o, Output::File(_))).count() > 1 {
+        anyhow::bail!("--output: one file:PATH at most");
+    }
+    // Created before anything is attached: an existing or unwritable path stops the agent.
+    let recorder = to_file
+        .map(|path| Recorder::create(path, cli.output_file_mb << 20))
+        .transpose()?
+        .map(|r| Arc::new(std::sync::Mutex::new(r)));
+    let metrics_listener = match &cli.metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     tracing::debug!(?plan, "memory plan");
     // One agent per interface; what one that died left in the kernel goes before we attach.
     let mut instance = Instance::acquire(&cfg.interface, &cfg.ports)?;
     instance.clean_up();
     let local_ip = match cli.local_ip {
         Some(ip) => ip,
-        None => capture::interface_ipv4(&cli.interface)?,
+        None => capture::interface_ipv4(cli.interface())?,
     };
-    if cli.snapshot_len != 0 {
+    if cli.capture.snapshot_len != 0 {
         tracing::warn!(
-            snapshot_len = cli.snapshot_len,
+            snapshot_len = cli.capture.snapshot_len,
             "segments longer than --snapshot_len are cut (counted as Truncated); a cut \
              session cannot be replayed. 0, the default, keeps whole segments"
         );
     }
-    let broker_cfg = BrokerConfig {
-        host: cli.rabbitmq_host.clone(),
-        port: cli.rabbitmq_port,
-        user: cli.rabbitmq_user.clone(),
-        password: cli.rabbitmq_password.clone(),
-        vhost: cli.rabbitmq_vhost.clone(),
-        exchange: cli.rabbitmq_exchange_name.clone(),
-        routing_key: cli.rabbitmq_routing_key.clone(),
-        declare: cli.rabbitmq_declare,
-        queue: cli.rabbitmq_queue.clone(),
-        confirm: cli.rabbitmq_confirm,
-        connect_timeout: Duration::from_secs(cli.rabbitmq_connect_timeout),
+    let broker = if to_broker {
+        let broker_cfg = cli.rabbitmq.config();
+        let broker = Arc::new(Broker::connect(&broker_cfg).await?);
+        tracing::info!(
+            broker = %broker.addr(),
+            exchange = %broker_cfg.exchange,
+            routing_key = %broker_cfg.routing_key,
+            %local_ip,
+            "connected to RabbitMQ"
+        );
+        Some(broker)
+    } else {
+        None
     };
-    let broker = Arc::new(Broker::connect(&broker_cfg).await?);
-    tracing::info!(
-        broker = %broker.addr(),
-        exchange = %cli.rabbitmq_exchange_name,
-        routing_key = %cli.rabbitmq_routing_key,
-        %local_ip,
-        "connected to RabbitMQ"
-    );
+    if let Some(r) = &recorder {
+        let path = r.lock().expect("recorder lock").path();
+        tracing::info!(path = %path.display(), "recording the messages");
+    }
     let mysql_cfg = MysqlConfig {
         host: cli.mysql_host.clone(),
         port: cli.mysql_port(),
         user: cli.mysql_user.clone(),
         password: cli.mysql_password.clone(),
-        server_ports: cli.port.clone(),
+        server_ports: cli.capture.port.clone(),
         connect_timeout: Duration::from_secs(cli.mysql_connect_timeout),
         second_pass: Duration::from_millis(cli.bootstrap_second_pass_ms),
         gc_interval: Duration::from_secs(cli.gc_interval),
@@ -135,15 +150,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let counters = Arc::new(PipelineCounters::default());
     let budget = Arc::new(MemoryBudget::new(plan.queues));
-    let mut publishers = broker
-        .start_publishers(
-            cli.thread_count.into(),
-            cli.queue_size as usize,
-            local_ip,
-            budget.clone(),
-            counters.clone(),
-        )
-        .await?;
+    let latency = metrics::latency_histogram();
+    let shared = PublisherShared {
+        broker: broker.clone(),
+        recorder: recorder.clone(),
+        local_ip,
+        budget: budget.clone(),
+        counters: counters.clone(),
+        latency: latency.clone(),
+    };
+    let mut publishers =
+        publish::start_publishers(&shared, cli.thread_count.into(), cli.queue_size as usize)
+            .await?;
+    drop(shared);
     let limits = BatchLimits {
         segments: cli.batch_segments,
         bytes: cli.batch_bytes as usize,
@@ -183,12 +202,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let info0 = capture.program_info().ok();
     let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
     let drain_stats = drain.shared_stats();
-    let if_dropped_base = if_rx_dropped(&cli.interface);
+    let if_dropped_base = if_rx_dropped(cli.interface());
     let totals = |kernel: Counters, waiting: u64, flows: &Flows| Totals {
         kernel,
         drain: drain_stats.load(),
         pipeline: counters.load(),
-        if_dropped: if_rx_dropped(&cli.interface).saturating_sub(if_dropped_base),
+        if_dropped: if_rx_dropped(cli.interface()).saturating_sub(if_dropped_base),
         waiting,
         flows: flows.len() as u64,
         reorder_bytes: flows.pending_bytes() as u64,
@@ -206,6 +225,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         counters.clone(),
     ));
 
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<metrics::TotalsRequest>(8);
+    let metrics_server = metrics_listener.map(|l| {
+        if let Some(addr) = metrics::local_addr(&l) {
+            tracing::info!("serving metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(metrics::serve(l, metrics_tx, latency.clone()))
+    });
+    let json = cli.status_format == StatusFormat::Json;
     let mut status = StatusLine::new();
     let period = Duration::from_secs(cli.status_interval);
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
@@ -219,6 +246,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline.on_due(Instant::now());
             }
             Some(event) = events.recv() => pipeline.on_event(event),
+            Some(reply) = metrics_rx.recv() => {
+                let now = totals(
+                    capture.read_counters()?,
+                    pipeline.fanout.waiting(),
+                    &pipeline.flows,
+                );
+                let _ = reply.send(now);
+            }
             _ = sigusr1.recv() => {
                 tracing::info!("SIGUSR1: sending the session bootstrap again");
                 let _ = again_tx.send(());
@@ -240,23 +275,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline.fanout.waiting(),
                 &pipeline.flows,
             );
-            print_status(&status.next(&now, last.elapsed()));
+            let line = if json {
+                status.next_json(&now, last.elapsed())
+            } else {
+                status.next(&now, last.elapsed())
+            };
+            print_status(&line);
             last = Instant::now();
+            if let Some(r) = &recorder
+                && let Err(e) = r.lock().expect("recorder lock").flush()
+            {
+                tracing::error!("{e}");
+            }
             pipeline.expire(last, FLOW_IDLE);
         }
     }
     drain.drain_now(&mut pipeline);
     let kernel = capture.read_counters()?;
-    let mut kernel_cost = String::new();
+    let mut kernel_cost = Vec::new();
     if let (Some(_), Some(a), Ok(b)) = (&stats_fd, info0, capture.program_info()) {
         let runs = b.run_count() - a.run_count();
         let ns = (b.run_time() - a.run_time()).as_nanos();
         if runs > 0 {
-            kernel_cost = format!(
-                " kernel_runs={runs} kernel_ns_per_packet={:.0}",
-                ns as f64 / runs as f64
-            );
+            kernel_cost = vec![
+                ("kernel_runs", runs),
+                ("kernel_ns_per_packet", (ns as f64 / runs as f64).round() as u64),
+            ];
         }
+    }
+    if let Some(m) = metrics_server {
+        m.abort();
     }
     capture.detach()?;
     // Clean-up of the lock (and of a qdisc we added, once unused): after the detach.
@@ -276,14 +324,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "publishers did not finish within {SHUTDOWN_GRACE:?}; their queued messages are lost"
         );
     }
-    if tokio::time::timeout(Duration::from_secs(3), broker.close())
-        .await
-        .is_err()
+    if let Some(broker) = &broker
+        && tokio::time::timeout(Duration::from_secs(3), broker.close())
+            .await
+            .is_err()
     {
         tracing::warn!("the broker did not confirm the connection close within 3 s");
     }
+    if let Some(r) = &recorder {
+        let mut r = r.lock().expect("recorder lock");
+        if let Err(e) = r.flush() {
+            tracing::error!("{e}");
+        }
+    }
     let end = totals(kernel, if late > 0 { waiting } else { 0 }, &flows);
-    print_status(&format!("{}{kernel_cost}", StatusLine::summary(&end)));
+    if json {
+        print_status(&StatusLine::summary_json(&end, &kernel_cost));
+    } else {
+        let mut line = StatusLine::summary(&end);
+        for (k, v) in kernel_cost {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        print_status(&line);
+    }
     Ok(())
 }
 

@@ -400,9 +400,12 @@ impl Pipeline {
         let mut out = std::mem::take(&mut self.out);
         self.flows
             .accept(key, seg, self.now, &self.counters, &mut out);
+        // What this segment lets out was captured (complete) with it: the latency histogram.
+        self.fanout.set_captured(r.ts_ns);
         for o in out.drain(..) {
             self.publish(key.client, o);
         }
+        self.fanout.set_captured(0);
         self.out = out;
     }
 

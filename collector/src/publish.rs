@@ -39,7 +39,12 @@ use lapin::{
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
-use crate::{encode, memory::MemoryBudget, protocol::starts_command, status::PipelineCounters};
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::{
+    encode, memory::MemoryBudget, protocol::starts_command, recording::SharedRecorder,
+    status::PipelineCounters,
+};
 
 /// Where and how to publish.
 #[derive(Clone, Debug)]
@@ -130,6 +135,14 @@ impl Broker {
         })
     }
 
+    /// A plain channel on the current connection (no confirms), e.g. for `publish-file`.
+    pub async fn open_channel(&self) -> Result<Channel, PublishError> {
+        let conn = self.conn.lock().await;
+        conn.create_channel()
+            .await
+            .map_err(amqp(&self.cfg, "opening a channel"))
+    }
+
     /// A channel for publisher `index` (with confirms, if asked) on the current connection.
     async fn channel(&self, conn: &Connection, index: usize) -> Result<Channel, PublishError> {
         let channel = conn.create_channel().await.map_err(amqp(
@@ -182,37 +195,6 @@ impl Broker {
         }
     }
 
-    /// Opens one channel per publisher and starts the publisher tasks.
-    pub async fn start_publishers(
-        self: &Arc<Self>,
-        count: usize,
-        queue_size: usize,
-        local_ip: Ipv4Addr,
-        budget: Arc<MemoryBudget>,
-        counters: Arc<PipelineCounters>,
-    ) -> Result<Publishers, PublishError> {
-        let mut senders = Vec::with_capacity(count);
-        let mut tasks = Vec::with_capacity(count);
-        for index in 0..count {
-            let channel = {
-                let conn = self.conn.lock().await;
-                self.channel(&conn, index).await?
-            };
-            let (tx, rx) = mpsc::channel(queue_size);
-            let publisher = Publisher {
-                index,
-                broker: self.clone(),
-                local_ip,
-                budget: budget.clone(),
-                counters: counters.clone(),
-                broken: HashSet::default(),
-            };
-            tasks.push(tokio::spawn(publisher.run(channel, rx)));
-            senders.push(tx);
-        }
-        Ok(Publishers { senders, tasks })
-    }
-
     /// Closes the connection politely (after the publishers finished).
     pub async fn close(&self) {
         let conn = self.conn.lock().await;
@@ -228,6 +210,13 @@ fn amqp(cfg: &BrokerConfig, what: impl Into<String>) -> impl FnOnce(lapin::Error
 
 /// Connects and logs in, then checks the exchange.
 async fn open(cfg: &BrokerConfig) -> Result<Connection, PublishError> {
+    let conn = login(cfg).await?;
+    check_exchange(cfg, &conn).await?;
+    Ok(conn)
+}
+
+/// Connects and logs in, nothing more (e.g. to consume a queue).
+pub async fn login(cfg: &BrokerConfig) -> Result<Connection, PublishError> {
     let addr = cfg.addr();
     let uri = AMQPUri {
         authority: AMQPAuthority {
@@ -273,7 +262,6 @@ async fn open(cfg: &BrokerConfig) -> Result<Connection, PublishError> {
                 source: e,
             },
         })?;
-    check_exchange(cfg, &conn).await?;
     Ok(conn)
 }
 
@@ -350,6 +338,62 @@ impl BrokerConfig {
     }
 }
 
+/// What every publisher shares.
+#[derive(Clone)]
+pub struct PublisherShared {
+    /// The broker, unless messages only go to a recording.
+    pub broker: Option<Arc<Broker>>,
+    /// The recording, if messages go to a file too (or only).
+    pub recorder: Option<SharedRecorder>,
+    /// LOCAL_IP of the synthetic messages publishers make themselves.
+    pub local_ip: Ipv4Addr,
+    pub budget: Arc<MemoryBudget>,
+    pub counters: Arc<PipelineCounters>,
+    /// Capture-to-publish latency of each message.
+    pub latency: Histogram,
+}
+
+/// Opens one channel per publisher (if there is a broker) and starts the publisher tasks.
+pub async fn start_publishers(
+    shared: &PublisherShared,
+    count: usize,
+    queue_size: usize,
+) -> Result<Publishers, PublishError> {
+    let mut senders = Vec::with_capacity(count);
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let channel = match &shared.broker {
+            Some(broker) => {
+                let conn = broker.conn.lock().await;
+                Some(broker.channel(&conn, index).await?)
+            }
+            None => None,
+        };
+        let (tx, rx) = mpsc::channel(queue_size);
+        let publisher = Publisher {
+            index,
+            shared: shared.clone(),
+            broken: HashSet::default(),
+            record_errors: Throttled::default(),
+        };
+        tasks.push(tokio::spawn(async move {
+            match channel {
+                Some(channel) => publisher.run(channel, rx).await,
+                None => publisher.run_to_file(rx).await,
+            }
+        }));
+        senders.push(tx);
+    }
+    Ok(Publishers { senders, tasks })
+}
+
+/// What the original sent: text/plain, transient, no headers.
+pub fn message_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("text/plain".into())
+        .with_delivery_mode(1)
+}
+
 /// The running publishers: their queues' senders (taken by the [`Fanout`]) and their tasks.
 pub struct Publishers {
     pub senders: Vec<mpsc::Sender<Batch>>,
@@ -383,6 +427,10 @@ pub struct Batch {
     /// Sessions whose units in batches of this publisher just before this one were dropped:
     /// they end (COM_QUIT) before this batch.
     lost: Vec<(Ipv4Addr, u16)>,
+    /// When its first captured unit was captured (CLOCK_MONOTONIC ns; 0: only synthetic).
+    captured: u64,
+    /// Written to the recording already (a batch published again is not recorded again).
+    recorded: bool,
 }
 
 impl Batch {
@@ -395,6 +443,8 @@ impl Batch {
             opened: now,
             budgeted: 0,
             lost: Vec::new(),
+            captured: 0,
+            recorded: false,
         }
     }
 
@@ -457,6 +507,8 @@ struct Lane {
 /// Spreads units over the publishers' queues, batching per publisher.
 pub struct Fanout {
     local_ip: Ipv4Addr,
+    /// Capture time of the units being pushed (see [`Fanout::set_captured`]).
+    captured: u64,
     lanes: Vec<Lane>,
     limits: BatchLimits,
     budget: Arc<MemoryBudget>,
@@ -484,6 +536,7 @@ impl Fanout {
     ) -> Self {
         Self {
             local_ip,
+            captured: 0,
             lanes: senders
                 .into_iter()
                 .map(|tx| Lane {
@@ -500,6 +553,12 @@ impl Fanout {
         }
     }
 
+    /// The capture time (CLOCK_MONOTONIC ns) of the segment whose units come next; 0 for
+    /// synthetic units.
+    pub fn set_captured(&mut self, ns: u64) {
+        self.captured = ns;
+    }
+
     /// Adds one unit to its session's batch; sends the batch if it is full.
     pub fn push(&mut self, ip: Ipv4Addr, port: u16, data: &[u8], now: Instant) {
         let lane = lane_of(IpAddr::V4(ip), port, self.lanes.len());
@@ -510,6 +569,9 @@ impl Fanout {
             .get_or_insert_with(|| Batch::new(local_ip, limits.bytes.min(1 << 20), now));
         encode::put_unit(&mut batch.buf, ip, port, data);
         batch.units += 1;
+        if batch.captured == 0 {
+            batch.captured = self.captured;
+        }
         if batch.units > limits.segments || batch.buf.len() > limits.bytes {
             self.send(lane, now);
         }
@@ -624,19 +686,65 @@ type Write = Pin<Box<dyn Future<Output = (Batch, lapin::Result<PublisherConfirm>
 
 struct Publisher {
     index: usize,
-    broker: Arc<Broker>,
-    /// LOCAL_IP of the synthetic messages it publishes itself.
-    local_ip: Ipv4Addr,
-    budget: Arc<MemoryBudget>,
-    counters: Arc<PipelineCounters>,
+    shared: PublisherShared,
     /// Sessions that lost units and got their COM_QUIT: their units are left out until one
     /// starts a command.
     broken: HashSet<(Ipv4Addr, u16)>,
+    record_errors: Throttled,
 }
 
 impl Publisher {
+    /// Messages only go to a recording: each batch is written as it comes.
+    async fn run_to_file(mut self, mut rx: mpsc::Receiver<Batch>) {
+        while let Some(mut batch) = rx.recv().await {
+            if !batch.lost.is_empty() {
+                let quits = self.end_sessions(std::mem::take(&mut batch.lost));
+                self.deliver_to_file(quits);
+            }
+            let batch = self.leave_out_broken(batch);
+            self.deliver_to_file(batch);
+        }
+    }
+
+    fn deliver_to_file(&mut self, mut batch: Batch) {
+        if batch.units > 0 {
+            self.record(&mut batch);
+            self.published(&batch);
+        }
+        self.shared.budget.give_back(batch.budgeted);
+    }
+
+    /// Writes the batch to the recording, if there is one and it is not there yet.
+    fn record(&mut self, batch: &mut Batch) {
+        let Some(recorder) = &self.shared.recorder else {
+            return;
+        };
+        if std::mem::replace(&mut batch.recorded, true) {
+            return;
+        }
+        let c = &self.shared.counters;
+        match recorder.lock().expect("recorder lock").write(&batch.buf) {
+            Ok(()) => {
+                PipelineCounters::add(&c.recorded_msgs, 1);
+                PipelineCounters::add(&c.recorded_bytes, 4 + batch.buf.len() as u64);
+            }
+            Err(e) => {
+                PipelineCounters::add(&c.record_errors, 1);
+                PipelineCounters::add(&c.record_error_units, batch.units);
+                self.record_errors.hit(Instant::now(), |more| {
+                    tracing::error!(
+                        publisher = self.index,
+                        similar_since_last_error = more,
+                        "a message is missing from the recording: {e}"
+                    )
+                });
+            }
+        }
+    }
+
     async fn run(mut self, channel: Channel, mut rx: mpsc::Receiver<Batch>) {
-        let confirm = self.broker.cfg.confirm;
+        let broker = self.shared.broker.clone().expect("a publisher with a channel has a broker");
+        let confirm = broker.cfg.confirm;
         let mut channel = Some(channel);
         // Batches to publish (again) before taking new ones, oldest first.
         let mut retry: VecDeque<Batch> = VecDeque::new();
@@ -674,7 +782,7 @@ impl Publisher {
                     if closing && retry.is_empty() {
                         break;
                     }
-                    channel = Some(self.broker.reopen(self.index, &self.counters).await);
+                    channel = Some(broker.reopen(self.index, &self.shared.counters).await);
                     continue;
                 }
             };
@@ -712,7 +820,7 @@ impl Publisher {
                     match confirmed {
                         Ok(c) => {
                             let (batch, _) = unconfirmed.pop_front().unwrap();
-                            self.budget.give_back(batch.budgeted);
+                            self.shared.budget.give_back(batch.budgeted);
                             if let Confirmation::Nack(_) = c {
                                 self.error("the broker nacked a message", &mut errors);
                                 let quits = self.lose(vec![batch]);
@@ -741,16 +849,14 @@ impl Publisher {
     /// Hands one batch (units of ended sessions left out) to the channel: lapin queues its
     /// frames on this first poll, so the order of calls is the order on the wire.
     async fn publish(&mut self, ch: &Channel, batch: Batch, writing: &mut VecDeque<Write>) {
-        let batch = self.leave_out_broken(batch);
+        let mut batch = self.leave_out_broken(batch);
         if batch.units == 0 {
-            self.budget.give_back(batch.budgeted);
+            self.shared.budget.give_back(batch.budgeted);
             return;
         }
-        // What the original sent: text/plain, transient, no headers.
-        let props = BasicProperties::default()
-            .with_content_type("text/plain".into())
-            .with_delivery_mode(1);
-        let (ch, broker) = (ch.clone(), self.broker.clone());
+        self.record(&mut batch);
+        let props = message_properties();
+        let (ch, broker) = (ch.clone(), self.shared.broker.clone().expect("broker"));
         let mut write: Write = Box::pin(async move {
             let cfg = &broker.cfg;
             let written = ch
@@ -783,14 +889,15 @@ impl Publisher {
         unconfirmed: &mut VecDeque<(Batch, PublisherConfirm)>,
         errors: &mut Throttled,
     ) -> Option<Batch> {
+        let confirm_on = self.shared.broker.as_ref().is_some_and(|b| b.cfg.confirm);
         match written {
-            Ok(confirm) if self.broker.cfg.confirm => {
+            Ok(confirm) if confirm_on => {
                 unconfirmed.push_back((batch, confirm));
                 None
             }
             Ok(_) => {
                 self.published(&batch);
-                self.budget.give_back(batch.budgeted);
+                self.shared.budget.give_back(batch.budgeted);
                 None
             }
             Err(e) => {
@@ -800,10 +907,16 @@ impl Publisher {
         }
     }
 
+    /// Counts a message handed to its last output (the broker, or the recording without
+    /// one), and its capture-to-publish latency.
     fn published(&self, batch: &Batch) {
-        PipelineCounters::add(&self.counters.published_msgs, 1);
-        PipelineCounters::add(&self.counters.published_units, batch.units);
-        PipelineCounters::add(&self.counters.published_bytes, batch.buf.len() as u64);
+        if batch.captured != 0 {
+            let ns = crate::capture::monotonic_ns().saturating_sub(batch.captured);
+            self.shared.latency.observe(ns as f64 / 1e9);
+        }
+        PipelineCounters::add(&self.shared.counters.published_msgs, 1);
+        PipelineCounters::add(&self.shared.counters.published_units, batch.units);
+        PipelineCounters::add(&self.shared.counters.published_bytes, batch.buf.len() as u64);
     }
 
     /// Batches whose units are lost (refused, or unknown after a broken channel): counted,
@@ -811,7 +924,7 @@ impl Publisher {
     fn lose(&mut self, batches: Vec<Batch>) -> Batch {
         let mut sessions = Vec::new();
         for batch in &batches {
-            PipelineCounters::add(&self.counters.mq_error_units, batch.units);
+            PipelineCounters::add(&self.shared.counters.mq_error_units, batch.units);
             sessions.extend(batch.sessions());
         }
         self.end_sessions(sessions)
@@ -823,13 +936,13 @@ impl Publisher {
         }
         let batches: Vec<Batch> = unconfirmed.drain(..).map(|(b, _)| b).collect();
         for b in &batches {
-            self.budget.give_back(b.budgeted);
+            self.shared.budget.give_back(b.budgeted);
         }
         Some(self.lose(batches))
     }
 
     fn error(&self, why: &str, errors: &mut Throttled) {
-        PipelineCounters::add(&self.counters.mq_errors, 1);
+        PipelineCounters::add(&self.shared.counters.mq_errors, 1);
         errors.hit(Instant::now(), |more| {
             tracing::error!(
                 publisher = self.index,
@@ -842,14 +955,14 @@ impl Publisher {
     /// A message of COM_QUITs for sessions that just lost units (those not ended already);
     /// their later units are left out until one starts a command.
     fn end_sessions(&mut self, sessions: Vec<(Ipv4Addr, u16)>) -> Batch {
-        let mut quits = Batch::new(self.local_ip, 0, Instant::now());
+        let mut quits = Batch::new(self.shared.local_ip, 0, Instant::now());
         for s in sessions {
             if self.broken.insert(s) {
                 encode::put_unit(&mut quits.buf, s.0, s.1, &encode::COM_QUIT);
                 quits.units += 1;
             }
         }
-        PipelineCounters::add(&self.counters.mq_lost_sessions, quits.units);
+        PipelineCounters::add(&self.shared.counters.mq_lost_sessions, quits.units);
         quits
     }
 
@@ -867,7 +980,7 @@ impl Publisher {
             let key = (u.ip, u.port);
             if self.broken.contains(&key) {
                 if !starts_command(&u.data) {
-                    PipelineCounters::add(&self.counters.mq_lost_skipped, 1);
+                    PipelineCounters::add(&self.shared.counters.mq_lost_skipped, 1);
                     continue;
                 }
                 // The consumer sees a new session from here.

@@ -82,10 +82,17 @@ pipeline_counters! {
     queue_full,
     /// Segments dropped because the queued bytes would pass `--max_mem_mb`.
     mem_limit,
-    /// Messages handed to the broker, and the units and bytes in them.
+    /// Messages handed to the broker (to the recording when it is the only output), and the
+    /// units and bytes in them.
     published_msgs,
     published_units,
     published_bytes,
+    /// Messages written to the recording (`--output file:PATH`), with their length prefixes
+    /// bytes; messages that could not be written (a full disk), and their units.
+    recorded_msgs,
+    recorded_bytes,
+    record_errors,
+    record_error_units,
     /// Failed publishes, nacks and failed reconnection attempts (MQError), and the units of
     /// messages lost (nacked, or unconfirmed when the channel broke).
     mq_errors,
@@ -165,6 +172,7 @@ impl Totals {
             + self.drain.malformed
             + self.pipeline.queue_full
             + self.pipeline.mem_limit
+            + self.pipeline.record_error_units
     }
     pub fn mq_errors(&self) -> u64 {
         self.pipeline.mq_errors
@@ -188,7 +196,68 @@ impl Totals {
     }
 }
 
+/// Whether a figure only grows (a counter) or goes up and down (a gauge).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Totals {
+    /// Every figure, named as in the exit summary: kernel counters, drain losses, pipeline
+    /// counters, then the gauges.
+    pub fn named(&self) -> Vec<(&'static str, Kind, u64)> {
+        let kernel = Counter::ALL
+            .iter()
+            .map(|&c| (c.name(), self.kernel.get(c)));
+        let drain = [("lost", self.drain.lost), ("malformed", self.drain.malformed)];
+        let mut out: Vec<_> = kernel
+            .chain(drain)
+            .chain(std::iter::once(("if_dropped", self.if_dropped)))
+            .chain(self.pipeline.named())
+            .map(|(n, v)| (n, Kind::Counter, v))
+            .collect();
+        out.extend(
+            [
+                ("waiting_batches", self.waiting),
+                ("flows", self.flows),
+                ("reorder_bytes", self.reorder_bytes),
+                ("queued_bytes", self.queued_bytes),
+                ("rss_bytes", self.rss.0),
+                ("rss_peak_bytes", self.rss.1),
+            ]
+            .map(|(n, v)| (n, Kind::Gauge, v)),
+        );
+        out
+    }
+}
+
 const HEADER_EVERY: u64 = 20;
+
+/// The status columns: name and width, in the original's order, then this collector's.
+const COLUMNS: [(&str, usize); 21] = [
+    ("DateTime", 19),
+    ("TotalPacket", 16),
+    ("ValidPacket", 16),
+    ("PacketDropped", 17),
+    ("PacketIfDropped", 19),
+    ("WaitingQueueCnt", 21),
+    ("MQError", 16),
+    ("CaptureKB", 12),
+    ("NoPayload", 11),
+    ("Truncated", 11),
+    ("ParseError", 11),
+    ("Retransmit", 11),
+    ("Unencodable", 12),
+    ("Messages", 10),
+    ("MySQLError", 12),
+    ("Flows", 8),
+    ("ReorderKB", 10),
+    ("GapLost", 8),
+    ("Closed", 8),
+    ("QueuedKB", 10),
+    ("RssMB", 7),
+];
 
 /// Formats status lines; remembers the previous totals and how many lines it printed.
 pub struct StatusLine {
@@ -211,61 +280,34 @@ impl StatusLine {
     }
 
     pub fn header() -> String {
-        format!(
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}{:>10}{:>7}",
-            "DateTime",
-            "TotalPacket",
-            "ValidPacket",
-            "PacketDropped",
-            "PacketIfDropped",
-            "WaitingQueueCnt",
-            "MQError",
-            "CaptureKB",
-            "NoPayload",
-            "Truncated",
-            "ParseError",
-            "Retransmit",
-            "Unencodable",
-            "Messages",
-            "MySQLError",
-            "Flows",
-            "ReorderKB",
-            "GapLost",
-            "Closed",
-            "QueuedKB",
-            "RssMB",
-        )
+        let mut out = String::new();
+        for (i, (name, width)) in COLUMNS.iter().enumerate() {
+            if i == 0 {
+                let _ = write!(out, "{name:<width$}");
+            } else {
+                let _ = write!(out, "{name:>width$}");
+            }
+        }
+        out
     }
 
-    /// The next line (preceded by the header every 20 lines), rates over `elapsed`.
-    pub fn next(&mut self, now: &Totals, elapsed: Duration) -> String {
+    /// The figures of the columns after DateTime: per-second rates over `elapsed`, gauges
+    /// as they are.
+    fn figures(&self, now: &Totals, elapsed: Duration) -> [u64; 20] {
         let secs = elapsed.as_secs_f64().max(0.001);
         let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
         let p = &self.prev;
-        let mut out = String::new();
-        if self.lines.is_multiple_of(HEADER_EVERY) {
-            out.push_str(&Self::header());
-            out.push('\n');
-        }
-        let _ = write!(
-            out,
-            "{:<19}{:>16}{:>16}{:>17}{:>19}{:>21}{:>16}{:>12}{:>11}{:>11}{:>11}{:>11}{:>12}{:>10}{:>12}{:>8}{:>10}{:>8}{:>8}{:>10}{:>7}",
-            chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
+        let k = |c: Counter| rate(now.kernel.get(c), p.kernel.get(c));
+        [
             rate(now.total_packets(), p.total_packets()),
             rate(now.valid_packets(), p.valid_packets()),
             rate(now.dropped(), p.dropped()),
             rate(now.if_dropped, p.if_dropped),
             now.waiting,
             rate(now.mq_errors(), p.mq_errors()),
-            rate(now.kernel.get(Counter::Bytes), p.kernel.get(Counter::Bytes)) / 1024,
-            rate(
-                now.kernel.get(Counter::NoPayload),
-                p.kernel.get(Counter::NoPayload)
-            ),
-            rate(
-                now.kernel.get(Counter::Truncated),
-                p.kernel.get(Counter::Truncated)
-            ),
+            k(Counter::Bytes) / 1024,
+            k(Counter::NoPayload),
+            k(Counter::Truncated),
             rate(now.parse_errors(), p.parse_errors()),
             rate(now.pipeline.retransmitted, p.pipeline.retransmitted),
             rate(now.pipeline.unencodable, p.pipeline.unencodable),
@@ -277,10 +319,72 @@ impl StatusLine {
             rate(now.closed(), p.closed()),
             now.queued_bytes / 1024,
             now.rss.0 >> 20,
+        ]
+    }
+
+    /// The next line (preceded by the header every 20 lines), rates over `elapsed`.
+    pub fn next(&mut self, now: &Totals, elapsed: Duration) -> String {
+        let mut out = String::new();
+        if self.lines.is_multiple_of(HEADER_EVERY) {
+            out.push_str(&Self::header());
+            out.push('\n');
+        }
+        let _ = write!(
+            out,
+            "{:<19}",
+            chrono::Local::now().format("%Y-%m-%d %H:%M:%S")
         );
+        for (v, (_, width)) in self.figures(now, elapsed).iter().zip(&COLUMNS[1..]) {
+            let _ = write!(out, "{v:>width$}");
+        }
         self.lines += 1;
         self.prev = now.clone();
         out
+    }
+
+    /// The next line as one JSON object (`--status_format json`): the columns of the text
+    /// line under their names, and every total since start under `totals`.
+    pub fn next_json(&mut self, now: &Totals, elapsed: Duration) -> String {
+        let mut line = serde_json::Map::new();
+        line.insert("time".into(), chrono::Local::now().to_rfc3339().into());
+        for (v, (name, _)) in self.figures(now, elapsed).iter().zip(&COLUMNS[1..]) {
+            line.insert((*name).into(), (*v).into());
+        }
+        line.insert("totals".into(), Self::totals_json(now));
+        self.lines += 1;
+        self.prev = now.clone();
+        serde_json::Value::Object(line).to_string()
+    }
+
+    /// The exit summary as one JSON object: `"summary": true` and every total.
+    pub fn summary_json(now: &Totals, extra: &[(&str, u64)]) -> String {
+        let mut totals = Self::totals_json(now);
+        if let serde_json::Value::Object(m) = &mut totals {
+            for (k, v) in extra {
+                m.insert((*k).into(), (*v).into());
+            }
+        }
+        serde_json::json!({
+            "time": chrono::Local::now().to_rfc3339(),
+            "summary": true,
+            "TotalPacket": now.total_packets(),
+            "ValidPacket": now.valid_packets(),
+            "PacketDropped": now.dropped(),
+            "PacketIfDropped": now.if_dropped,
+            "WaitingQueueCnt": now.waiting,
+            "MQError": now.mq_errors(),
+            "totals": totals,
+        })
+        .to_string()
+    }
+
+    fn totals_json(now: &Totals) -> serde_json::Value {
+        serde_json::Value::Object(
+            now.named()
+                .into_iter()
+                .map(|(n, _, v)| (n.to_owned(), v.into()))
+                .collect(),
+        )
     }
 
     /// One line of totals since start, for exit; every counter that moved is listed.
@@ -298,10 +402,8 @@ impl StatusLine {
         if now.rss.1 != 0 {
             let _ = write!(out, " rss_peak_mb={}", now.rss.1 >> 20);
         }
-        let kernel = Counter::ALL.iter().map(|&c| (c.name(), now.kernel.get(c)));
-        let drain = [("lost", now.drain.lost), ("malformed", now.drain.malformed)];
-        for (name, v) in kernel.chain(drain).chain(now.pipeline.named()) {
-            if v != 0 {
+        for (name, kind, v) in now.named() {
+            if kind == Kind::Counter && name != "if_dropped" && v != 0 {
                 let _ = write!(out, " {name}={v}");
             }
         }
