@@ -61,12 +61,14 @@ impl Agent {
     /// `args` name them.
     pub fn start(args: &[&str]) -> Self {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        // A subcommand (inspect, publish-file) takes no MySQL flags.
+        let subcommand = args.first().is_some_and(|a| !a.starts_with('-'));
         for (flag, value) in [
             ("--mysql_port", "3306"),
             ("--mysql_user", super::MYSQL_USER),
             ("--mysql_password", super::MYSQL_PASSWORD),
         ] {
-            if !args.iter().any(|a| a.starts_with(flag)) {
+            if !subcommand && !args.iter().any(|a| a.starts_with(flag)) {
                 all.push(format!("{flag}={value}"));
             }
         }
@@ -142,6 +144,19 @@ impl Agent {
         );
         assert!(out.status.success(), "{all}");
         all
+    }
+
+    /// Collects stdout's lines as they come (`stop` then returns the log only).
+    pub fn take_stdout_lines(&mut self) -> Arc<Mutex<Vec<String>>> {
+        let stdout = self.child.as_mut().unwrap().stdout.take().unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        lines
     }
 
     /// Closes the read end of the agent's stdout, as a reader that quit would.

@@ -229,6 +229,12 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::start_chunked(upstream, None).await
+    }
+
+    /// A relay that sends what clients send in pieces of at most `chunk` bytes, each its
+    /// own TCP segment (no Nagle, a pause between pieces): a statement over many segments.
+    pub async fn start_chunked(upstream: SocketAddr, chunk: Option<usize>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let sent: Arc<Mutex<HashMap<u16, Vec<u8>>>> = Arc::default();
@@ -241,6 +247,7 @@ impl Relay {
                     return;
                 };
                 let server = TcpStream::connect(upstream).await.unwrap();
+                server.set_nodelay(true).unwrap();
                 let port = server.local_addr().unwrap().port();
                 sent2.lock().unwrap().insert(port, Vec::new());
                 let sent = sent2.clone();
@@ -260,7 +267,18 @@ impl Relay {
                                 .get_mut(&port)
                                 .unwrap()
                                 .extend_from_slice(&buf[..n]);
-                            if sw.write_all(&buf[..n]).await.is_err() {
+                            let piece = chunk.unwrap_or(n);
+                            let mut failed = false;
+                            for p in buf[..n].chunks(piece) {
+                                if sw.write_all(p).await.is_err() {
+                                    failed = true;
+                                    break;
+                                }
+                                if chunk.is_some() {
+                                    tokio::time::sleep(Duration::from_millis(2)).await;
+                                }
+                            }
+                            if failed {
                                 break;
                             }
                         }
