@@ -294,7 +294,12 @@ pub struct Inspect {
 
     /// Read MRTE messages from this RabbitMQ queue instead of the kernel (they are consumed:
     /// bind a queue of its own to the exchange).
-    #[arg(long, visible_alias = "from-queue", conflicts_with = "from_file", help_heading = "Inspect")]
+    #[arg(
+        long,
+        visible_alias = "from-queue",
+        conflicts_with = "from_file",
+        help_heading = "Inspect"
+    )]
     pub from_queue: Option<String>,
 
     /// Read a recording (--output file:PATH) instead of the kernel: PATH, then PATH.1, ...

@@ -204,10 +204,11 @@ fn nul_terminated(b: &[u8]) -> &[u8] {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
 }
 
 /// The name of a command byte.
@@ -467,7 +468,9 @@ pub fn to_json(l: &Line) -> String {
     let mut o = Map::new();
     o.insert(
         "time".into(),
-        l.time.map(|t| t.to_rfc3339()).map_or(Value::Null, Value::from),
+        l.time
+            .map(|t| t.to_rfc3339())
+            .map_or(Value::Null, Value::from),
     );
     o.insert(
         "client".into(),
@@ -746,11 +749,10 @@ mod tests {
 
     #[test]
     fn the_handshake_names_user_and_database_and_tls_ends_the_view() {
-        let mut hs = (capability::PROTOCOL_41
-            | capability::SECURE_CONNECTION
-            | capability::CONNECT_WITH_DB)
-            .to_le_bytes()
-            .to_vec();
+        let mut hs =
+            (capability::PROTOCOL_41 | capability::SECURE_CONNECTION | capability::CONNECT_WITH_DB)
+                .to_le_bytes()
+                .to_vec();
         hs.extend_from_slice(&[0, 0, 0, 1, 45]);
         hs.extend_from_slice(&[0; 23]);
         hs.extend_from_slice(b"app\0\x02xy");

@@ -7,7 +7,8 @@ use collector::{
     capture::{self, Capture},
     cli::{Cli, Command, Output, Run, StatusFormat},
     flow::{Flows, SessionKey},
-    inspect, instance::Instance,
+    inspect,
+    instance::Instance,
     memory::{self, MemoryBudget, MemoryPlan},
     metrics,
     pipeline::Pipeline,
@@ -81,7 +82,13 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         cfg.transport,
     )?;
     let (to_broker, to_file) = cli.outputs();
-    if cli.output.iter().filter(|o| matches!(o, Output::File(_))).count() > 1 {
+    if cli
+        .output
+        .iter()
+        .filter(|o| matches!(o, Output::File(_)))
+        .count()
+        > 1
+    {
         anyhow::bail!("--output: one file:PATH at most");
     }
     // Created before anything is attached: an existing or unwritable path stops the agent.
@@ -299,7 +306,10 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         if runs > 0 {
             kernel_cost = vec![
                 ("kernel_runs", runs),
-                ("kernel_ns_per_packet", (ns as f64 / runs as f64).round() as u64),
+                (
+                    "kernel_ns_per_packet",
+                    (ns as f64 / runs as f64).round() as u64,
+                ),
             ];
         }
     }

@@ -49,10 +49,12 @@ pub struct MetricsError {
 
 /// Binds the endpoint (before capture starts, so that a bad address stops the agent).
 pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr).await.map_err(|source| MetricsError {
-        addr: addr.to_owned(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 /// Serves `/metrics` until the agent stops.
@@ -91,8 +93,10 @@ async fn respond(
     let reply = |status: StatusCode, ctype: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(ctype),
+        );
         Ok(r)
     };
     if req.uri().path() != "/metrics" {
@@ -141,7 +145,11 @@ pub fn render(t: &Totals, latency: &Histogram) -> String {
             "PacketDropped: every loss inside the collector, kernel buffer to publisher queues",
             t.dropped(),
         ),
-        ("parse_errors", "ParseError: kernel parse failures", t.parse_errors()),
+        (
+            "parse_errors",
+            "ParseError: kernel parse failures",
+            t.parse_errors(),
+        ),
     ] {
         registry.register(name, help, ConstCounter::new(v));
     }

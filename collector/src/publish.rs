@@ -743,7 +743,11 @@ impl Publisher {
     }
 
     async fn run(mut self, channel: Channel, mut rx: mpsc::Receiver<Batch>) {
-        let broker = self.shared.broker.clone().expect("a publisher with a channel has a broker");
+        let broker = self
+            .shared
+            .broker
+            .clone()
+            .expect("a publisher with a channel has a broker");
         let confirm = broker.cfg.confirm;
         let mut channel = Some(channel);
         // Batches to publish (again) before taking new ones, oldest first.
@@ -916,7 +920,10 @@ impl Publisher {
         }
         PipelineCounters::add(&self.shared.counters.published_msgs, 1);
         PipelineCounters::add(&self.shared.counters.published_units, batch.units);
-        PipelineCounters::add(&self.shared.counters.published_bytes, batch.buf.len() as u64);
+        PipelineCounters::add(
+            &self.shared.counters.published_bytes,
+            batch.buf.len() as u64,
+        );
     }
 
     /// Batches whose units are lost (refused, or unknown after a broken channel): counted,

@@ -356,7 +356,12 @@ mod tests {
             let Ok(meta) = std::fs::metadata(&p) else {
                 break;
             };
-            assert!(meta.len() <= 1000, "{} is {} bytes", p.display(), meta.len());
+            assert!(
+                meta.len() <= 1000,
+                "{} is {} bytes",
+                p.display(),
+                meta.len()
+            );
         }
         let mut reader = Reader::open(&base).unwrap();
         let mut got = Vec::new();

@@ -207,10 +207,11 @@ impl Totals {
     /// Every figure, named as in the exit summary: kernel counters, drain losses, pipeline
     /// counters, then the gauges.
     pub fn named(&self) -> Vec<(&'static str, Kind, u64)> {
-        let kernel = Counter::ALL
-            .iter()
-            .map(|&c| (c.name(), self.kernel.get(c)));
-        let drain = [("lost", self.drain.lost), ("malformed", self.drain.malformed)];
+        let kernel = Counter::ALL.iter().map(|&c| (c.name(), self.kernel.get(c)));
+        let drain = [
+            ("lost", self.drain.lost),
+            ("malformed", self.drain.malformed),
+        ];
         let mut out: Vec<_> = kernel
             .chain(drain)
             .chain(std::iter::once(("if_dropped", self.if_dropped)))

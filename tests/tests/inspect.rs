@@ -42,9 +42,10 @@ async fn inspect_shows_each_command_of_a_scripted_session() {
     inspect.wait_attached();
 
     let long: String = (0..3000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-    let mut conn = Conn::new(OptsBuilder::from_opts(mysql_opts(relay.addr)).db_name(Some("inspect_db")))
-        .await
-        .unwrap();
+    let mut conn =
+        Conn::new(OptsBuilder::from_opts(mysql_opts(relay.addr)).db_name(Some("inspect_db")))
+            .await
+            .unwrap();
     conn.query_drop("SELECT 1").await.unwrap();
     let got: String = conn
         .query_first(format!("SELECT '{long}' AS long_one"))

@@ -128,10 +128,8 @@ async fn a_recording_published_later_equals_the_live_publish() {
     ];
     let printed = run(&publish);
     assert!(
-        String::from_utf8_lossy(&printed.stdout).contains(&format!(
-            "published {} messages",
-            live_messages.len()
-        )),
+        String::from_utf8_lossy(&printed.stdout)
+            .contains(&format!("published {} messages", live_messages.len())),
         "{}",
         String::from_utf8_lossy(&printed.stdout)
     );
@@ -159,7 +157,10 @@ async fn a_recording_published_later_equals_the_live_publish() {
     let start = std::time::Instant::now();
     let stdout = from_queue.take_stdout_lines();
     while stdout.lock().unwrap().len() < want {
-        assert!(start.elapsed() < Duration::from_secs(20), "inspect --from_queue too slow");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "inspect --from_queue too slow"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     from_queue.stop();
@@ -209,19 +210,28 @@ fn a_recording_needs_no_broker_and_is_never_overwritten() {
     assert!(t["recorded_msgs"] > 0, "{out}");
     assert_eq!(t["published_msgs"], t["recorded_msgs"], "{out}");
     assert_eq!(t.get("mq_errors"), None, "{out}");
-    let shown = String::from_utf8(
-        run(&["inspect", "--from_file", &path.display().to_string()]).stdout,
-    )
-    .unwrap();
+    let shown =
+        String::from_utf8(run(&["inspect", "--from_file", &path.display().to_string()]).stdout)
+            .unwrap();
     assert_eq!(
-        shown.lines().filter(|l| l.contains("COM_QUERY INSERT")).count(),
+        shown
+            .lines()
+            .filter(|l| l.contains("COM_QUERY INSERT"))
+            .count(),
         10,
         "{shown}"
     );
 
     // The file exists now: refused before anything is attached.
     fails_before_attaching(
-        &["--interface=lo", "--port", &port, "--mysql_port", &port, &file_arg],
+        &[
+            "--interface=lo",
+            "--port",
+            &port,
+            "--mysql_port",
+            &port,
+            &file_arg,
+        ],
         &[],
         &["exists", "never overwritten"],
     );

@@ -1,0 +1,197 @@
+//! `--metrics_addr` and `--status_format json`: the endpoint's text parses as Prometheus text,
+//! every counter in it equals the same total in the JSON status line that follows the scrape,
+//! and the capture-to-publish histogram counted the messages published.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use common::{
+    agent::{Agent, local_server_args},
+    broker::TestExchange,
+    mariadb::TestServer,
+    mysql_opts,
+};
+use mysql_async::{Conn, prelude::*};
+use prometheus_parse::{Scrape, Value};
+use serde_json::Value as Json;
+
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+/// Every sample as name → value (histograms: `_count`, `_sum` and buckets by `le`).
+fn samples(text: &str) -> HashMap<String, f64> {
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let mut out = HashMap::new();
+    for s in scrape.samples {
+        match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
+                out.insert(s.metric, v);
+            }
+            Value::Histogram(buckets) => {
+                for b in buckets {
+                    out.insert(
+                        format!("{}_bucket{{le={}}}", s.metric, b.less_than),
+                        b.count,
+                    );
+                }
+            }
+            Value::Summary(_) => panic!("no summaries expected: {}", s.metric),
+        }
+    }
+    // Strict: every line is a comment or a sample the parser took.
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = l.split(['{', ' ']).next().unwrap();
+        assert!(
+            out.keys().any(|k| k.starts_with(name)),
+            "not parsed as a sample: {l:?}"
+        );
+        assert!(name.starts_with("mrte_collector_"), "{l}");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_match_the_status_totals() {
+    let server = TestServer::start(&[]);
+    let mq = TestExchange::new("metrics");
+    let mut args: Vec<String> = local_server_args(server.port, &mq.exchange)
+        .into_iter()
+        .filter(|a| !a.starts_with("--gc_interval"))
+        .collect();
+    // No process-list reads after the bootstrap: nothing moves once the clients are done.
+    args.extend(
+        [
+            "--gc_interval=3600",
+            "--metrics_addr=127.0.0.1:0",
+            "--status_format=json",
+            "--status_interval=1",
+        ]
+        .map(String::from),
+    );
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = agent.take_stdout_lines();
+    agent.wait_attached();
+    agent.wait_log("serving metrics on http://").await;
+    let addr = {
+        let log = agent.log.lock().unwrap();
+        let from = log.find("serving metrics on http://").unwrap() + 26;
+        log[from..].split('/').next().unwrap().to_owned()
+    };
+
+    for k in 0..3 {
+        let mut c = Conn::new(mysql_opts(server.addr())).await.unwrap();
+        for i in 0..20 {
+            c.query_drop(format!("SELECT {k}, {i}")).await.unwrap();
+        }
+        c.disconnect().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (head, _) = get(&addr, "/nothing");
+    assert!(
+        head.starts_with("HTTP/1.0 404") || head.starts_with("HTTP/1.1 404"),
+        "{head}"
+    );
+
+    let (head, text) = get(&addr, "/metrics");
+    assert!(head.contains(" 200 "), "{head}");
+    assert!(head.contains("openmetrics-text"), "{head}");
+    let scraped = samples(&text);
+    // The next status line, printed after the scrape was answered.
+    let seen = stdout.lock().unwrap().len();
+    let start = Instant::now();
+    while stdout.lock().unwrap().len() <= seen {
+        assert!(start.elapsed() < Duration::from_secs(10), "no status line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line: Json = serde_json::from_str(&stdout.lock().unwrap()[seen]).unwrap();
+    // The text line's columns, in its order, then the totals.
+    let keys: Vec<&str> = line
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(&keys[..3], ["time", "TotalPacket", "ValidPacket"]);
+    assert_eq!(keys.last(), Some(&"totals"));
+    let totals = line["totals"].as_object().unwrap();
+    assert!(
+        totals["published_units"].as_u64().unwrap() >= 3 * 22,
+        "{line}"
+    );
+    let mut compared = 0;
+    for (name, v) in totals {
+        let v = v.as_u64().unwrap();
+        // Counts of every packet on lo, which the scrape's own HTTP and the broker's traffic
+        // move; everything about the captured port must match.
+        if ["packets", "not_ip", "not_tcp", "other_port"].contains(&name.as_str()) {
+            continue;
+        }
+        if let Some(&m) = scraped.get(&format!("mrte_collector_{name}_total")) {
+            assert_eq!(m as u64, v, "{name}: metrics {m}, status {v}");
+            compared += 1;
+        } else {
+            // Gauges: present, values of their own moment.
+            assert!(
+                scraped.contains_key(&format!("mrte_collector_{name}")),
+                "{name} missing from the metrics:\n{text}"
+            );
+        }
+    }
+    assert!(compared > 50, "{compared} counters compared");
+    assert_eq!(scraped["mrte_collector_packets_dropped_total"], 0.0);
+
+    // The histogram: one observation per message of captured segments, buckets cumulative.
+    let count = scraped["mrte_collector_capture_to_publish_seconds_count"];
+    let published = totals["published_msgs"].as_u64().unwrap() as f64;
+    assert!(count > 0.0 && count <= published, "{count} of {published}");
+    let mut buckets: Vec<(f64, f64)> = scraped
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix("mrte_collector_capture_to_publish_seconds_bucket{le=")?;
+            Some((le.trim_end_matches('}').parse().unwrap(), *v))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
+    assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count));
+    let sum = scraped["mrte_collector_capture_to_publish_seconds_sum"];
+    // Each message waits for its batch (--read_timeout=20 ms) and no more than a few seconds.
+    assert!(
+        sum / count > 0.001 && sum / count < 5.0,
+        "mean {}",
+        sum / count
+    );
+
+    agent.stop();
+    // The reader thread has seen stdout end once the agent exited.
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = stdout.lock().unwrap().clone();
+    let summary: Json = serde_json::from_str(
+        lines
+            .iter()
+            .find(|l| l.contains("\"summary\":true"))
+            .unwrap_or_else(|| panic!("no JSON summary in {lines:?}")),
+    )
+    .unwrap();
+    assert_eq!(summary["PacketDropped"], 0);
+    assert_eq!(
+        summary["totals"]["published_units"],
+        line["totals"]["published_units"]
+    );
+}
