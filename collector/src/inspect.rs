@@ -305,6 +305,12 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
     let mut kv = |k: &str, v: Value| {
         f.insert(k.into(), v);
     };
+    // A command whose argument is one little-endian number of `width` bytes.
+    let leading_number = |kv: &mut dyn FnMut(&str, Value), key: &str, width: usize| {
+        let v = le(body, 0, width).unwrap_or(0);
+        kv(key, v.into());
+        format!("{key}={v}")
+    };
     let args = match cmd {
         0x03 | 0x16 => {
             kv("sql", text(body).into());
@@ -320,21 +326,9 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
             kv("user", user.clone().into());
             format!("user={user}")
         }
-        0x0c => {
-            let id = le(body, 0, 4).unwrap_or(0);
-            kv("connection_id", id.into());
-            format!("id={id}")
-        }
-        0x1b => {
-            let o = le(body, 0, 2).unwrap_or(0);
-            kv("option", o.into());
-            format!("option={o}")
-        }
-        0x19 | 0x1a => {
-            let id = le(body, 0, 4).unwrap_or(0);
-            kv("stmt_id", id.into());
-            format!("stmt_id={id}")
-        }
+        0x0c => leading_number(&mut kv, "connection_id", 4),
+        0x1b => leading_number(&mut kv, "option", 2),
+        0x19 | 0x1a => leading_number(&mut kv, "stmt_id", 4),
         0x1c => {
             let (id, rows) = (le(body, 0, 4).unwrap_or(0), le(body, 4, 4).unwrap_or(0));
             kv("stmt_id", id.into());
@@ -382,11 +376,7 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
             kv("server_id", server_id.into());
             format!("{file}:{pos} server_id={server_id}")
         }
-        0x15 => {
-            let server_id = le(body, 0, 4).unwrap_or(0);
-            kv("server_id", server_id.into());
-            format!("server_id={server_id}")
-        }
+        0x15 => leading_number(&mut kv, "server_id", 4),
         _ => String::new(),
     };
     Described::Command(name.into(), args, f)
@@ -692,12 +682,7 @@ mod tests {
 
     use super::*;
 
-    fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = (payload.len() as u32).to_le_bytes()[..3].to_vec();
-        p.push(seq);
-        p.extend_from_slice(payload);
-        p
-    }
+    use crate::protocol::packet;
 
     fn client() -> SessionKey {
         (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 40000)

@@ -170,16 +170,18 @@ pub fn changes_database(data: &[u8]) -> bool {
     }
 }
 
+/// One packet: `payload` after its header (for tests and synthetic units).
+pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 1 << 24, "longer than one MySQL packet");
+    let mut p = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    p.push(seq);
+    p.extend_from_slice(payload);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = (payload.len() as u32).to_le_bytes()[..3].to_vec();
-        p.push(seq);
-        p.extend_from_slice(payload);
-        p
-    }
 
     fn handshake(caps: u32, auth: &[u8], db: Option<&[u8]>) -> Vec<u8> {
         let mut p = caps.to_le_bytes().to_vec();

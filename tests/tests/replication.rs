@@ -104,6 +104,17 @@ async fn a_semi_sync_replica_is_kept_out_and_counted() {
     let args = local_server_args(source.port, &mq.exchange);
     let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_attached();
+    // The inspect view next to the agent: it leaves replication in, and shows it.
+    let source_port = source.port.to_string();
+    let mut inspect = Agent::start(&[
+        "inspect",
+        "--interface=lo",
+        "--port",
+        &source_port,
+        "--json",
+    ]);
+    let inspected = inspect.take_stdout_lines();
+    inspect.wait_attached();
     let acked = status(&source, "Rpl_semi_sync_master_yes_tx");
 
     // The replica connected before capture: it only sends ACKs now.
@@ -131,6 +142,38 @@ async fn a_semi_sync_replica_is_kept_out_and_counted() {
     assert!(acks >= 90, "{acks} transactions acknowledged");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stdout = agent.stop();
+    inspect.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    let lines: Vec<serde_json::Value> = inspected
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |c: &'static str| lines.iter().filter(move |l| l["command"] == c);
+    // Every ACK decoded to the binlog file and a position; the reconnection's registration
+    // and dump shown too.
+    let shown_acks: Vec<_> = of("SEMI_SYNC_ACK").collect();
+    assert!(
+        shown_acks.len() as u64 >= acks,
+        "{} of {acks} ACKs shown",
+        shown_acks.len()
+    );
+    for a in &shown_acks {
+        assert!(
+            a["binlog_file"].as_str().unwrap().starts_with("bin."),
+            "{a}"
+        );
+        assert!(a["binlog_pos"].as_u64().unwrap() > 4, "{a}");
+    }
+    assert_eq!(of("COM_REGISTER_SLAVE").count(), 1, "{lines:?}");
+    assert_eq!(
+        of("COM_BINLOG_DUMP")
+            .chain(of("COM_BINLOG_DUMP_GTID"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
 
     let units = mq.units_by_port();
     // The clients: exactly what they sent, nothing else.
