@@ -38,8 +38,8 @@ pub fn latency_histogram() -> Histogram {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "--metrics_addr {addr}: cannot listen there ({source}); is the port in use, or the address \
-     not one of this host's?"
+    "--metrics_addr {addr}: cannot listen there; is the port in use, or the address not one of \
+     this host's?"
 )]
 pub struct MetricsError {
     addr: String,
