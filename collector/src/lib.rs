@@ -11,6 +11,7 @@
 //!   bootstrap, flows, fan-out.
 //! - [`bootstrap`]: the MySQL process list: COM_INIT_DB for sessions open before capture,
 //!   COM_QUIT for sessions gone.
+//! - [`prepared`]: server-side prepared statements as text (binary parameters to literals).
 //! - [`protocol`]: MySQL packet framing, command bytes, the handshake response.
 //! - [`encode`]: the MRTE wire format, encoder and decoder.
 //! - [`publish`]: RabbitMQ connection and checks, fan-out, batching, publisher tasks.
@@ -32,6 +33,7 @@ pub mod instance;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;
+pub mod prepared;
 pub mod protocol;
 pub mod publish;
 pub mod recording;

@@ -1,0 +1,590 @@
+//! Server-side prepared statements as text: a COM_STMT_EXECUTE's binary parameters decoded
+//! (every MySQL type, NULLs, types bound by an earlier execute, COM_STMT_SEND_LONG_DATA
+//! pieces) and put into the statement's SQL as literals, so that a consumer that only knows
+//! COM_QUERY can replay the statement (issue 9; the statement's SQL and parameter count come
+//! from the prepare and the server's reply to it).
+//!
+//! Nothing is guessed: a parameter that cannot be read or written as a literal is an error.
+
+use std::fmt::Write as _;
+
+/// Column types of the binary protocol.
+pub mod types {
+    pub const DECIMAL: u8 = 0x00;
+    pub const TINY: u8 = 0x01;
+    pub const SHORT: u8 = 0x02;
+    pub const LONG: u8 = 0x03;
+    pub const FLOAT: u8 = 0x04;
+    pub const DOUBLE: u8 = 0x05;
+    pub const NULL: u8 = 0x06;
+    pub const TIMESTAMP: u8 = 0x07;
+    pub const LONGLONG: u8 = 0x08;
+    pub const INT24: u8 = 0x09;
+    pub const DATE: u8 = 0x0a;
+    pub const TIME: u8 = 0x0b;
+    pub const DATETIME: u8 = 0x0c;
+    pub const YEAR: u8 = 0x0d;
+    pub const VARCHAR: u8 = 0x0f;
+    pub const BIT: u8 = 0x10;
+    pub const JSON: u8 = 0xf5;
+    pub const NEWDECIMAL: u8 = 0xf6;
+    pub const ENUM: u8 = 0xf7;
+    pub const SET: u8 = 0xf8;
+    pub const TINY_BLOB: u8 = 0xf9;
+    pub const MEDIUM_BLOB: u8 = 0xfa;
+    pub const LONG_BLOB: u8 = 0xfb;
+    pub const BLOB: u8 = 0xfc;
+    pub const VAR_STRING: u8 = 0xfd;
+    pub const STRING: u8 = 0xfe;
+    pub const GEOMETRY: u8 = 0xff;
+}
+
+/// The flag byte after a parameter's type: the value is unsigned.
+const UNSIGNED: u8 = 0x80;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("the execute packet ends inside {what}")]
+    Truncated { what: &'static str },
+    #[error("no parameter types: the first execute of a statement must bind them")]
+    NoTypes,
+    #[error("parameter {index} has type 0x{ty:02x}, which has no binary encoding known here")]
+    UnknownType { index: usize, ty: u8 },
+    #[error("parameter {index} is {what}, which has no SQL literal")]
+    NoLiteral { index: usize, what: &'static str },
+    #[error("the statement has {placeholders} placeholders but {params} parameters")]
+    Placeholders { placeholders: usize, params: usize },
+}
+
+/// One parameter's value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Param {
+    Null,
+    Int(i64),
+    UInt(u64),
+    Float(f32),
+    Double(f64),
+    /// DECIMAL/NEWDECIMAL: the digits as sent.
+    Decimal(String),
+    /// Character data (VARCHAR, ENUM, SET, JSON, ...).
+    Text(Vec<u8>),
+    /// Binary data (BLOBs, BIT, GEOMETRY) and long data.
+    Bytes(Vec<u8>),
+    Date {
+        year: u16,
+        month: u8,
+        day: u8,
+    },
+    DateTime {
+        year: u16,
+        month: u8,
+        day: u8,
+        hour: u8,
+        minute: u8,
+        second: u8,
+        micro: u32,
+    },
+    Time {
+        negative: bool,
+        hours: u64,
+        minute: u8,
+        second: u8,
+        micro: u32,
+    },
+}
+
+impl Param {
+    /// A value sent as bytes (long data) of type `ty`.
+    fn of_bytes(ty: u8, data: Vec<u8>) -> Self {
+        use types::*;
+        match ty {
+            DECIMAL | NEWDECIMAL => Param::Decimal(String::from_utf8_lossy(&data).into_owned()),
+            VARCHAR | VAR_STRING | STRING | ENUM | SET | JSON => Param::Text(data),
+            _ => Param::Bytes(data),
+        }
+    }
+}
+
+/// What a session's statement needs between packets.
+#[derive(Clone, Debug, Default)]
+pub struct Statement {
+    pub sql: Vec<u8>,
+    pub params: usize,
+    /// (type, flags) per parameter, from the last execute that bound them.
+    pub types: Option<Vec<(u8, u8)>>,
+    /// COM_STMT_SEND_LONG_DATA pieces per parameter since the last execute or reset.
+    pub long_data: Vec<Option<Vec<u8>>>,
+}
+
+impl Statement {
+    pub fn new(sql: Vec<u8>, params: usize) -> Self {
+        Self {
+            sql,
+            params,
+            types: None,
+            long_data: vec![None; params],
+        }
+    }
+
+    /// A COM_STMT_SEND_LONG_DATA piece (`param` and data after the statement id).
+    pub fn long_data(&mut self, param: usize, data: &[u8]) {
+        if let Some(slot) = self.long_data.get_mut(param) {
+            slot.get_or_insert_with(Vec::new).extend_from_slice(data);
+        }
+    }
+
+    /// COM_STMT_RESET: the long data is gone.
+    pub fn reset(&mut self) {
+        self.long_data = vec![None; self.params];
+    }
+
+    /// The statement as text for the body of a COM_STMT_EXECUTE (after the command byte).
+    /// The long data is used up either way.
+    pub fn execute(&mut self, body: &[u8]) -> Result<Vec<u8>, RenderError> {
+        let mut long_data = std::mem::replace(&mut self.long_data, vec![None; self.params]);
+        let params = self.decode(body, &mut long_data)?;
+        render(&self.sql, &params)
+    }
+
+    /// The parameters of an execute, those sent as long data (`long_data`) included.
+    fn decode(
+        &mut self,
+        body: &[u8],
+        long_data: &mut [Option<Vec<u8>>],
+    ) -> Result<Vec<Param>, RenderError> {
+        let n = self.params;
+        // Statement id (4), flags (1), iteration count (4).
+        let mut r = Reader(
+            body.get(9..)
+                .ok_or(RenderError::Truncated { what: "the header" })?,
+        );
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let nulls = r.take(n.div_ceil(8), "the NULL bitmap")?.to_vec();
+        if r.take(1, "the new-params-bound flag")?[0] == 1 {
+            let raw = r.take(2 * n, "the parameter types")?;
+            self.types = Some(raw.chunks(2).map(|t| (t[0], t[1])).collect());
+        }
+        let types = self.types.as_ref().ok_or(RenderError::NoTypes)?;
+        let mut out = Vec::with_capacity(n);
+        for (i, &(ty, flags)) in types.iter().enumerate() {
+            let null = nulls[i / 8] & (1 << (i % 8)) != 0;
+            if null || ty == types::NULL {
+                out.push(Param::Null);
+                continue;
+            }
+            if let Some(data) = long_data[i].take() {
+                // Its value came before, in pieces; nothing of it is here.
+                out.push(Param::of_bytes(ty, data));
+                continue;
+            }
+            out.push(r.param(i, ty, flags & UNSIGNED != 0)?);
+        }
+        Ok(out)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], RenderError> {
+        if self.0.len() < n {
+            return Err(RenderError::Truncated { what });
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn le(&mut self, n: usize, what: &'static str) -> Result<u64, RenderError> {
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(self.take(n, what)?);
+        Ok(u64::from_le_bytes(v))
+    }
+
+    fn lenenc(&mut self, what: &'static str) -> Result<&'a [u8], RenderError> {
+        let len = match self.take(1, what)?[0] {
+            n @ 0..=0xfa => n as u64,
+            0xfc => self.le(2, what)?,
+            0xfd => self.le(3, what)?,
+            0xfe => self.le(8, what)?,
+            _ => return Err(RenderError::Truncated { what }),
+        };
+        self.take(usize::try_from(len).unwrap_or(usize::MAX), what)
+    }
+
+    fn param(&mut self, index: usize, ty: u8, unsigned: bool) -> Result<Param, RenderError> {
+        use types::*;
+        const V: &str = "a parameter value";
+        let int = |v: u64, bits: u32| {
+            if unsigned {
+                Param::UInt(v)
+            } else {
+                // Sign-extend from `bits`.
+                let shift = 64 - bits;
+                Param::Int(((v << shift) as i64) >> shift)
+            }
+        };
+        Ok(match ty {
+            TINY => int(self.le(1, V)?, 8),
+            SHORT | YEAR => int(self.le(2, V)?, 16),
+            LONG | INT24 => int(self.le(4, V)?, 32),
+            LONGLONG => int(self.le(8, V)?, 64),
+            FLOAT => Param::Float(f32::from_bits(self.le(4, V)? as u32)),
+            DOUBLE => Param::Double(f64::from_bits(self.le(8, V)?)),
+            DECIMAL | NEWDECIMAL | VARCHAR | VAR_STRING | STRING | ENUM | SET | JSON
+            | TINY_BLOB | MEDIUM_BLOB | LONG_BLOB | BLOB | BIT | GEOMETRY => {
+                Param::of_bytes(ty, self.lenenc(V)?.to_vec())
+            }
+            DATE | DATETIME | TIMESTAMP => {
+                let len = self.take(1, V)?[0] as usize;
+                let b = self.take(len, V)?;
+                let at = |i: usize| b.get(i).copied().unwrap_or(0);
+                let year = u16::from_le_bytes([at(0), at(1)]);
+                let micro = if len >= 11 {
+                    u32::from_le_bytes([b[7], b[8], b[9], b[10]])
+                } else {
+                    0
+                };
+                if ty == DATE {
+                    Param::Date {
+                        year,
+                        month: at(2),
+                        day: at(3),
+                    }
+                } else {
+                    Param::DateTime {
+                        year,
+                        month: at(2),
+                        day: at(3),
+                        hour: at(4),
+                        minute: at(5),
+                        second: at(6),
+                        micro,
+                    }
+                }
+            }
+            TIME => {
+                let len = self.take(1, V)?[0] as usize;
+                let b = self.take(len, V)?;
+                let at = |i: usize| b.get(i).copied().unwrap_or(0);
+                let days = u32::from_le_bytes([at(1), at(2), at(3), at(4)]);
+                Param::Time {
+                    negative: at(0) == 1,
+                    hours: u64::from(days) * 24 + u64::from(at(5)),
+                    minute: at(6),
+                    second: at(7),
+                    micro: u32::from_le_bytes([at(8), at(9), at(10), at(11)]),
+                }
+            }
+            _ => return Err(RenderError::UnknownType { index, ty }),
+        })
+    }
+}
+
+/// The SQL with each `?` placeholder (outside strings, quoted names and comments) replaced by
+/// its parameter as a literal.
+pub fn render(sql: &[u8], params: &[Param]) -> Result<Vec<u8>, RenderError> {
+    let spots = placeholders(sql);
+    if spots.len() != params.len() {
+        return Err(RenderError::Placeholders {
+            placeholders: spots.len(),
+            params: params.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(sql.len() + 16 * params.len());
+    let mut from = 0;
+    for (i, (&at, p)) in spots.iter().zip(params).enumerate() {
+        out.extend_from_slice(&sql[from..at]);
+        literal(i, p, &mut out)?;
+        from = at + 1;
+    }
+    out.extend_from_slice(&sql[from..]);
+    Ok(out)
+}
+
+/// Where the placeholders are: `?` outside '...', "...", `...`, -- and # comments, /* */.
+fn placeholders(sql: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < sql.len() {
+        match sql[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < sql.len() {
+                    if sql[i] == b'\\' && q != b'`' {
+                        i += 2;
+                        continue;
+                    }
+                    if sql[i] == q {
+                        // A doubled quote stays inside.
+                        if sql.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'#' => {
+                while i < sql.len() && sql[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'-' if sql.get(i + 1) == Some(&b'-')
+                && sql.get(i + 2).is_none_or(|c| c.is_ascii_whitespace()) =>
+            {
+                while i < sql.len() && sql[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if sql.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < sql.len() && !(sql[i] == b'*' && sql[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'?' => out.push(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), RenderError> {
+    let mut s = String::new();
+    match p {
+        Param::Null => s.push_str("NULL"),
+        Param::Int(v) => {
+            let _ = write!(s, "{v}");
+        }
+        Param::UInt(v) => {
+            let _ = write!(s, "{v}");
+        }
+        // Rust prints the shortest text that reads back as the same value.
+        Param::Float(v) if v.is_finite() => {
+            let _ = write!(s, "{v:e}");
+        }
+        Param::Double(v) if v.is_finite() => {
+            let _ = write!(s, "{v:e}");
+        }
+        Param::Float(_) | Param::Double(_) => {
+            return Err(RenderError::NoLiteral {
+                index,
+                what: "NaN or infinite",
+            });
+        }
+        Param::Decimal(d) => {
+            let ok = !d.is_empty()
+                && d.bytes()
+                    .all(|c| c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E'));
+            if !ok {
+                return Err(RenderError::NoLiteral {
+                    index,
+                    what: "a DECIMAL that is not a number",
+                });
+            }
+            s.push_str(d);
+        }
+        Param::Text(t) => {
+            quoted(t, out);
+            return Ok(());
+        }
+        Param::Bytes(b) if b.is_empty() => s.push_str("''"),
+        Param::Bytes(b) => {
+            s.push_str("X'");
+            for x in b {
+                let _ = write!(s, "{x:02X}");
+            }
+            s.push('\'');
+        }
+        Param::Date { year, month, day } => {
+            let _ = write!(s, "'{year:04}-{month:02}-{day:02}'");
+        }
+        Param::DateTime {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+            micro,
+        } => {
+            let _ = write!(
+                s,
+                "'{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}"
+            );
+            if *micro != 0 {
+                let _ = write!(s, ".{micro:06}");
+            }
+            s.push('\'');
+        }
+        Param::Time {
+            negative,
+            hours,
+            minute,
+            second,
+            micro,
+        } => {
+            let sign = if *negative { "-" } else { "" };
+            let _ = write!(s, "'{sign}{hours:02}:{minute:02}:{second:02}");
+            if *micro != 0 {
+                let _ = write!(s, ".{micro:06}");
+            }
+            s.push('\'');
+        }
+    }
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// A string literal as a client library's escaping writes it (backslash escapes, which every
+/// SQL mode but NO_BACKSLASH_ESCAPES reads).
+fn quoted(t: &[u8], out: &mut Vec<u8>) {
+    out.push(b'\'');
+    for &c in t {
+        match c {
+            0 => out.extend_from_slice(b"\\0"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            0x1a => out.extend_from_slice(b"\\Z"),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\'' => out.extend_from_slice(b"\\'"),
+            c => out.push(c),
+        }
+    }
+    out.push(b'\'');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An execute body: id 1, no cursor, 1 iteration, NULL bitmap, bound types, values.
+    fn execute(nulls: &[u8], types: Option<&[(u8, u8)]>, values: &[u8]) -> Vec<u8> {
+        let mut b = vec![1, 0, 0, 0, 0, 1, 0, 0, 0];
+        b.extend_from_slice(nulls);
+        match types {
+            Some(t) => {
+                b.push(1);
+                for (ty, f) in t {
+                    b.extend_from_slice(&[*ty, *f]);
+                }
+            }
+            None => b.push(0),
+        }
+        b.extend_from_slice(values);
+        b
+    }
+
+    fn text(v: Vec<u8>) -> String {
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn every_type_becomes_its_literal() {
+        use types::*;
+        let sql = b"INSERT INTO t VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+        let mut st = Statement::new(sql.to_vec(), 14);
+        let types = [
+            (TINY, 0),
+            (TINY, UNSIGNED),
+            (SHORT, 0),
+            (LONG, 0),
+            (LONGLONG, UNSIGNED),
+            (FLOAT, 0),
+            (DOUBLE, 0),
+            (NEWDECIMAL, 0),
+            (VAR_STRING, 0),
+            (BLOB, 0),
+            (DATE, 0),
+            (DATETIME, 0),
+            (TIME, 0),
+            (VAR_STRING, 0),
+        ];
+        let mut v = vec![0xff, 0xff];
+        v.extend_from_slice(&(-2i16).to_le_bytes());
+        v.extend_from_slice(&(-70000i32).to_le_bytes());
+        v.extend_from_slice(&u64::MAX.to_le_bytes());
+        v.extend_from_slice(&1.5f32.to_le_bytes());
+        v.extend_from_slice(&0.1f64.to_le_bytes());
+        v.extend_from_slice(b"\x07-12.345");
+        v.extend_from_slice(b"\x0ait's \\ \0\xc3\xbc");
+        v.extend_from_slice(b"\x03\x00\x01\xff");
+        v.extend_from_slice(&[4, 0xe8, 0x07, 2, 29]);
+        v.extend_from_slice(&[11, 0xe8, 0x07, 12, 31, 23, 59, 58, 0x40, 0xe2, 0x01, 0]);
+        v.extend_from_slice(&[12, 1, 1, 0, 0, 0, 2, 3, 4, 5, 0, 0, 0]);
+        // The last is NULL (bit 13): no value.
+        let body = execute(&[0, 0x20], Some(&types), &v);
+        assert_eq!(
+            text(st.execute(&body).unwrap()),
+            "INSERT INTO t VALUES (-1,255,-2,-70000,18446744073709551615,1.5e0,1e-1,-12.345,\
+             'it\\'s \\\\ \\0\u{fc}',X'0001FF','2024-02-29','2024-12-31 23:59:58.123456',\
+             '-26:03:04.000005',NULL)"
+        );
+        // The next execute reuses the bound types.
+        let mut v = vec![1, 2];
+        v.extend_from_slice(&[0; 2 + 4 + 8 + 4 + 8]);
+        v.extend_from_slice(b"\x011\x00\x00\x00\x00\x00\x00");
+        let body = execute(&[0, 0], None, &v);
+        assert!(st.execute(&body).is_ok());
+    }
+
+    #[test]
+    fn long_data_and_placeholders_in_strings() {
+        let mut st = Statement::new(b"SELECT '?', `a?`, ? /* ? */, ? -- ?\n".to_vec(), 2);
+        st.long_data(1, b"ab");
+        st.long_data(1, b"c");
+        let body = execute(
+            &[0],
+            Some(&[(types::LONG, 0), (types::BLOB, 0)]),
+            &7i32.to_le_bytes(),
+        );
+        assert_eq!(
+            text(st.execute(&body).unwrap()),
+            "SELECT '?', `a?`, 7 /* ? */, X'616263' -- ?\n"
+        );
+        // Used up: the next execute without types bound again and without long data reads
+        // the value from the packet.
+        let mut v = 8i32.to_le_bytes().to_vec();
+        v.extend_from_slice(b"\x01z");
+        assert_eq!(
+            text(st.execute(&execute(&[0], None, &v)).unwrap()),
+            "SELECT '?', `a?`, 8 /* ? */, X'7A' -- ?\n"
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_rendered_is_an_error() {
+        let mut st = Statement::new(b"SELECT ?".to_vec(), 1);
+        assert_eq!(
+            st.execute(&execute(&[0], None, &[])),
+            Err(RenderError::NoTypes)
+        );
+        assert_eq!(
+            st.execute(&execute(&[0], Some(&[(0x42, 0)]), &[1])),
+            Err(RenderError::UnknownType { index: 0, ty: 0x42 })
+        );
+        assert!(matches!(
+            st.execute(&execute(
+                &[0],
+                Some(&[(types::DOUBLE, 0)]),
+                &f64::NAN.to_le_bytes()
+            )),
+            Err(RenderError::NoLiteral { .. })
+        ));
+        assert!(matches!(
+            st.execute(&execute(&[0], Some(&[(types::LONG, 0)]), &[1, 2])),
+            Err(RenderError::Truncated { .. })
+        ));
+        let mut two = Statement::new(b"SELECT ?".to_vec(), 2);
+        assert!(matches!(
+            two.execute(&execute(&[3], Some(&[(6, 0), (6, 0)]), &[])),
+            Err(RenderError::Placeholders { .. })
+        ));
+    }
+}
