@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use chrono::{DateTime, Local};
+use collector_common::Counter;
 use foldhash::HashMap;
 use futures_util::StreamExt as _;
 use lapin::{
@@ -31,7 +32,7 @@ use crate::{
     cli::Inspect,
     encode,
     flow::{FlowKey, Flows, Output, Segment, SessionKey},
-    protocol::{HandshakeResponse, Packets, capability},
+    protocol::{self, HandshakeResponse, Packets, capability},
     publish,
     recording::Reader,
     status::PipelineCounters,
@@ -83,6 +84,8 @@ pub struct Decoder {
     pub other_packets: u64,
     /// Bytes of sessions that cannot be read (TLS, compression) or commands too long to keep.
     pub unreadable_bytes: u64,
+    /// Queue messages that are not MRTE messages (skipped).
+    pub bad_messages: u64,
 }
 
 impl Decoder {
@@ -199,8 +202,9 @@ fn le(b: &[u8], at: usize, width: usize) -> Option<u64> {
     Some(u64::from_le_bytes(v))
 }
 
-fn nul_terminated(b: &[u8]) -> &[u8] {
-    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
+/// The bytes up to a NUL, or all of them.
+fn up_to_nul(b: &[u8]) -> &[u8] {
+    protocol::nul_terminated(b).map_or(b, |(s, _)| s)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -317,12 +321,12 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
             text(body)
         }
         0x02 | 0x04 | 0x05 | 0x06 => {
-            let name = text(nul_terminated(body));
+            let name = text(up_to_nul(body));
             kv("name", name.clone().into());
             name
         }
         0x11 => {
-            let user = text(nul_terminated(body));
+            let user = text(up_to_nul(body));
             kv("user", user.clone().into());
             format!("user={user}")
         }
@@ -495,6 +499,7 @@ pub async fn run(args: Inspect) -> anyhow::Result<()> {
         lines = printer.lines,
         other_packets = decoder.other_packets,
         unreadable_bytes = decoder.unreadable_bytes,
+        bad_messages = decoder.bad_messages,
         "inspect done"
     );
     Ok(())
@@ -545,6 +550,7 @@ async fn from_queue(
                 let Some(d) = d else { break };
                 let d = d.context("receiving from the queue")?;
                 if let Err(e) = encode::decode_message(&d.data) {
+                    decoder.bad_messages += 1;
                     tracing::warn!("a message of {} bytes is not MRTE: {e}", d.data.len());
                 } else {
                     feed_message(decoder, &d.data, &mut lines);
@@ -659,12 +665,26 @@ async fn live(
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
             if !printer.print(&mut sink.lines) {
-                return Ok(());
+                break;
             }
         }
         drain.drain_now(&mut sink);
         sink.timeouts(true);
         printer.print(&mut sink.lines);
+        // What the view could not show: lost before user space, or behind given-up gaps.
+        let kernel = capture.read_counters()?;
+        let d = drain.shared_stats().load();
+        let p = sink.counters.load();
+        tracing::info!(
+            ring_full = kernel.get(Counter::RingFull),
+            truncated = kernel.get(Counter::Truncated),
+            load_failed = kernel.get(Counter::LoadFailed),
+            drain_lost = d.lost,
+            malformed = d.malformed,
+            gaps_lost = p.gap_timeouts + p.gap_overflow,
+            gap_bytes = p.gap_bytes,
+            "capture losses"
+        );
         anyhow::Ok(())
     }
     .await;

@@ -222,6 +222,15 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         rss: memory::rss(),
     };
 
+    // The status line's and the metrics endpoint's snapshot.
+    let snapshot = |capture: &Capture, pipeline: &Pipeline| {
+        anyhow::Ok(totals(
+            capture.read_counters()?,
+            pipeline.fanout.waiting(),
+            &pipeline.flows,
+        ))
+    };
+
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (again_tx, again_rx) = mpsc::unbounded_channel();
     let bootstrap = tokio::spawn(bootstrap::run(
@@ -234,7 +243,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
 
     let (metrics_tx, mut metrics_rx) = mpsc::channel::<metrics::TotalsRequest>(8);
     let metrics_server = metrics_listener.map(|l| {
-        if let Some(addr) = metrics::local_addr(&l) {
+        if let Ok(addr) = l.local_addr() {
             tracing::info!("serving metrics on http://{addr}/metrics");
         }
         tokio::spawn(metrics::serve(l, metrics_tx, latency.clone()))
@@ -254,12 +263,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
             }
             Some(event) = events.recv() => pipeline.on_event(event),
             Some(reply) = metrics_rx.recv() => {
-                let now = totals(
-                    capture.read_counters()?,
-                    pipeline.fanout.waiting(),
-                    &pipeline.flows,
-                );
-                let _ = reply.send(now);
+                let _ = reply.send(snapshot(&capture, &pipeline)?);
             }
             _ = sigusr1.recv() => {
                 tracing::info!("SIGUSR1: sending the session bootstrap again");
@@ -277,11 +281,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
         if std::mem::take(&mut status_due) {
-            let now = totals(
-                capture.read_counters()?,
-                pipeline.fanout.waiting(),
-                &pipeline.flows,
-            );
+            let now = snapshot(&capture, &pipeline)?;
             let line = if json {
                 status.next_json(&now, last.elapsed())
             } else {
@@ -292,6 +292,8 @@ async fn run(cli: Run) -> anyhow::Result<()> {
             if let Some(r) = &recorder
                 && let Err(e) = r.lock().expect("recorder lock").flush()
             {
+                // Buffered messages may be missing from the recording.
+                PipelineCounters::add(&counters.record_errors, 1);
                 tracing::error!("{e}");
             }
             pipeline.expire(last, FLOW_IDLE);

@@ -4,7 +4,7 @@
 //! Each scrape asks the agent's main loop for a fresh [`Totals`] (the same snapshot the status
 //! line is made of), so that a scrape and a status line taken at the same moment agree.
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::convert::Infallible;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -161,9 +161,4 @@ pub fn render(t: &Totals, latency: &Histogram) -> String {
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String");
     out
-}
-
-/// Where the endpoint listens, for the start-up log.
-pub fn local_addr(l: &TcpListener) -> Option<SocketAddr> {
-    l.local_addr().ok()
 }

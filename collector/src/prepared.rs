@@ -531,7 +531,11 @@ mod tests {
         v.extend_from_slice(&[0; 2 + 4 + 8 + 4 + 8]);
         v.extend_from_slice(b"\x011\x00\x00\x00\x00\x00\x00");
         let body = execute(&[0, 0], None, &v);
-        assert!(st.execute(&body).is_ok());
+        assert_eq!(
+            text(st.execute(&body).unwrap()),
+            "INSERT INTO t VALUES (1,2,0,0,0,0e0,0e0,1,'',''\
+             ,'0000-00-00','0000-00-00 00:00:00','00:00:00','')"
+        );
     }
 
     #[test]

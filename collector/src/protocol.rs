@@ -107,7 +107,8 @@ impl HandshakeResponse {
     }
 }
 
-fn nul_terminated(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+/// The bytes before the first NUL, and those after it; None without a NUL.
+pub fn nul_terminated(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = bytes.iter().position(|&b| b == 0)?;
     Some((&bytes[..end], &bytes[end + 1..]))
 }
