@@ -90,8 +90,61 @@ pub struct RecordHeader {
     /// Bytes to skip after the header before the payload: 0 for ring buffer records; the
     /// packet headers for perf records, where the helper appends the skb from its start.
     pub data_skip: u16,
-    pub _pad: [u8; 4],
+    /// [`KIND_CLIENT`] or [`KIND_PREPARE_REPLY`].
+    pub kind: u8,
+    /// For a [`KIND_PREPARE_REPLY`]: how many COM_STMT_PREPAREs of the flow were waiting for a
+    /// reply when this one left (1 = the latest; more when the client sent several before
+    /// reading), at most 255.
+    pub awaiting: u8,
+    pub _pad: [u8; 2],
 }
+
+/// `RecordHeader::kind`: client payload arriving on a captured port (ingress).
+pub const KIND_CLIENT: u8 = 0;
+/// `RecordHeader::kind`: the first bytes of a server reply to a COM_STMT_PREPARE (egress);
+/// addresses and ports are the server's (source) and the client's (destination).
+pub const KIND_PREPARE_REPLY: u8 = 1;
+
+/// Reply bytes handed over per awaited reply: the packet header and COM_STMT_PREPARE_OK's 12
+/// bytes (status, statement id, column count, parameter count, filler, warnings).
+pub const REPLY_HEAD: u32 = 16;
+
+/// The MySQL command byte of COM_STMT_PREPARE.
+pub const COM_STMT_PREPARE: u8 = 0x16;
+
+/// Key of the `AWAITING` map: a TCP connection, by the client's and the server's address
+/// (network order, IPv4 in the first 4 bytes) and port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+/// Value of the `AWAITING` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Awaiting {
+    /// COM_STMT_PREPAREs sent and not yet answered (as far as the programs can tell).
+    pub count: u32,
+    /// TCP sequence number of the last segment that added to `count`: its retransmission
+    /// does not add again.
+    pub seq: u32,
+}
+
+/// Packets of a client segment the ingress program looks at for a COM_STMT_PREPARE (a client
+/// may write a COM_STMT_CLOSE, which has no reply, and the next PREPARE at once).
+pub const PREPARE_SCAN: usize = 4;
+
+/// Connections awaiting a COM_STMT_PREPARE reply at once (an LRU map: the oldest go first).
+pub const AWAITING_ENTRIES: u32 = 16384;
+
+/// Entries of the `COUNTERS` per-CPU array: one block for each program, so that a packet both
+/// programs see (loopback) is counted once in each.
+pub const COUNTERS_INGRESS: u32 = 0;
+pub const COUNTERS_EGRESS: u32 = 1;
 
 /// Why a packet was counted. One per-CPU `u64` per reason, in the `COUNTERS` map (one entry,
 /// a `[u64; COUNTER_COUNT]`), indexed by this value.
@@ -130,6 +183,15 @@ pub enum Counter {
     LoadFailed,
     /// IP length 0 (GSO / BIG TCP): payload length taken from the skb length instead.
     GsoLength,
+    /// Ingress: COM_STMT_PREPAREs (a segment starting with one) that marked their connection
+    /// as awaiting the reply; marks the `AWAITING` map could not take.
+    PrepareMarked,
+    AwaitFull,
+    /// Egress: server segments of a connection awaiting a COM_STMT_PREPARE reply; those that
+    /// did not start a reply packet (a retransmission, the rest of an earlier reply), left
+    /// to the next.
+    Awaited,
+    NotReply,
     /// Parse failures, one per kind.
     EthShort,
     VlanShort,
@@ -177,6 +239,10 @@ impl Counter {
         Counter::Fragment,
         Counter::LoadFailed,
         Counter::GsoLength,
+        Counter::PrepareMarked,
+        Counter::AwaitFull,
+        Counter::Awaited,
+        Counter::NotReply,
         Counter::EthShort,
         Counter::VlanShort,
         Counter::VlanTooDeep,
@@ -210,6 +276,10 @@ impl Counter {
             Counter::Fragment => "fragment",
             Counter::LoadFailed => "load_failed",
             Counter::GsoLength => "gso_length",
+            Counter::PrepareMarked => "prepare_marked",
+            Counter::AwaitFull => "await_full",
+            Counter::Awaited => "awaited",
+            Counter::NotReply => "not_reply",
             Counter::EthShort => "eth_short",
             Counter::VlanShort => "vlan_short",
             Counter::VlanTooDeep => "vlan_too_deep",
@@ -244,6 +314,8 @@ mod user {
     // uninitialised in what we read (the explicit `_pad` is part of the layout).
     unsafe impl aya::Pod for super::RecordHeader {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Awaiting {}
 }
 
 const _: () = assert!(core::mem::size_of::<RecordHeader>() == 72);

@@ -1,8 +1,16 @@
-//! TC ingress program: hands every client payload byte arriving on the MySQL port(s) to user
-//! space through a ring buffer, and counts everything it does not hand over.
+//! TC programs of the capture.
 //!
-//! It only observes: every path returns `TC_ACT_UNSPEC` ("continue"; `TCX_NEXT` under TCX), so
-//! the packet and the programs after this one are untouched.
+//! `mrte_capture` (ingress) hands every client payload byte arriving on the MySQL port(s) to
+//! user space through a ring buffer, and counts everything it does not hand over. It also marks
+//! a connection whose client sent a COM_STMT_PREPARE as awaiting the reply (`AWAITING`).
+//!
+//! `mrte_replies` (egress, only with prepared statements on) hands over the first bytes of the
+//! reply to such a COM_STMT_PREPARE: the statement id the client's COM_STMT_EXECUTEs will carry.
+//! On any other packet it costs the header parse and a lookup of the source port; on other
+//! server segments one hash lookup more.
+//!
+//! Both only observe: every path returns `TC_ACT_UNSPEC` ("continue"; `TCX_NEXT` under TCX),
+//! so the packet and the programs after them are untouched.
 #![no_std]
 #![no_main]
 
@@ -13,13 +21,15 @@ use aya_ebpf::{
     bindings::BPF_F_CURRENT_CPU,
     helpers::{bpf_ktime_get_ns, bpf_perf_event_output, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, PerCpuArray, PerfEventByteArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerfEventByteArray, RingBuf},
     programs::TcContext,
 };
 use collector_common::{
-    COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, LinkKind,
-    MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE, PERF_MAX_SAMPLE, PORT_MAP_ENTRIES,
-    RECORD_CAPACITIES, RecordHeader, TCP_FIN, TCP_RST, TCP_SYN, Transport,
+    AWAITING_ENTRIES, Awaiting, COM_STMT_PREPARE, COUNTER_COUNT, COUNTERS_EGRESS,
+    COUNTERS_INGRESS, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, FlowKey,
+    KIND_CLIENT, KIND_PREPARE_REPLY, LinkKind, MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE,
+    PERF_MAX_SAMPLE, PORT_MAP_ENTRIES, PREPARE_SCAN, RECORD_CAPACITIES, REPLY_HEAD, RecordHeader,
+    TCP_FIN, TCP_RST, TCP_SYN, Transport,
 };
 
 /// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::override_global`); the
@@ -41,12 +51,20 @@ static WAKE_INTERVAL_NS: u64 = 2_000_000;
 /// Unread bytes in the ring that force a wake-up at once: a quarter of its size.
 #[unsafe(no_mangle)]
 static WAKE_AT_BYTES: u64 = DEFAULT_RING_BYTES as u64 / 4;
+/// Non-zero: follow prepared statements (mark connections awaiting a COM_STMT_PREPARE reply).
+#[unsafe(no_mangle)]
+static PREPARED: u8 = 1;
 
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
 
+/// `COUNTERS_INGRESS` and `COUNTERS_EGRESS`: one block per program.
 #[map]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(2, 0);
+
+/// Connections whose client sent a COM_STMT_PREPARE the server has not answered yet.
+#[map]
+static AWAITING: LruHashMap<FlowKey, Awaiting> = LruHashMap::with_max_entries(AWAITING_ENTRIES, 0);
 
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -79,13 +97,27 @@ const CAP_LARGE: u32 = RECORD_CAPACITIES[2];
 
 #[classifier]
 pub fn mrte_capture(ctx: TcContext) -> i32 {
-    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+    let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_INGRESS) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: a per-CPU map value, only this CPU touches it while the program runs.
     let counters = unsafe { &mut *counters };
     bump(counters, Counter::Packets);
     if let Err(reason) = capture(&ctx, counters) {
+        bump(counters, reason);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn mrte_replies(ctx: TcContext) -> i32 {
+    let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_EGRESS) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: as in `mrte_capture`.
+    let counters = unsafe { &mut *counters };
+    bump(counters, Counter::Packets);
+    if let Err(reason) = reply(&ctx, counters) {
         bump(counters, reason);
     }
     TC_ACT_UNSPEC
@@ -188,8 +220,9 @@ struct TcpHdr {
     urg: [u8; 2],
 }
 
+/// Parses L2 to L4: the TCP segment, and the interface it is on.
 #[inline(always)]
-fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
+fn parse(ctx: &TcContext, counters: &mut Counters) -> Result<(Segment, u32), Counter> {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer the kernel passed in.
     let (len, protocol, ifindex) = unsafe { ((*skb).len, (*skb).protocol, (*skb).ifindex) };
@@ -229,10 +262,25 @@ fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
     if gso {
         bump(counters, Counter::GsoLength);
     }
+    Ok((seg, ifindex))
+}
 
-    match PORTS.get(seg.dport as u32) {
-        Some(v) if *v != 0 => {}
-        _ => return Err(Counter::OtherPort),
+#[inline(always)]
+fn captured_port(port: u16) -> bool {
+    matches!(PORTS.get(port as u32), Some(v) if *v != 0)
+}
+
+#[inline(always)]
+fn prepared_on() -> bool {
+    // SAFETY: a load-time constant.
+    unsafe { ptr::read_volatile(&PREPARED) != 0 }
+}
+
+#[inline(always)]
+fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
+    let (seg, ifindex) = parse(ctx, counters)?;
+    if !captured_port(seg.dport) {
+        return Err(Counter::OtherPort);
     }
     bump(counters, Counter::TcpToPort);
     if seg.payload_len == 0 {
@@ -240,10 +288,166 @@ fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
             return Err(Counter::NoPayload);
         }
         bump(counters, Counter::Control);
+        if prepared_on() && seg.flags & (TCP_FIN | TCP_RST) != 0 {
+            // Whatever the connection awaited, it will not come.
+            let _ = AWAITING.remove(&client_key(&seg));
+        }
         return emit_control(ctx, counters, &seg, ifindex);
     }
     bump(counters, Counter::WithPayload);
+    if prepared_on() {
+        mark_prepares(ctx, counters, &seg);
+    }
     emit(ctx, counters, &seg, ifindex)
+}
+
+/// The connection of a client-to-server segment.
+#[inline(always)]
+fn client_key(seg: &Segment) -> FlowKey {
+    FlowKey {
+        client: seg.saddr,
+        server: seg.daddr,
+        client_port: seg.sport,
+        server_port: seg.dport,
+    }
+}
+
+/// Counts the COM_STMT_PREPAREs among the first packets of a client segment into the
+/// connection's `AWAITING` entry. Looks at packet starts only as far as the segment starts
+/// one: a segment in the middle of a packet matches only by chance, which costs one reply head
+/// that user space then finds unmatched.
+#[inline(always)]
+fn mark_prepares(ctx: &TcContext, counters: &mut Counters, seg: &Segment) {
+    let mut off = 0u32;
+    let mut found = 0u32;
+    for _ in 0..PREPARE_SCAN {
+        if off + 5 > seg.payload_len {
+            break;
+        }
+        let Ok(h) = ctx.load::<[u8; 5]>((seg.payload_off + off) as usize) else {
+            break;
+        };
+        let len = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+        if h[3] == 0 && h[4] == COM_STMT_PREPARE && len > 0 {
+            found += 1;
+        }
+        off += 4 + len;
+    }
+    if found == 0 {
+        return;
+    }
+    let key = client_key(seg);
+    match AWAITING.get_ptr_mut(&key) {
+        Some(v) => {
+            // SAFETY: a pointer to the map value; a race with the reply (another CPU) at worst
+            // loses one count, which user space sees as an unmatched reply.
+            let v = unsafe { &mut *v };
+            if v.seq == seg.seq && v.count != 0 {
+                // A retransmission of the segment that marked already.
+                return;
+            }
+            v.count += found;
+            v.seq = seg.seq;
+        }
+        None => {
+            let v = Awaiting {
+                count: found,
+                seq: seg.seq,
+            };
+            if AWAITING.insert(&key, &v, 0).is_err() {
+                bump(counters, Counter::AwaitFull);
+                return;
+            }
+        }
+    }
+    counters.0[Counter::PrepareMarked as usize] += found as u64;
+}
+
+/// A record with the first bytes of a reply, built on the stack and copied into the buffer.
+#[repr(C)]
+struct ReplyRecord {
+    hdr: RecordHeader,
+    head: [u8; REPLY_HEAD as usize],
+}
+
+/// Egress: the first bytes of a server segment that starts the reply a connection awaits.
+#[inline(always)]
+fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
+    let (seg, ifindex) = parse(ctx, counters)?;
+    if !captured_port(seg.sport) {
+        return Err(Counter::OtherPort);
+    }
+    bump(counters, Counter::TcpToPort);
+    let key = FlowKey {
+        client: seg.daddr,
+        server: seg.saddr,
+        client_port: seg.dport,
+        server_port: seg.sport,
+    };
+    let Some(v) = AWAITING.get_ptr_mut(&key) else {
+        return Ok(());
+    };
+    // SAFETY: a pointer to the map value (see `mark_prepares`).
+    let v = unsafe { &mut *v };
+    if v.count == 0 {
+        return Ok(());
+    }
+    bump(counters, Counter::Awaited);
+    if seg.payload_len == 0 {
+        return Err(Counter::NoPayload);
+    }
+    let mut rec = ReplyRecord {
+        hdr: header(&seg, ifindex),
+        head: [0; REPLY_HEAD as usize],
+    };
+    let first: [u8; 5] = if seg.payload_len >= 5 {
+        ctx.load(seg.payload_off as usize)
+            .map_err(|_| Counter::LoadFailed)?
+    } else {
+        return Err(Counter::NotReply);
+    };
+    // A reply's first packet has sequence id 1 (the command had 0).
+    if first[3] != 1 {
+        return Err(Counter::NotReply);
+    }
+    let awaiting = v.count;
+    v.count -= 1;
+    rec.hdr.kind = KIND_PREPARE_REPLY;
+    rec.hdr.awaiting = if awaiting > 255 { 255 } else { awaiting as u8 };
+    if seg.payload_len >= REPLY_HEAD {
+        rec.head = ctx
+            .load(seg.payload_off as usize)
+            .map_err(|_| Counter::LoadFailed)?;
+        rec.hdr.cap_len = REPLY_HEAD;
+    } else {
+        rec.head[..5].copy_from_slice(&first);
+        rec.hdr.cap_len = 5;
+    }
+    // SAFETY: a load-time constant.
+    if unsafe { ptr::read_volatile(&TRANSPORT) } == Transport::PerfSkb as u8 {
+        // SAFETY: the map is a perf event array; the record is on the stack.
+        let ret = unsafe {
+            bpf_perf_event_output(
+                ctx.skb.skb as *mut c_void,
+                &PERF_RECORDS as *const PerfEventByteArray as *mut c_void,
+                BPF_F_CURRENT_CPU,
+                &mut rec as *mut ReplyRecord as *mut c_void,
+                size_of::<ReplyRecord>() as u64,
+            )
+        };
+        if ret < 0 {
+            return Err(Counter::RingFull);
+        }
+    } else {
+        let wake = wake_flags(rec.hdr.ts_ns);
+        if RECORDS.output::<ReplyRecord>(&rec, wake).is_err() {
+            return Err(Counter::RingFull);
+        }
+        woke(wake, rec.hdr.ts_ns);
+    }
+    bump(counters, Counter::Records);
+    counters.0[Counter::Bytes as usize] += rec.hdr.cap_len as u64;
+    Ok(())
 }
 
 /// The segment, and whether the IP length was 0 (GSO / BIG TCP) so that the payload length
@@ -377,7 +581,9 @@ fn header(seg: &Segment, ifindex: u32) -> RecordHeader {
         family: seg.family,
         tcp_flags: seg.flags,
         data_skip: 0,
-        _pad: [0; 4],
+        kind: KIND_CLIENT,
+        awaiting: 0,
+        _pad: [0; 2],
     }
 }
 

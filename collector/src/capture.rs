@@ -1,5 +1,6 @@
-//! Capture: loads the TC ingress program, attaches it, and drains its ring buffer into typed
-//! [`Record`]s handed to a [`RecordSink`].
+//! Capture: loads the TC programs (ingress; egress when prepared statements are followed),
+//! attaches them, and drains their ring buffer into typed [`Record`]s handed to a
+//! [`RecordSink`].
 //!
 //! Attach is TCX-first: a TCX link is owned by the agent's file descriptor, so the kernel
 //! detaches it by itself if the agent dies. Kernels without TCX get a clsact qdisc and a netlink
@@ -31,8 +32,8 @@ use aya::{
 use bytes::{Bytes, BytesMut};
 pub use collector_common::Transport;
 use collector_common::{
-    COUNTER_COUNT, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, LinkKind, MAX_PORTS,
-    RecordHeader,
+    COUNTER_COUNT, COUNTERS_EGRESS, COUNTERS_INGRESS, Counter, Counters, DEFAULT_RING_BYTES,
+    FAMILY_V4, KIND_CLIENT, KIND_PREPARE_REPLY, LinkKind, MAX_PORTS, RecordHeader,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -45,6 +46,8 @@ pub const DEFAULT_WAKEUP_INTERVAL: Duration = Duration::from_millis(2);
 /// Name of the classifier in the object, and the name the kernel shows for it: how a later
 /// start recognises a hook that a killed instance left behind.
 pub const PROGRAM_NAME: &str = "mrte_capture";
+/// The egress classifier (COM_STMT_PREPARE replies).
+pub const REPLIES_PROGRAM_NAME: &str = "mrte_replies";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -73,11 +76,16 @@ pub enum CaptureError {
     NoPorts,
     #[error("loading the eBPF object failed")]
     Object(#[from] aya::EbpfError),
-    #[error("the kernel refused the capture program")]
-    Load(#[source] ProgramError),
-    #[error("attaching to {interface} ingress ({mode}) failed")]
+    #[error("the kernel refused the program {name}")]
+    Load {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching to {interface} {side} ({mode}) failed")]
     Attach {
         interface: String,
+        side: &'static str,
         mode: &'static str,
         #[source]
         source: ProgramError,
@@ -129,6 +137,9 @@ pub struct CaptureConfig {
     pub transport: Transport,
     /// Least time between reader wake-ups; zero wakes on nearly every record.
     pub wakeup_interval: Duration,
+    /// Follow prepared statements: the ingress program marks connections that sent a
+    /// COM_STMT_PREPARE, and an egress program hands over the head of the reply.
+    pub prepared: bool,
 }
 
 impl CaptureConfig {
@@ -158,13 +169,26 @@ impl CaptureConfig {
             attach_mode: AttachMode::Auto,
             transport: Transport::RingClasses,
             wakeup_interval: DEFAULT_WAKEUP_INTERVAL,
+            prepared: false,
         }
     }
 }
 
-/// One captured piece of a client's TCP stream.
+/// What a [`Record`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A piece of a client's TCP stream (ingress).
+    Client,
+    /// The first bytes of a server's reply to a COM_STMT_PREPARE (egress): `src`/`sport` are
+    /// the server's. `awaiting`: PREPAREs of the connection unanswered when it left, this one
+    /// included (1 = the latest).
+    PrepareReply { awaiting: u8 },
+}
+
+/// One captured piece of a client's TCP stream, or of a server's reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
+    pub kind: RecordKind,
     /// CLOCK_MONOTONIC nanoseconds when the kernel saw the segment.
     pub ts_ns: u64,
     pub src: IpAddr,
@@ -180,6 +204,20 @@ pub struct Record {
     pub offset: u32,
     pub ifindex: u32,
     pub data: Bytes,
+}
+
+impl Record {
+    /// The client's address and port: the source of client data, the destination of a reply.
+    pub fn client(&self) -> (IpAddr, u16) {
+        match self.kind {
+            RecordKind::Client => (self.src, self.sport),
+            RecordKind::PrepareReply { .. } => (self.dst, self.dport),
+        }
+    }
+
+    pub fn is_client(&self) -> bool {
+        self.kind == RecordKind::Client
+    }
 }
 
 /// Where drained records go: the later pipeline stages implement this.
@@ -230,6 +268,8 @@ impl SharedDrainStats {
 pub struct Capture {
     ebpf: Ebpf,
     link: Option<SchedClassifierLinkId>,
+    /// The egress program's link, when prepared statements are followed.
+    replies_link: Option<SchedClassifierLinkId>,
     source: Option<RawSource>,
     counters: PerCpuArray<MapData, Counters>,
     interface: String,
@@ -242,7 +282,7 @@ pub struct Capture {
 
 impl Capture {
     /// Checks privileges and the interface, loads the program, sets its ports and attaches it
-    /// to the interface's ingress.
+    /// to the interface's ingress (and the replies program to its egress, with `prepared`).
     pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let (ifindex, link_kind) = cfg.check()?;
         let link_kind = link_kind as u8;
@@ -256,6 +296,7 @@ impl Capture {
             .override_global("TRANSPORT", &transport, true)
             .override_global("WAKE_INTERVAL_NS", &wake_ns, true)
             .override_global("WAKE_AT_BYTES", &wake_at, true)
+            .override_global("PREPARED", &u8::from(cfg.prepared), true)
             // The unused transport's map is kept at its minimum size.
             .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
             .load(EBPF_OBJECT)?;
@@ -313,16 +354,21 @@ impl Capture {
             )?)
         };
 
-        let prog = classifier(&mut ebpf)?;
-        prog.load().map_err(CaptureError::Load)?;
-        let (link, mode, added_clsact) = attach_program(prog, &cfg.interface, cfg.attach_mode)?;
+        let prog = classifier(&mut ebpf, PROGRAM_NAME)?;
+        prog.load().map_err(|source| CaptureError::Load {
+            name: PROGRAM_NAME,
+            source,
+        })?;
+        let (link, mode, added_clsact) =
+            attach_program(prog, &cfg.interface, cfg.attach_mode, TcAttachType::Ingress)?;
         tracing::info!(
             interface = %cfg.interface, ifindex, mode, ports = ?cfg.ports,
             "capture program attached to ingress"
         );
-        Ok(Self {
+        let mut this = Self {
             ebpf,
             link: Some(link),
+            replies_link: None,
             source: Some(source),
             counters,
             interface: cfg.interface.clone(),
@@ -330,18 +376,47 @@ impl Capture {
             added_clsact,
             mode,
             recheck_after: cfg.wakeup_interval * 2,
-        })
+        };
+        if cfg.prepared {
+            // On failure `this` drops, which detaches the ingress program again.
+            let prog = classifier(&mut this.ebpf, REPLIES_PROGRAM_NAME)?;
+            prog.load().map_err(|source| CaptureError::Load {
+                name: REPLIES_PROGRAM_NAME,
+                source,
+            })?;
+            let mode = if mode == "tcx" {
+                AttachMode::Tcx
+            } else {
+                AttachMode::Netlink
+            };
+            let (link, _, _) = attach_program(prog, &cfg.interface, mode, TcAttachType::Egress)?;
+            this.replies_link = Some(link);
+            tracing::info!(
+                interface = %cfg.interface,
+                "prepared-statement reply program attached to egress"
+            );
+        }
+        Ok(this)
     }
 
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
 
-    /// Kernel counters summed over CPUs.
+    /// The ingress program's counters, summed over CPUs.
     pub fn read_counters(&self) -> Result<Counters, CaptureError> {
+        self.read_block(COUNTERS_INGRESS)
+    }
+
+    /// The egress (replies) program's counters, summed over CPUs.
+    pub fn read_reply_counters(&self) -> Result<Counters, CaptureError> {
+        self.read_block(COUNTERS_EGRESS)
+    }
+
+    fn read_block(&self, index: u32) -> Result<Counters, CaptureError> {
         let per_cpu = self
             .counters
-            .get(&0, 0)
+            .get(&index, 0)
             .map_err(|source| CaptureError::Map {
                 name: "COUNTERS",
                 source,
@@ -356,17 +431,30 @@ impl Capture {
     }
 
     /// The loaded program.
-    fn program(&self) -> Result<&SchedClassifier, CaptureError> {
+    fn program(&self, name: &'static str) -> Result<&SchedClassifier, CaptureError> {
         self.ebpf
-            .program(PROGRAM_NAME)
-            .ok_or(PROGRAM_MISSING)?
+            .program(name)
+            .ok_or(CaptureError::Missing {
+                what: "program",
+                name,
+            })?
             .try_into()
-            .map_err(CaptureError::Load)
+            .map_err(|source| CaptureError::Load { name, source })
     }
 
-    /// The kernel's view of the loaded program (`bpf_stats` run time / count).
+    /// The kernel's view of the loaded ingress program (`bpf_stats` run time / count).
     pub fn program_info(&self) -> Result<aya::programs::ProgramInfo, CaptureError> {
-        self.program()?.info().map_err(CaptureError::Load)
+        self.program_info_of(PROGRAM_NAME)
+    }
+
+    /// The same for the program `name` ([`PROGRAM_NAME`] or [`REPLIES_PROGRAM_NAME`]).
+    pub fn program_info_of(
+        &self,
+        name: &'static str,
+    ) -> Result<aya::programs::ProgramInfo, CaptureError> {
+        self.program(name)?
+            .info()
+            .map_err(|source| CaptureError::Load { name, source })
     }
 
     /// Takes the record buffer out for a [`Drain`]; `None` if already taken.
@@ -389,10 +477,21 @@ impl Capture {
     }
 
     fn detach_inner(&mut self) -> Result<(), CaptureError> {
-        if let Some(link) = self.link.take() {
-            let prog = classifier(&mut self.ebpf)?;
+        if let Some(link) = self.replies_link.take() {
+            let prog = classifier(&mut self.ebpf, REPLIES_PROGRAM_NAME)?;
             prog.detach(link).map_err(|source| CaptureError::Attach {
                 interface: self.interface.clone(),
+                side: "egress",
+                mode: self.mode,
+                source,
+            })?;
+            tracing::info!(interface = %self.interface, "reply program detached");
+        }
+        if let Some(link) = self.link.take() {
+            let prog = classifier(&mut self.ebpf, PROGRAM_NAME)?;
+            prog.detach(link).map_err(|source| CaptureError::Attach {
+                interface: self.interface.clone(),
+                side: "ingress",
                 mode: self.mode,
                 source,
             })?;
@@ -419,33 +518,44 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Captu
         .ok_or(CaptureError::Missing { what: "map", name })
 }
 
-fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
-    ebpf.program_mut(PROGRAM_NAME)
-        .ok_or(PROGRAM_MISSING)?
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::Missing {
+            what: "program",
+            name,
+        })?
         .try_into()
-        .map_err(CaptureError::Load)
+        .map_err(|source| CaptureError::Load { name, source })
 }
 
-const PROGRAM_MISSING: CaptureError = CaptureError::Missing {
-    what: "program",
-    name: PROGRAM_NAME,
-};
+fn side_name(side: TcAttachType) -> &'static str {
+    match side {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+        TcAttachType::Custom(_) => "custom",
+    }
+}
 
 fn attach_program(
     prog: &mut SchedClassifier,
     interface: &str,
     mode: AttachMode,
+    side: TcAttachType,
 ) -> Result<(SchedClassifierLinkId, &'static str, bool), CaptureError> {
     if mode != AttachMode::Netlink {
         match prog.attach_with_options(
             interface,
-            TcAttachType::Ingress,
+            side,
             TcAttachOptions::TcxOrder(Default::default()),
         ) {
             Ok(link) => return Ok((link, "tcx", false)),
             Err(source) if mode == AttachMode::Tcx => {
                 return Err(CaptureError::Attach {
                     interface: interface.into(),
+                    side: side_name(side),
                     mode: "tcx",
                     source,
                 });
@@ -460,6 +570,7 @@ fn attach_program(
         Err(e) => {
             return Err(CaptureError::Attach {
                 interface: interface.into(),
+                side: side_name(side),
                 mode: "netlink",
                 source: ProgramError::from(e),
             });
@@ -467,7 +578,7 @@ fn attach_program(
     };
     match prog.attach_with_options(
         interface,
-        TcAttachType::Ingress,
+        side,
         TcAttachOptions::Netlink(NlOptions::default()),
     ) {
         Ok(link) => Ok((link, "netlink", added_clsact)),
@@ -477,6 +588,7 @@ fn attach_program(
             }
             Err(CaptureError::Attach {
                 interface: interface.into(),
+                side: side_name(side),
                 mode: "netlink",
                 source,
             })
@@ -832,7 +944,15 @@ pub fn decode(item: &[u8], arena: &mut BytesMut) -> Option<Record> {
             IpAddr::V6(Ipv6Addr::from(hdr.daddr)),
         )
     };
+    let kind = match hdr.kind {
+        KIND_CLIENT => RecordKind::Client,
+        KIND_PREPARE_REPLY => RecordKind::PrepareReply {
+            awaiting: hdr.awaiting,
+        },
+        _ => return None,
+    };
     Some(Record {
+        kind,
         ts_ns: hdr.ts_ns,
         src,
         dst,
@@ -899,7 +1019,13 @@ impl Capture {
             batch_size: u32,
             _pad: u32,
         }
-        let fd = self.program()?.fd().map_err(CaptureError::Load)?;
+        let fd = self
+            .program(PROGRAM_NAME)?
+            .fd()
+            .map_err(|source| CaptureError::Load {
+                name: PROGRAM_NAME,
+                source,
+            })?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut attr = TestAttr {
             prog_fd: fd.as_fd().as_raw_fd() as u32,

@@ -57,6 +57,14 @@ pub struct Run {
     #[arg(long, help_heading = "Capture")]
     pub include_replication: bool,
 
+    /// on: server-side prepared statements are published as text: each COM_STMT_EXECUTE
+    /// becomes the COM_QUERY it stands for (parameters as literals), and PREPARE, CLOSE,
+    /// RESET, SEND_LONG_DATA and FETCH are left out; the statement ids come from the server's
+    /// replies, which a second program on the interface's egress hands over. off: those
+    /// packets are published as they are (the original's behaviour), nothing on egress.
+    #[arg(long, value_enum, default_value_t = OnOff::On, help_heading = "Capture")]
+    pub prepared_statements: OnOff,
+
     /// Longest time in milliseconds a captured segment waits in a batch before it is published.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000), help_heading = "Publishing")]
     pub read_timeout: u64,
@@ -199,7 +207,15 @@ pub struct CaptureArgs {
     pub wakeup_interval_us: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 impl CaptureArgs {
+    /// The capture as these flags set it (prepared statements not followed: the agent sets
+    /// that from its own flag).
     pub fn config(&self, interface: &str) -> CaptureConfig {
         CaptureConfig {
             interface: interface.to_owned(),
@@ -209,6 +225,7 @@ impl CaptureArgs {
             attach_mode: self.attach_mode,
             transport: self.transport.into(),
             wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
+            prepared: false,
         }
     }
 }

@@ -31,7 +31,11 @@ use collector_common::{TCP_FIN, TCP_RST, TCP_SYN};
 use tokio::time::Instant;
 
 use crate::{
-    protocol::{HEADER, command, starts_command},
+    prepared::{
+        MAX_COMMAND, Reply, StatementError, Statements,
+        command::{self as stmt, is_statement},
+    },
+    protocol::{self, HEADER, command, starts_command},
     status::PipelineCounters,
 };
 
@@ -90,10 +94,16 @@ pub const TOTAL_PENDING_MAX: usize = 64 << 20;
 /// has seen, and the client retransmits them (backing off) until it has them.
 pub const CLOSED_LINGER: Duration = Duration::from_secs(60);
 
+/// How long a connection with prepared statements open is kept while idle: MySQL's default
+/// `wait_timeout`.
+pub const STATEMENTS_IDLE: Duration = Duration::from_secs(8 * 3600);
+
 /// What the packet follower leaves out.
 #[derive(Debug, Default)]
 struct Policy {
     include_replication: bool,
+    /// Prepared-statement commands are taken out and executes published as text.
+    prepared: bool,
     /// Thread ids of the replicas' binlog dumps in the process list: a `KILL` of one of them
     /// is a semi-sync replica stopping (it kills its dump thread on the source), not a
     /// statement to replay.
@@ -117,27 +127,53 @@ pub enum Output {
     },
 }
 
+/// What happens to the bytes of the packet under way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    #[default]
+    Keep,
+    /// Left out (replication).
+    Drop,
+    /// Collected whole for the connection's prepared statements, not published as it is.
+    Collect,
+}
+
 /// Where the flow is in the session's MySQL packets.
 #[derive(Debug, Default)]
 struct Packets {
-    /// Bytes left of the current packet (header included); 0 at a packet start.
+    /// Bytes left of the current packet's payload; 0 at a packet start.
     left: usize,
-    /// The start of a packet cut by a segment end: header bytes so far.
+    /// The start of a packet (header and command byte) cut by a segment end: not published
+    /// until the packet's fate is known (with prepared statements followed).
     head: Vec<u8>,
-    /// Whether the current packet is left out.
-    dropping: bool,
+    /// Bytes of `head` published already (prepared statements not followed).
+    head_published: usize,
+    mode: Mode,
+    /// The current packet is 0xffffff bytes long: the next one continues its command.
+    continues: bool,
+    /// The command being collected (command byte and body, over continuation packets).
+    collect: Vec<u8>,
+    /// It passed [`MAX_COMMAND`]; the rest is not kept.
+    collect_over: bool,
     /// A replica's session: everything is left out.
     replica: bool,
     /// After a gap given up: bytes are left out until a segment starts with a command.
     resync: bool,
     /// The last command the client sent was COM_QUIT.
     quit: bool,
+    /// The connection's prepared statements (created at its first statement command).
+    statements: Option<Box<Statements>>,
 }
 
 impl Packets {
     /// The consumer's session has ended: the client's COM_QUIT, or a synthetic one.
     fn ended(&self) -> bool {
         self.quit || self.replica || self.resync
+    }
+
+    /// Whether the connection has prepared statements open.
+    fn has_statements(&self) -> bool {
+        self.statements.as_ref().is_some_and(|s| !s.is_empty())
     }
 }
 
@@ -234,6 +270,39 @@ impl Flows {
                 ..Default::default()
             },
             next_gap: None,
+        }
+    }
+
+    /// Takes prepared-statement commands out of the streams and publishes executes as text.
+    pub fn set_prepared(&mut self, on: bool) {
+        self.policy.prepared = on;
+    }
+
+    /// The first bytes of a server's reply to a COM_STMT_PREPARE on `key`'s connection,
+    /// sent when `awaiting` PREPAREs were unanswered (see [`Statements::reply`]).
+    pub fn reply(&mut self, key: FlowKey, awaiting: u8, head: &[u8], c: &PipelineCounters) {
+        let flow = self.table.get_mut(&key).filter(|_| self.policy.prepared);
+        let Some(flow) = flow else {
+            PipelineCounters::add(&c.stmt_reply_unmatched, 1);
+            return;
+        };
+        let statements = flow.packets.statements.get_or_insert_with(Default::default);
+        if !flow.pending.is_empty() || flow.packets.resync {
+            // The PREPARE it answers may be in the bytes that have not arrived (or never
+            // will): no reply of the connection can be paired until its stream is whole.
+            PipelineCounters::add(&c.stmt_reply_unmatched, 1);
+            PipelineCounters::add(&c.stmt_reply_lost, statements.forget_awaiting() as u64);
+            return;
+        }
+        let (reply, lost) = statements.reply(awaiting, head);
+        PipelineCounters::add(&c.stmt_reply_lost, lost as u64);
+        match reply {
+            Reply::Known { .. } => PipelineCounters::add(&c.stmt_known, 1),
+            Reply::Failed => PipelineCounters::add(&c.stmt_prepare_failed, 1),
+            Reply::Unmatched { why } => {
+                PipelineCounters::add(&c.stmt_reply_unmatched, 1);
+                tracing::debug!(client = ?key.client, "a COM_STMT_PREPARE reply unmatched: {why}");
+            }
         }
     }
 
@@ -610,6 +679,13 @@ impl Flows {
         let before = self.table.len();
         let mut freed = 0;
         self.table.retain(|_, f| {
+            // A pooled connection with statements open may sit idle for long: its statements
+            // are kept until the server itself would have closed it.
+            let idle = if f.packets.has_statements() {
+                idle.max(STATEMENTS_IDLE)
+            } else {
+                idle
+            };
             let keep = now.saturating_duration_since(f.last_seen) < idle;
             if !keep {
                 freed += f.pending_bytes;
@@ -679,106 +755,303 @@ impl Flows {
     }
 }
 
+/// Coalesces the kept byte ranges of one segment into as few outputs as possible.
+struct Kept<'a> {
+    data: &'a Bytes,
+    run: Option<(usize, usize)>,
+}
+
+impl Kept<'_> {
+    fn keep(&mut self, from: usize, to: usize, out: &mut Vec<Output>) {
+        if from == to {
+            return;
+        }
+        match &mut self.run {
+            Some((_, end)) if *end == from => *end = to,
+            _ => {
+                self.flush(out);
+                self.run = Some((from, to));
+            }
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<Output>) {
+        if let Some((from, to)) = self.run.take() {
+            out.push(Output::Data(self.data.slice(from..to)));
+        }
+    }
+}
+
+/// Largest unit a synthetic statement is published in (a captured segment's largest size):
+/// the consumer joins units anyway, and the broker's message size limit stays far away.
+const SYNTHETIC_UNIT: usize = 64 << 10;
+
 impl Packets {
     /// Follows `data` through the packets; appends the bytes to publish.
     fn feed(&mut self, data: Bytes, policy: &Policy, c: &PipelineCounters, out: &mut Vec<Output>) {
-        let include_replication = policy.include_replication;
         if self.resync {
             if !starts_command(&data) {
                 PipelineCounters::add(&c.gap_bytes, data.len() as u64);
                 return;
             }
+            // The statements stay: the server still has them. PREPAREs whose bytes were
+            // lost will never have their replies paired.
+            let mut statements = self.statements.take();
+            if let Some(s) = statements.as_mut() {
+                PipelineCounters::add(&c.stmt_reply_lost, s.forget_awaiting() as u64);
+            }
             *self = Self {
                 replica: self.replica,
+                statements,
                 ..Default::default()
             };
         }
-        let mut i = 0;
-        let mut keep_from = 0;
-        let mut keeping = !self.dropping;
-        let flush = |from: usize, to: usize, keep: bool, out: &mut Vec<Output>| {
-            if to > from {
-                if keep {
-                    out.push(Output::Data(data.slice(from..to)));
-                } else {
-                    PipelineCounters::add(&c.replication_bytes, (to - from) as u64);
-                }
-            }
+        let mut kept = Kept {
+            data: &data,
+            run: None,
         };
+        // Bytes of a packet start carried over from earlier segments.
+        let mut carried = self.head.len();
+        let mut i = 0;
         while i < data.len() {
             if self.left > 0 {
                 let n = self.left.min(data.len() - i);
+                self.take(&mut kept, i, i + n, c, out);
                 self.left -= n;
                 i += n;
+                if self.left == 0 {
+                    self.packet_end(&mut kept, c, out);
+                }
                 continue;
             }
-            // A packet starts (or its header continues) at `i`. A header cut by the segment
-            // end is kept whatever it is: what was published cannot be taken back.
+            // A packet starts (or its header continues) at `i - head.len() + carried`.
+            let head_from = i;
             while self.head.len() < HEADER && i < data.len() {
                 self.head.push(data[i]);
                 i += 1;
             }
-            if self.head.len() < HEADER {
+            let len = u32::from_le_bytes([
+                self.head[0],
+                *self.head.get(1).unwrap_or(&0),
+                *self.head.get(2).unwrap_or(&0),
+                0,
+            ]) as usize;
+            let continuation = self.continues;
+            let cut = self.head.len() < HEADER
+                || (len > 0 && !continuation && self.head.len() == HEADER && i == data.len());
+            if cut {
+                // The segment ends inside the packet's start. Without prepared statements
+                // nothing depends on it being held: published now, as it came (a replication
+                // packet cut there keeps its start).
+                if !policy.prepared {
+                    kept.keep(head_from, i, out);
+                    self.head_published = self.head.len();
+                }
                 break;
             }
-            let len = u32::from_le_bytes([self.head[0], self.head[1], self.head[2], 0]) as usize;
-            if len == 0 {
-                self.head.clear();
-                continue;
-            }
-            if self.head.len() == HEADER {
-                if i == data.len() {
-                    break;
-                }
+            if len > 0 && !continuation && self.head.len() == HEADER {
+                // The command byte decides, too.
                 self.head.push(data[i]);
                 i += 1;
             }
-            let (seq, cmd) = (self.head[3], self.head[4]);
-            let start = i.saturating_sub(HEADER + 1);
+            if !continuation {
+                let was_replica = self.replica;
+                self.mode = self.decide(&data, i, len, policy, c);
+                if self.replica && !was_replica {
+                    // What was published of the session ends for the consumer.
+                    kept.flush(out);
+                    out.push(Output::Quit);
+                }
+            }
+            self.continues = len == 0xff_ffff;
+            // The header (and command byte): the part carried over, then the part here.
+            let head = std::mem::take(&mut self.head);
+            let published = std::mem::take(&mut self.head_published);
+            match self.mode {
+                Mode::Keep => {
+                    if carried > published {
+                        kept.flush(out);
+                        let rest = Bytes::copy_from_slice(&head[published..carried]);
+                        out.push(Output::Data(rest));
+                    }
+                    kept.keep(head_from, i, out);
+                }
+                Mode::Drop => {
+                    let n = head.len() - published;
+                    PipelineCounters::add(&c.replication_bytes, n as u64);
+                }
+                Mode::Collect => self.collect_bytes(&head[HEADER..]),
+            }
+            carried = 0;
+            self.left = len - (head.len() - HEADER);
+            self.head = head;
             self.head.clear();
-            let becomes_replica = !include_replication
-                && !self.replica
-                && seq == 0
-                && matches!(
-                    cmd,
-                    command::REGISTER_SLAVE | command::BINLOG_DUMP | command::BINLOG_DUMP_GTID
-                );
-            let ack = seq == 0 && cmd == SEMI_SYNC_ACK;
-            // A short query whose whole packet is in this segment: a replica's KILL of its
-            // dump thread? (A statement split over segments is published as it is.)
-            let kill = !include_replication
-                && seq == 0
-                && cmd == command::QUERY
-                && !policy.replica_ids.is_empty()
-                && len <= 64
-                && data
-                    .get(i..i + len - 1)
-                    .and_then(killed_thread)
-                    .is_some_and(|id| policy.replica_ids.contains(&id));
-            if kill {
-                PipelineCounters::add(&c.replica_kills, 1);
+            if self.left == 0 {
+                self.packet_end(&mut kept, c, out);
             }
-            self.quit = seq == 0 && cmd == command::QUIT;
-            let drop = !include_replication && (self.replica || becomes_replica || ack || kill);
-            if drop == keeping {
-                flush(keep_from, start, keeping, out);
-                keep_from = start;
-                keeping = !drop;
-            }
-            if becomes_replica {
-                // What was published of the session ends for the consumer.
-                self.replica = true;
-                PipelineCounters::add(&c.replication_sessions, 1);
-                out.push(Output::Quit);
-            }
-            if ack {
-                PipelineCounters::add(&c.semi_sync_acks, 1);
-            }
-            self.dropping = drop;
-            // The packet's bytes after the header and command byte.
-            self.left = len - 1;
         }
-        flush(keep_from, data.len(), keeping, out);
+        kept.flush(out);
+    }
+
+    /// What happens to a new command packet whose header (and command byte, if any) is in
+    /// `self.head`; `data[i..]` follows it.
+    fn decide(
+        &mut self,
+        data: &[u8],
+        i: usize,
+        len: usize,
+        policy: &Policy,
+        c: &PipelineCounters,
+    ) -> Mode {
+        let include_replication = policy.include_replication;
+        let seq = self.head[3];
+        let Some(&cmd) = self.head.get(HEADER) else {
+            // An empty packet.
+            return if self.replica && !include_replication {
+                Mode::Drop
+            } else {
+                Mode::Keep
+            };
+        };
+        let becomes_replica = !include_replication
+            && !self.replica
+            && seq == 0
+            && matches!(
+                cmd,
+                command::REGISTER_SLAVE | command::BINLOG_DUMP | command::BINLOG_DUMP_GTID
+            );
+        let ack = seq == 0 && cmd == SEMI_SYNC_ACK;
+        // A short query whose whole packet is in this segment: a replica's KILL of its dump
+        // thread? (A statement split over segments is published as it is.)
+        let kill = !include_replication
+            && seq == 0
+            && cmd == command::QUERY
+            && !policy.replica_ids.is_empty()
+            && len <= 64
+            && data
+                .get(i..i + len - 1)
+                .and_then(killed_thread)
+                .is_some_and(|id| policy.replica_ids.contains(&id));
+        if kill {
+            PipelineCounters::add(&c.replica_kills, 1);
+        }
+        self.quit = seq == 0 && cmd == command::QUIT;
+        if becomes_replica {
+            self.replica = true;
+            PipelineCounters::add(&c.replication_sessions, 1);
+        }
+        if ack {
+            PipelineCounters::add(&c.semi_sync_acks, 1);
+        }
+        if !include_replication && (self.replica || ack || kill) {
+            return Mode::Drop;
+        }
+        if policy.prepared && seq == 0 && is_statement(cmd) {
+            self.collect.clear();
+            self.collect_over = false;
+            return Mode::Collect;
+        }
+        Mode::Keep
+    }
+
+    /// Payload bytes `data[from..to]` of the packet under way.
+    fn take(
+        &mut self,
+        kept: &mut Kept,
+        from: usize,
+        to: usize,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        match self.mode {
+            Mode::Keep => kept.keep(from, to, out),
+            Mode::Drop => PipelineCounters::add(&c.replication_bytes, (to - from) as u64),
+            Mode::Collect => self.collect_bytes(&kept.data[from..to]),
+        }
+    }
+
+    fn collect_bytes(&mut self, bytes: &[u8]) {
+        if self.collect.len() + bytes.len() > MAX_COMMAND {
+            self.collect_over = true;
+        }
+        if !self.collect_over {
+            self.collect.extend_from_slice(bytes);
+        }
+    }
+
+    /// The current packet is complete; so is its command unless the next packet continues it.
+    fn packet_end(&mut self, kept: &mut Kept, c: &PipelineCounters, out: &mut Vec<Output>) {
+        if self.continues {
+            return;
+        }
+        if self.mode == Mode::Collect {
+            // What was kept before the command goes first.
+            kept.flush(out);
+            self.statement_command(c, out);
+        }
+        self.mode = Mode::Keep;
+    }
+
+    /// A whole prepared-statement command, collected.
+    fn statement_command(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
+        PipelineCounters::add(&c.stmt_commands, 1);
+        let body = std::mem::take(&mut self.collect);
+        let over = std::mem::replace(&mut self.collect_over, false);
+        let statements = self.statements.get_or_insert_with(Default::default);
+        let cmd = body[0];
+        if over {
+            PipelineCounters::add(&c.stmt_too_large, 1);
+            tracing::warn!(
+                command = format_args!("0x{cmd:02x}"),
+                "a prepared-statement command passed {MAX_COMMAND} bytes: not kept"
+            );
+            if cmd == stmt::PREPARE {
+                statements.prepare(None);
+            }
+            return;
+        }
+        if cmd == stmt::PREPARE {
+            PipelineCounters::add(&c.stmt_prepares, 1);
+            statements.prepare(Some(&body[1..]));
+            return;
+        }
+        match statements.command(cmd, &body[1..]) {
+            Ok(None) => {}
+            Ok(Some(sql)) => {
+                PipelineCounters::add(&c.stmt_rendered, 1);
+                let packet = protocol::command_packets(command::QUERY, &sql);
+                let packet = Bytes::from(packet);
+                let mut at = 0;
+                while at < packet.len() {
+                    let to = (at + SYNTHETIC_UNIT).min(packet.len());
+                    out.push(Output::Data(packet.slice(at..to)));
+                    at = to;
+                }
+            }
+            Err(e) => {
+                let log = match &e {
+                    StatementError::Unknown { .. } => {
+                        PipelineCounters::add(&c.stmt_unknown, 1);
+                        !std::mem::replace(&mut statements.warned_unknown, true)
+                    }
+                    StatementError::Render { id, .. } => {
+                        PipelineCounters::add(&c.stmt_unrenderable, 1);
+                        statements.first_failure(*id)
+                    }
+                    StatementError::Fetch => {
+                        PipelineCounters::add(&c.stmt_fetches, 1);
+                        false
+                    }
+                    StatementError::Bulk | StatementError::Short { .. } => {
+                        PipelineCounters::add(&c.stmt_unrenderable, 1);
+                        true
+                    }
+                };
+                if log {
+                    tracing::warn!("prepared statement not published: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -1209,6 +1482,162 @@ mod tests {
         );
         f.forget(&key().client, &c);
         assert!(f.is_empty());
+    }
+
+    /// A COM_STMT_PREPARE_OK reply head: statement `id`, `params` parameters.
+    fn prepare_ok(id: u32, params: u16) -> Vec<u8> {
+        let mut h = vec![12, 0, 0, 1, 0];
+        h.extend_from_slice(&id.to_le_bytes());
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&params.to_le_bytes());
+        h.extend_from_slice(&[0, 0, 0]);
+        h
+    }
+
+    /// A COM_STMT_EXECUTE of statement `id` with one LONG parameter bound.
+    fn execute_long(id: u32, v: i32) -> Vec<u8> {
+        let mut b = id.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0, 1, 0, 0, 0, 0, 1, 3, 0]);
+        b.extend_from_slice(&v.to_le_bytes());
+        packet(0x17, &b)
+    }
+
+    fn prepared_flows() -> Flows {
+        let mut f = Flows::default();
+        f.set_prepared(true);
+        f
+    }
+
+    /// The stream cut at every byte: PREPARE, its reply, two EXECUTEs (the second rebinding no
+    /// types), long data, CLOSE and a query; published: the executes as COM_QUERY packets and
+    /// the query, in order, whatever the cuts.
+    #[test]
+    fn statements_become_queries_wherever_the_segments_are_cut() {
+        let prepare = packet(0x16, b"SELECT ?, '?'");
+        let rest = [
+            execute_long(5, -7),
+            packet(0x18, &[5, 0, 0, 0, 0, 0, b'x']),
+            packet(0x1a, &[5, 0, 0, 0]),
+            {
+                let mut b = 5u32.to_le_bytes().to_vec();
+                b.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0]);
+                b.extend_from_slice(&8i32.to_le_bytes());
+                packet(0x17, &b)
+            },
+            packet(0x19, &[5, 0, 0, 0]),
+            execute_long(5, 9),
+            packet(command::QUERY, b"SELECT 2"),
+        ]
+        .concat();
+        let want = [
+            protocol::command_packets(command::QUERY, b"SELECT -7, '?'"),
+            protocol::command_packets(command::QUERY, b"SELECT 8, '?'"),
+            packet(command::QUERY, b"SELECT 2"),
+        ]
+        .concat();
+        for cut in 1..rest.len() {
+            let c = PipelineCounters::default();
+            let mut f = prepared_flows();
+            let mut got = feed(&mut f, &c, &[(0, &prepare)]);
+            f.reply(key(), 1, &prepare_ok(5, 1), &c);
+            let n = prepare.len() as u32;
+            got.extend(feed(
+                &mut f,
+                &c,
+                &[(n, &rest[..cut]), (n + cut as u32, &rest[cut..])],
+            ));
+            assert_eq!(got, want, "cut at {cut}");
+            let l = c.load();
+            assert_eq!(
+                (l.stmt_commands, l.stmt_prepares, l.stmt_known, l.stmt_rendered),
+                (7, 1, 1, 2),
+                "cut at {cut}"
+            );
+            // The execute after CLOSE: its statement is gone.
+            assert_eq!(l.stmt_unknown, 1, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn without_prepared_statements_the_packets_pass_as_they_are() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let stream = [packet(0x16, b"SELECT ?"), execute_long(1, 1)].concat();
+        assert_eq!(feed(&mut f, &c, &[(0, &stream)]), stream);
+        assert_eq!(c.load().stmt_commands, 0);
+    }
+
+    /// Replies pair with the PREPARE the kernel's count names; what cannot be paired gives no
+    /// id; MariaDB's "last prepared" id and a command over 16 MiB (continuation packets).
+    #[test]
+    fn replies_pair_with_their_prepares_or_with_none() {
+        let c = PipelineCounters::default();
+        let mut f = prepared_flows();
+        let p1 = packet(0x16, b"SELECT ?");
+        let p2 = packet(0x16, b"SELECT ?+1");
+        let stream = [p1.clone(), p2.clone()].concat();
+        feed(&mut f, &c, &[(0, &stream)]);
+        // Two waited: the first reply answers the older, the second the newer.
+        f.reply(key(), 2, &prepare_ok(1, 1), &c);
+        f.reply(key(), 1, &prepare_ok(2, 1), &c);
+        // A third nobody waits for; a reply whose parameter count is not the statement's.
+        f.reply(key(), 1, &prepare_ok(3, 1), &c);
+        let mut at = stream.len() as u32;
+        let p3 = packet(0x16, b"SELECT 1");
+        feed(&mut f, &c, &[(at, &p3)]);
+        at += p3.len() as u32;
+        f.reply(key(), 1, &prepare_ok(4, 1), &c);
+        let l = c.load();
+        assert_eq!((l.stmt_known, l.stmt_reply_unmatched), (2, 2));
+        let execs = [execute_long(1, 10), execute_long(2, 20), execute_long(4, 0)].concat();
+        let got = feed(&mut f, &c, &[(at, &execs)]);
+        at += execs.len() as u32;
+        assert_eq!(
+            got,
+            [
+                protocol::command_packets(command::QUERY, b"SELECT 10"),
+                protocol::command_packets(command::QUERY, b"SELECT 20+1"),
+            ]
+            .concat()
+        );
+        assert_eq!(c.load().stmt_unknown, 1);
+
+        // PREPARE and EXECUTE(-1) together, before the reply; then a reply lost (an older
+        // PREPARE left waiting is dropped when a newer one's reply comes).
+        let direct = [packet(0x16, b"SELECT ? AS d"), execute_long(u32::MAX, 3)].concat();
+        let got = feed(&mut f, &c, &[(at, &direct)]);
+        at += direct.len() as u32;
+        assert_eq!(
+            got,
+            protocol::command_packets(command::QUERY, b"SELECT 3 AS d")
+        );
+        let two = [packet(0x16, b"SELECT ?"), packet(0x16, b"SELECT ?, ?")].concat();
+        feed(&mut f, &c, &[(at, &two)]);
+        at += two.len() as u32;
+        f.reply(key(), 1, &prepare_ok(9, 2), &c);
+        assert_eq!(c.load().stmt_reply_lost, 2);
+        let mut b = 9u32.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0, 1, 0, 0, 0, 0, 1, 3, 0, 3, 0]);
+        b.extend_from_slice(&1i32.to_le_bytes());
+        b.extend_from_slice(&2i32.to_le_bytes());
+        // An execute of 16 MiB and more: three packets, the last empty.
+        let mut big = b.clone();
+        big.resize(0xff_ffff * 2 - 1, 0);
+        let cmd = protocol::command_packets(0x17, &big);
+        assert_eq!(cmd.len(), 3 * 4 + 0xff_ffff * 2);
+        let got = feed(&mut f, &c, &[(at, &cmd)]);
+        // The bytes after the values are ignored, as the server does.
+        assert_eq!(
+            got,
+            protocol::command_packets(command::QUERY, b"SELECT 1, 2")
+        );
+        // The reply of a connection whose stream has a gap is not paired.
+        at += cmd.len() as u32;
+        let p = packet(0x16, b"SELECT ?");
+        feed(&mut f, &c, &[(at + 10, &p)]);
+        let before = c.load().stmt_reply_unmatched;
+        f.reply(key(), 1, &prepare_ok(10, 1), &c);
+        assert_eq!(c.load().stmt_reply_unmatched, before + 1);
     }
 
     proptest! {

@@ -5,7 +5,7 @@ use clap::Parser as _;
 use collector::{
     bootstrap::{self, Mysql, MysqlConfig},
     capture::{self, Capture},
-    cli::{Cli, Command, Output, Run, StatusFormat},
+    cli::{Cli, Command, OnOff, Output, Run, StatusFormat},
     flow::{Flows, SessionKey},
     inspect,
     instance::Instance,
@@ -65,7 +65,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Run) -> anyhow::Result<()> {
-    let cfg = cli.capture.config(cli.interface());
+    let mut cfg = cli.capture.config(cli.interface());
+    cfg.prepared = cli.prepared_statements == OnOff::On;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Installed before anything is attached: without a handler, a SIGUSR1 or a hangup (the
@@ -185,6 +186,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
     // Everything captured is held until the first process-list read has put each session's
     // COM_INIT_DB in front of it.
     let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cli.include_replication);
+    pipeline.flows.set_prepared(cfg.prepared);
     pipeline.set_own(own);
     pipeline.set_memory(&plan);
 
@@ -207,11 +209,16 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         None
     };
     let info0 = capture.program_info().ok();
+    let replies_info0 = cfg
+        .prepared
+        .then(|| capture.program_info_of(capture::REPLIES_PROGRAM_NAME).ok())
+        .flatten();
     let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
     let drain_stats = drain.shared_stats();
     let if_dropped_base = if_rx_dropped(cli.interface());
-    let totals = |kernel: Counters, waiting: u64, flows: &Flows| Totals {
+    let totals = |(kernel, replies): (Counters, Counters), waiting: u64, flows: &Flows| Totals {
         kernel,
+        replies,
         drain: drain_stats.load(),
         pipeline: counters.load(),
         if_dropped: if_rx_dropped(cli.interface()).saturating_sub(if_dropped_base),
@@ -225,7 +232,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
     // The status line's and the metrics endpoint's snapshot.
     let snapshot = |capture: &Capture, pipeline: &Pipeline| {
         anyhow::Ok(totals(
-            capture.read_counters()?,
+            (capture.read_counters()?, capture.read_reply_counters()?),
             pipeline.fanout.waiting(),
             &pipeline.flows,
         ))
@@ -300,19 +307,27 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         }
     }
     drain.drain_now(&mut pipeline);
-    let kernel = capture.read_counters()?;
+    let kernel = (capture.read_counters()?, capture.read_reply_counters()?);
     let mut kernel_cost = Vec::new();
-    if let (Some(_), Some(a), Ok(b)) = (&stats_fd, info0, capture.program_info()) {
-        let runs = b.run_count() - a.run_count();
-        let ns = (b.run_time() - a.run_time()).as_nanos();
-        if runs > 0 {
-            kernel_cost = vec![
-                ("kernel_runs", runs),
-                (
-                    "kernel_ns_per_packet",
-                    (ns as f64 / runs as f64).round() as u64,
-                ),
-            ];
+    if stats_fd.is_some() {
+        let cost = [
+            (info0, capture::PROGRAM_NAME, ["kernel_runs", "kernel_ns_per_packet"]),
+            (
+                replies_info0,
+                capture::REPLIES_PROGRAM_NAME,
+                ["reply_kernel_runs", "reply_kernel_ns_per_packet"],
+            ),
+        ];
+        for (before, name, [runs_name, ns_name]) in cost {
+            let (Some(a), Ok(b)) = (before, capture.program_info_of(name)) else {
+                continue;
+            };
+            let runs = b.run_count() - a.run_count();
+            let ns = (b.run_time() - a.run_time()).as_nanos();
+            if runs > 0 {
+                kernel_cost.push((runs_name, runs));
+                kernel_cost.push((ns_name, (ns as f64 / runs as f64).round() as u64));
+            }
         }
     }
     if let Some(m) = metrics_server {

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::{
     bootstrap::{Event, Pass, Session, Snapshot},
-    capture::{Record, RecordSink},
+    capture::{Record, RecordKind, RecordSink},
     encode,
     flow::{FlowKey, Flows, Output, Segment, SessionKey},
     memory::MemoryPlan,
@@ -188,7 +188,7 @@ impl Pipeline {
             .hold
             .records
             .iter()
-            .filter(|r| changes_database(&r.data))
+            .filter(|r| r.is_client() && changes_database(&r.data))
             .map(|r| (r.src, r.sport))
             .collect();
         // Sessions whose handshake was captured (their first payload is the handshake
@@ -198,7 +198,7 @@ impl Pipeline {
             .hold
             .records
             .iter()
-            .filter(|r| !r.data.is_empty())
+            .filter(|r| r.is_client() && !r.data.is_empty())
             .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
             .map(|r| (r.src, r.sport))
             .collect();
@@ -300,7 +300,7 @@ impl Pipeline {
             let mut found: Vec<SessionKey> = self
                 .flows
                 .sessions()
-                .chain(self.hold.records.iter().map(|r| (r.src, r.sport)))
+                .chain(self.hold.records.iter().map(Record::client))
                 .filter(|k| u.matches(k))
                 .collect();
             found.sort();
@@ -343,7 +343,7 @@ impl Pipeline {
         let records = std::mem::take(&mut self.hold.records);
         self.hold.bytes = 0;
         for r in records {
-            if self.hold.holds(&(r.src, r.sport)) {
+            if self.hold.holds(&r.client()) {
                 self.hold.bytes += r.data.len() + HELD_OVERHEAD;
                 self.hold.records.push(r);
             } else {
@@ -382,8 +382,19 @@ impl Pipeline {
     fn deliver(&mut self, r: Record) {
         // Checked here, past the hold: a connection of ours made while capturing (a
         // reconnect) is known only from the read its segments were held for.
-        if self.own == Some((r.src, r.sport)) {
-            PipelineCounters::add(&self.counters.own_traffic, 1);
+        if self.own == Some(r.client()) {
+            if r.is_client() {
+                PipelineCounters::add(&self.counters.own_traffic, 1);
+            }
+            return;
+        }
+        if let RecordKind::PrepareReply { awaiting } = r.kind {
+            // In ring order, after the segments of the PREPARE it answers.
+            let key = FlowKey {
+                client: (r.dst, r.dport),
+                server: (r.src, r.sport),
+            };
+            self.flows.reply(key, awaiting, &r.data, &self.counters);
             return;
         }
         if !r.src.is_ipv4() {
@@ -444,15 +455,16 @@ impl Pipeline {
 
 impl RecordSink for Pipeline {
     fn push(&mut self, r: Record) {
-        let key = (r.src, r.sport);
+        let key = r.client();
         if self.hold.holds(&key) {
             if !self.hold.all
+                && r.is_client()
                 && is_handshake_response(&r.data)
                 && !self
                     .hold
                     .records
                     .iter()
-                    .any(|h| (h.src, h.sport) == key && !h.data.is_empty())
+                    .any(|h| h.client() == key && h.is_client() && !h.data.is_empty())
             {
                 // A session pending since the first pass sends its handshake only now: the
                 // consumer learns its database from it. Its SYN, if held, goes first.
@@ -520,6 +532,7 @@ mod tests {
             data.extend_from_slice(&[0, 3]);
             data.extend_from_slice(sql.as_bytes());
             Record {
+                kind: crate::capture::RecordKind::Client,
                 ts_ns: 0,
                 src: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 dst: IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -4,9 +4,15 @@
 //! COM_QUERY can replay the statement (issue 9; the statement's SQL and parameter count come
 //! from the prepare and the server's reply to it).
 //!
-//! Nothing is guessed: a parameter that cannot be read or written as a literal is an error.
+//! [`Statements`] follows one connection: statement ids from the server's replies to
+//! COM_STMT_PREPARE (which the egress program hands over), then each command that uses them.
+//!
+//! Nothing is guessed: a parameter that cannot be read or written as a literal is an error, and
+//! a statement whose reply cannot be told apart from another's gets no id.
 
-use std::fmt::Write as _;
+use std::{collections::VecDeque, fmt::Write as _};
+
+use foldhash::HashMap;
 
 /// Column types of the binary protocol.
 pub mod types {
@@ -54,6 +60,8 @@ pub enum RenderError {
     NoLiteral { index: usize, what: &'static str },
     #[error("the statement has {placeholders} placeholders but {params} parameters")]
     Placeholders { placeholders: usize, params: usize },
+    #[error("parameter {index}'s long data passed {MAX_COMMAND} bytes and was not kept")]
+    LongDataTooLarge { index: usize },
 }
 
 /// One parameter's value.
@@ -114,6 +122,11 @@ pub struct Statement {
     pub types: Option<Vec<(u8, u8)>>,
     /// COM_STMT_SEND_LONG_DATA pieces per parameter since the last execute or reset.
     pub long_data: Vec<Option<Vec<u8>>>,
+    /// A parameter whose long data passed [`MAX_COMMAND`] since then: the next execute
+    /// cannot be rendered.
+    long_data_over: Option<usize>,
+    /// A failure to render was logged (once per statement).
+    warned: bool,
 }
 
 impl Statement {
@@ -123,25 +136,37 @@ impl Statement {
             params,
             types: None,
             long_data: vec![None; params],
+            long_data_over: None,
+            warned: false,
         }
     }
 
     /// A COM_STMT_SEND_LONG_DATA piece (`param` and data after the statement id).
     pub fn long_data(&mut self, param: usize, data: &[u8]) {
         if let Some(slot) = self.long_data.get_mut(param) {
-            slot.get_or_insert_with(Vec::new).extend_from_slice(data);
+            let slot = slot.get_or_insert_with(Vec::new);
+            if slot.len() + data.len() > MAX_COMMAND {
+                *slot = Vec::new();
+                self.long_data_over = Some(param);
+            } else {
+                slot.extend_from_slice(data);
+            }
         }
     }
 
     /// COM_STMT_RESET: the long data is gone.
     pub fn reset(&mut self) {
         self.long_data = vec![None; self.params];
+        self.long_data_over = None;
     }
 
     /// The statement as text for the body of a COM_STMT_EXECUTE (after the command byte).
     /// The long data is used up either way.
     pub fn execute(&mut self, body: &[u8]) -> Result<Vec<u8>, RenderError> {
         let mut long_data = std::mem::replace(&mut self.long_data, vec![None; self.params]);
+        if let Some(index) = self.long_data_over.take() {
+            return Err(RenderError::LongDataTooLarge { index });
+        }
         let params = self.decode(body, &mut long_data)?;
         render(&self.sql, &params)
     }
@@ -458,6 +483,234 @@ fn quoted(t: &[u8], out: &mut Vec<u8>) {
         }
     }
     out.push(b'\'');
+}
+
+/// Command bytes of the prepared-statement commands.
+pub mod command {
+    pub const PREPARE: u8 = 0x16;
+    pub const EXECUTE: u8 = 0x17;
+    pub const SEND_LONG_DATA: u8 = 0x18;
+    pub const CLOSE: u8 = 0x19;
+    pub const RESET: u8 = 0x1a;
+    pub const FETCH: u8 = 0x1c;
+    /// MariaDB's array binding (many rows in one command).
+    pub const BULK_EXECUTE: u8 = 0xfa;
+
+    /// The commands a connection's [`super::Statements`] takes out of the stream.
+    pub fn is_statement(cmd: u8) -> bool {
+        matches!(
+            cmd,
+            PREPARE | EXECUTE | SEND_LONG_DATA | CLOSE | RESET | FETCH | BULK_EXECUTE
+        )
+    }
+}
+
+/// Most statements one connection keeps (the server's own default `max_prepared_stmt_count`
+/// is 16382 for all connections together).
+pub const MAX_STATEMENTS: usize = 16382;
+/// Most bytes of one command, or of one parameter's long data, kept for rendering.
+pub const MAX_COMMAND: usize = 64 << 20;
+/// MariaDB's statement id for "the statement prepared last" (a PREPARE and its EXECUTE sent
+/// together, before the reply).
+const LAST_PREPARED: u32 = u32::MAX;
+
+/// Why a command's statement is not published.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StatementError {
+    #[error(
+        "statement {id} is not known (prepared before capture began, or its reply was lost or \
+         could not be matched)"
+    )]
+    Unknown { id: u32 },
+    #[error("statement {id}: {source}")]
+    Render {
+        id: u32,
+        #[source]
+        source: RenderError,
+    },
+    #[error("COM_STMT_FETCH: the statement's rows were all returned by its rendered execute")]
+    Fetch,
+    #[error("COM_STMT_BULK_EXECUTE (MariaDB array binding) is not rendered")]
+    Bulk,
+    #[error("the command is cut short ({len} bytes)")]
+    Short { len: usize },
+}
+
+/// What a reply head said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The statement got its id.
+    Known { id: u32 },
+    /// The server refused the PREPARE (an ERR packet).
+    Failed,
+    /// Nothing to pair it with, or it did not match its PREPARE: nobody gets an id.
+    Unmatched { why: &'static str },
+}
+
+/// The prepared statements of one connection.
+#[derive(Debug, Default)]
+pub struct Statements {
+    known: HashMap<u32, Statement>,
+    /// PREPAREs sent and not answered, oldest first; `None` for one too large to keep.
+    awaiting: VecDeque<Option<Statement>>,
+    /// The statement prepared last, for MariaDB's [`LAST_PREPARED`].
+    latest: Option<u32>,
+    /// An unknown statement was logged on this connection.
+    pub warned_unknown: bool,
+}
+
+impl Statements {
+    /// A COM_STMT_PREPARE's SQL (`None`: too large to keep); its reply comes later.
+    pub fn prepare(&mut self, sql: Option<&[u8]>) {
+        self.awaiting.push_back(sql.map(|sql| {
+            let params = placeholders(sql).len();
+            Statement::new(sql.to_vec(), params)
+        }));
+    }
+
+    /// PREPAREs whose reply will never be paired (the stream before them was lost): how many.
+    pub fn forget_awaiting(&mut self) -> usize {
+        let n = self.awaiting.len();
+        self.awaiting.clear();
+        n
+    }
+
+    /// The first bytes of a reply (`head`: packet header and up to 12 bytes), sent when
+    /// `awaiting` PREPAREs were unanswered in the kernel's count, itself included: it answers
+    /// the `awaiting`-th latest PREPARE. Returns what it said and how many older PREPAREs it
+    /// shows were never answered (their replies lost).
+    pub fn reply(&mut self, awaiting: u8, head: &[u8]) -> (Reply, usize) {
+        let (k, n) = (awaiting as usize, self.awaiting.len());
+        if k == 0 || k > n {
+            // Ahead of what this side saw: a PREPARE it missed, or a mark by mistake. Those
+            // waiting cannot be paired safely any more.
+            let lost = self.forget_awaiting();
+            return (
+                Reply::Unmatched {
+                    why: "no COM_STMT_PREPARE waits for it",
+                },
+                lost,
+            );
+        }
+        let lost = n - k;
+        self.awaiting.drain(..lost);
+        let statement = self.awaiting.pop_front().flatten();
+        let status = head.get(4).copied();
+        if status == Some(0xff) {
+            return (Reply::Failed, lost);
+        }
+        // COM_STMT_PREPARE_OK: length 12, sequence 1, status 0, id, columns, parameters.
+        let ok = head.len() >= 16 && head[..5] == [12, 0, 0, 1, 0];
+        let Some(mut statement) = statement.filter(|_| ok) else {
+            return (
+                Reply::Unmatched {
+                    why: "not a COM_STMT_PREPARE_OK, or its statement was too large",
+                },
+                lost,
+            );
+        };
+        let id = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
+        let params = u16::from_le_bytes([head[11], head[12]]) as usize;
+        if params != statement.params {
+            return (
+                Reply::Unmatched {
+                    why: "its parameter count is not the statement's",
+                },
+                lost,
+            );
+        }
+        if self.known.len() >= MAX_STATEMENTS && !self.known.contains_key(&id) {
+            return (
+                Reply::Unmatched {
+                    why: "the connection has too many statements open",
+                },
+                lost,
+            );
+        }
+        statement.long_data.resize(params, None);
+        self.known.insert(id, statement);
+        self.latest = Some(id);
+        (Reply::Known { id }, lost)
+    }
+
+    fn statement(&mut self, id: u32) -> Result<&mut Statement, StatementError> {
+        let mut key = id;
+        if id == LAST_PREPARED {
+            if matches!(self.awaiting.back(), Some(Some(_))) {
+                if let Some(Some(s)) = self.awaiting.back_mut() {
+                    return Ok(s);
+                }
+            }
+            key = self.latest.unwrap_or(id);
+        }
+        self.known
+            .get_mut(&key)
+            .ok_or(StatementError::Unknown { id })
+    }
+
+    /// A whole prepared-statement command other than PREPARE (`cmd`, `body` after the command
+    /// byte): `Ok(Some(sql))` for an execute rendered as text, `Ok(None)` for one that only
+    /// changes the statement, an error for what cannot be published.
+    pub fn command(&mut self, cmd: u8, body: &[u8]) -> Result<Option<Vec<u8>>, StatementError> {
+        if cmd == command::BULK_EXECUTE {
+            return Err(StatementError::Bulk);
+        }
+        let id = body
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or(StatementError::Short { len: body.len() })?;
+        match cmd {
+            command::EXECUTE => {
+                let s = self.statement(id)?;
+                match s.execute(body) {
+                    Ok(sql) => Ok(Some(sql)),
+                    Err(source) => Err(StatementError::Render { id, source }),
+                }
+            }
+            command::SEND_LONG_DATA => {
+                let param = body
+                    .get(4..6)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+                    .ok_or(StatementError::Short { len: body.len() })?;
+                self.statement(id)?.long_data(param, &body[6..]);
+                Ok(None)
+            }
+            command::RESET => {
+                self.statement(id)?.reset();
+                Ok(None)
+            }
+            command::CLOSE => {
+                let id = if id == LAST_PREPARED {
+                    self.latest.unwrap_or(id)
+                } else {
+                    id
+                };
+                self.known
+                    .remove(&id)
+                    .map(|_| None)
+                    .ok_or(StatementError::Unknown { id })
+            }
+            command::FETCH => Err(StatementError::Fetch),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether a failure to render statement `id` should be logged (once per statement).
+    pub fn first_failure(&mut self, id: u32) -> bool {
+        match self.statement(id) {
+            Ok(s) => !std::mem::replace(&mut s.warned, true),
+            Err(_) => false,
+        }
+    }
+
+    /// Statements the connection has open.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
 }
 
 #[cfg(test)]

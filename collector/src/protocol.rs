@@ -136,6 +136,28 @@ pub fn starts_command(data: &[u8]) -> bool {
     }
 }
 
+/// A command (`cmd` and `body`) as the packets a client sends: payloads of 0xffffff bytes
+/// continue in the next packet (sequence numbers counting up), ended by a shorter one.
+pub fn command_packets(cmd: u8, body: &[u8]) -> Vec<u8> {
+    const MAX: usize = 0xff_ffff;
+    let total = 1 + body.len();
+    let mut out = Vec::with_capacity(total + HEADER * (total / MAX + 1));
+    let mut payload = std::iter::once(&cmd).chain(body);
+    let mut left = total;
+    let mut seq = 0u8;
+    loop {
+        let n = left.min(MAX);
+        out.extend_from_slice(&(n as u32).to_le_bytes()[..3]);
+        out.push(seq);
+        out.extend(payload.by_ref().take(n));
+        left -= n;
+        seq = seq.wrapping_add(1);
+        if n < MAX {
+            return out;
+        }
+    }
+}
+
 /// Whether a segment starts with a client's handshake response (or its TLS request): sequence
 /// number 1, at least 32 bytes, the CLIENT_PROTOCOL_41 capability set.
 pub fn is_handshake_response(data: &[u8]) -> bool {

@@ -126,6 +126,30 @@ pipeline_counters! {
     hold_overflow,
     /// Failed MySQL connects and process-list reads.
     mysql_errors,
+    /// Prepared statements (`--prepared_statements=on`): COM_STMT_* commands taken out of the
+    /// stream; of those, COM_STMT_PREPAREs, and COM_STMT_EXECUTEs published as the COM_QUERY
+    /// they stand for.
+    stmt_commands,
+    stmt_prepares,
+    stmt_rendered,
+    /// Server replies that gave a statement its id; PREPAREs the server refused.
+    stmt_known,
+    stmt_prepare_failed,
+    /// EXECUTEs (and long data, resets, closes) of a statement whose id is not known: prepared
+    /// before capture began, or its reply lost or unmatched. Not published.
+    stmt_unknown,
+    /// EXECUTEs of known statements that could not be rendered (a parameter type or value
+    /// with no literal, cut long data), and MariaDB's COM_STMT_BULK_EXECUTE. Not published.
+    stmt_unrenderable,
+    /// Commands over 64 MiB, not kept (their statements unknown). Not published.
+    stmt_too_large,
+    /// COM_STMT_FETCHes left out: the rendered execute returned every row at once.
+    stmt_fetches,
+    /// Reply heads that could not be paired with a PREPARE (or did not match it), and
+    /// PREPAREs whose reply never came (a later reply came first, or the stream before it
+    /// was lost): those statements have no id.
+    stmt_reply_unmatched,
+    stmt_reply_lost,
 }
 
 impl PipelineCounters {
@@ -138,6 +162,8 @@ impl PipelineCounters {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub kernel: Counters,
+    /// The egress (prepared-statement replies) program's counters.
+    pub replies: Counters,
     /// What the drain lost or could not read between the kernel and the pipeline.
     pub drain: DrainStats,
     pub pipeline: PipelineTotals,
@@ -173,6 +199,14 @@ impl Totals {
             + self.pipeline.queue_full
             + self.pipeline.mem_limit
             + self.pipeline.record_error_units
+            + self.replies.get(Counter::RingFull)
+            + self.replies.get(Counter::LoadFailed)
+    }
+
+    /// Prepared-statement executes (and other commands) that could not be published.
+    pub fn statements_lost(&self) -> u64 {
+        let p = &self.pipeline;
+        p.stmt_unknown + p.stmt_unrenderable + p.stmt_too_large
     }
     pub fn mq_errors(&self) -> u64 {
         self.pipeline.mq_errors
@@ -212,7 +246,19 @@ impl Totals {
             ("lost", self.drain.lost),
             ("malformed", self.drain.malformed),
         ];
+        let replies = REPLY_COUNTERS
+            .iter()
+            .map(|&(c, name)| (name, self.replies.get(c)))
+            .chain(std::iter::once((
+                "reply_parse_errors",
+                Counter::ALL
+                    .iter()
+                    .filter(|c| c.is_parse_error())
+                    .map(|&c| self.replies.get(c))
+                    .sum(),
+            )));
         let mut out: Vec<_> = kernel
+            .chain(replies)
             .chain(drain)
             .chain(std::iter::once(("if_dropped", self.if_dropped)))
             .chain(self.pipeline.named())
@@ -233,10 +279,28 @@ impl Totals {
     }
 }
 
+/// What the egress program counts, under the names the totals give them (its parse errors
+/// are summed into `reply_parse_errors`).
+const REPLY_COUNTERS: [(Counter, &str); 13] = [
+    (Counter::Packets, "reply_packets"),
+    (Counter::NotIp, "reply_not_ip"),
+    (Counter::NotTcp, "reply_not_tcp"),
+    (Counter::Fragment, "reply_fragment"),
+    (Counter::OtherPort, "reply_other_port"),
+    (Counter::TcpToPort, "reply_from_port"),
+    (Counter::Awaited, "reply_awaited"),
+    (Counter::NoPayload, "reply_no_payload"),
+    (Counter::NotReply, "reply_not_reply"),
+    (Counter::Records, "reply_records"),
+    (Counter::Bytes, "reply_bytes"),
+    (Counter::RingFull, "reply_ring_full"),
+    (Counter::LoadFailed, "reply_load_failed"),
+];
+
 const HEADER_EVERY: u64 = 20;
 
 /// The status columns: name and width, in the original's order, then this collector's.
-const COLUMNS: [(&str, usize); 21] = [
+const COLUMNS: [(&str, usize); 23] = [
     ("DateTime", 19),
     ("TotalPacket", 16),
     ("ValidPacket", 16),
@@ -258,6 +322,8 @@ const COLUMNS: [(&str, usize); 21] = [
     ("Closed", 8),
     ("QueuedKB", 10),
     ("RssMB", 7),
+    ("Prepared", 10),
+    ("StmtLost", 10),
 ];
 
 /// Formats status lines; remembers the previous totals and how many lines it printed.
@@ -294,7 +360,7 @@ impl StatusLine {
 
     /// The figures of the columns after DateTime: per-second rates over `elapsed`, gauges
     /// as they are.
-    fn figures(&self, now: &Totals, elapsed: Duration) -> [u64; 20] {
+    fn figures(&self, now: &Totals, elapsed: Duration) -> [u64; 22] {
         let secs = elapsed.as_secs_f64().max(0.001);
         let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
         let p = &self.prev;
@@ -320,6 +386,8 @@ impl StatusLine {
             rate(now.closed(), p.closed()),
             now.queued_bytes / 1024,
             now.rss.0 >> 20,
+            rate(now.pipeline.stmt_rendered, p.pipeline.stmt_rendered),
+            rate(now.statements_lost(), p.statements_lost()),
         ]
     }
 
@@ -441,7 +509,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0         0         0"
         );
         // The header comes back every 20 lines.
         for _ in 0..19 {
