@@ -92,9 +92,10 @@ pub struct RecordHeader {
     pub data_skip: u16,
     /// [`KIND_CLIENT`] or [`KIND_PREPARE_REPLY`].
     pub kind: u8,
-    /// For a [`KIND_PREPARE_REPLY`]: how many COM_STMT_PREPAREs of the flow were waiting for a
-    /// reply when this one left (1 = the latest; more when the client sent several before
-    /// reading), at most 255.
+    /// For a [`KIND_PREPARE_REPLY`]: how many COM_STMT_PREPAREs the connection had sent since
+    /// the last reply the egress program took (at most 255). 1: this answers that one. More:
+    /// the client sent several before reading (or a reply was missed), and which one this
+    /// answers is not known.
     pub awaiting: u8,
     pub _pad: [u8; 2],
 }
@@ -127,7 +128,7 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Awaiting {
-    /// COM_STMT_PREPAREs sent and not yet answered (as far as the programs can tell).
+    /// COM_STMT_PREPAREs sent since the last reply the egress program took (which resets it).
     pub count: u32,
     /// TCP sequence number of the last segment that added to `count`: its retransmission
     /// does not add again.

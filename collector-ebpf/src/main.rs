@@ -340,7 +340,7 @@ fn mark_prepares(ctx: &TcContext, counters: &mut Counters, seg: &Segment) {
     match AWAITING.get_ptr_mut(&key) {
         Some(v) => {
             // SAFETY: a pointer to the map value; a race with the reply (another CPU) at worst
-            // loses one count, which user space sees as an unmatched reply.
+            // loses one count, which costs that statement its id, never a wrong one.
             let v = unsafe { &mut *v };
             if v.seq == seg.seq && v.count != 0 {
                 // A retransmission of the segment that marked already.
@@ -410,8 +410,10 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
     if first[3] != 1 {
         return Err(Counter::NotReply);
     }
+    // This reply answers the latest PREPARE; any older mark is stale (its reply was not
+    // seen, or a client pipelined PREPAREs): user space pairs only replies with one.
     let awaiting = v.count;
-    v.count -= 1;
+    v.count = 0;
     rec.hdr.kind = KIND_PREPARE_REPLY;
     rec.hdr.awaiting = if awaiting > 255 { 255 } else { awaiting as u8 };
     if seg.payload_len >= REPLY_HEAD {

@@ -354,21 +354,60 @@ impl Capture {
             )?)
         };
 
-        let prog = classifier(&mut ebpf, PROGRAM_NAME)?;
-        prog.load().map_err(|source| CaptureError::Load {
-            name: PROGRAM_NAME,
-            source,
-        })?;
-        let (link, mode, added_clsact) =
-            attach_program(prog, &cfg.interface, cfg.attach_mode, TcAttachType::Ingress)?;
+        // The reply program goes first: once the ingress program marks a connection, the
+        // reply it awaits must not pass before anything is there to see it.
+        let mut replies = None;
+        if cfg.prepared {
+            let prog = classifier(&mut ebpf, REPLIES_PROGRAM_NAME)?;
+            prog.load().map_err(|source| CaptureError::Load {
+                name: REPLIES_PROGRAM_NAME,
+                source,
+            })?;
+            let (link, mode, added) =
+                attach_program(prog, &cfg.interface, cfg.attach_mode, TcAttachType::Egress)?;
+            replies = Some((link, mode, added));
+        }
+        let ingress = classifier(&mut ebpf, PROGRAM_NAME).and_then(|prog| {
+            prog.load().map_err(|source| CaptureError::Load {
+                name: PROGRAM_NAME,
+                source,
+            })?;
+            // The same attach mode as the reply program's.
+            let mode = match replies {
+                Some((_, "tcx", _)) => AttachMode::Tcx,
+                Some(_) => AttachMode::Netlink,
+                None => cfg.attach_mode,
+            };
+            attach_program(prog, &cfg.interface, mode, TcAttachType::Ingress)
+        });
+        let (link, mode, added_clsact) = match ingress {
+            Ok((link, mode, added)) => (link, mode, added || replies.as_ref().is_some_and(|r| r.2)),
+            Err(e) => {
+                if let Some((link, _, added)) = replies {
+                    if let Ok(prog) = classifier(&mut ebpf, REPLIES_PROGRAM_NAME) {
+                        let _ = prog.detach(link);
+                    }
+                    if added {
+                        remove_clsact_if_unused(&cfg.interface);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if replies.is_some() {
+            tracing::info!(
+                interface = %cfg.interface,
+                "prepared-statement reply program attached to egress"
+            );
+        }
         tracing::info!(
             interface = %cfg.interface, ifindex, mode, ports = ?cfg.ports,
             "capture program attached to ingress"
         );
-        let mut this = Self {
+        Ok(Self {
             ebpf,
             link: Some(link),
-            replies_link: None,
+            replies_link: replies.map(|r| r.0),
             source: Some(source),
             counters,
             interface: cfg.interface.clone(),
@@ -376,27 +415,7 @@ impl Capture {
             added_clsact,
             mode,
             recheck_after: cfg.wakeup_interval * 2,
-        };
-        if cfg.prepared {
-            // On failure `this` drops, which detaches the ingress program again.
-            let prog = classifier(&mut this.ebpf, REPLIES_PROGRAM_NAME)?;
-            prog.load().map_err(|source| CaptureError::Load {
-                name: REPLIES_PROGRAM_NAME,
-                source,
-            })?;
-            let mode = if mode == "tcx" {
-                AttachMode::Tcx
-            } else {
-                AttachMode::Netlink
-            };
-            let (link, _, _) = attach_program(prog, &cfg.interface, mode, TcAttachType::Egress)?;
-            this.replies_link = Some(link);
-            tracing::info!(
-                interface = %cfg.interface,
-                "prepared-statement reply program attached to egress"
-            );
-        }
-        Ok(this)
+        })
     }
 
     pub fn ifindex(&self) -> u32 {

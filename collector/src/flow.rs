@@ -301,7 +301,15 @@ impl Flows {
             Reply::Failed => PipelineCounters::add(&c.stmt_prepare_failed, 1),
             Reply::Unmatched { why } => {
                 PipelineCounters::add(&c.stmt_reply_unmatched, 1);
-                tracing::debug!(client = ?key.client, "a COM_STMT_PREPARE reply unmatched: {why}");
+                if !std::mem::replace(&mut statements.warned_unmatched, true) {
+                    tracing::warn!(
+                        client = %format_args!("{}:{}", key.client.0, key.client.1),
+                        awaiting,
+                        head = %head.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        "a COM_STMT_PREPARE reply could not be paired ({why}): that statement \
+                         gets no id, its executes are not published (logged once per session)"
+                    );
+                }
             }
         }
     }
@@ -782,9 +790,10 @@ impl Kept<'_> {
     }
 }
 
-/// Largest unit a synthetic statement is published in (a captured segment's largest size):
-/// the consumer joins units anyway, and the broker's message size limit stays far away.
-const SYNTHETIC_UNIT: usize = 64 << 10;
+/// Largest unit a synthetic statement is published in: the consumer joins units anyway; a
+/// rendered 16 MiB blob takes a few batches, not hundreds, and the broker's message size
+/// limit stays far away.
+const SYNTHETIC_UNIT: usize = 1 << 20;
 
 impl Packets {
     /// Follows `data` through the packets; appends the bytes to publish.
@@ -1549,7 +1558,12 @@ mod tests {
             assert_eq!(got, want, "cut at {cut}");
             let l = c.load();
             assert_eq!(
-                (l.stmt_commands, l.stmt_prepares, l.stmt_known, l.stmt_rendered),
+                (
+                    l.stmt_commands,
+                    l.stmt_prepares,
+                    l.stmt_known,
+                    l.stmt_rendered
+                ),
                 (7, 1, 1, 2),
                 "cut at {cut}"
             );
@@ -1567,29 +1581,39 @@ mod tests {
         assert_eq!(c.load().stmt_commands, 0);
     }
 
-    /// Replies pair with the PREPARE the kernel's count names; what cannot be paired gives no
-    /// id; MariaDB's "last prepared" id and a command over 16 MiB (continuation packets).
+    /// A reply pairs with the latest PREPARE when the kernel counted one since the reply
+    /// before; anything else gives no id. Then MariaDB's "last prepared" id, an older PREPARE
+    /// whose reply was missed, a command over 16 MiB (continuation packets), a gap.
     #[test]
     fn replies_pair_with_their_prepares_or_with_none() {
         let c = PipelineCounters::default();
         let mut f = prepared_flows();
-        let p1 = packet(0x16, b"SELECT ?");
-        let p2 = packet(0x16, b"SELECT ?+1");
-        let stream = [p1.clone(), p2.clone()].concat();
+        // Two PREPAREs before any reply (pipelined): neither is paired.
+        let stream = [packet(0x16, b"SELECT ?"), packet(0x16, b"SELECT ?+1")].concat();
         feed(&mut f, &c, &[(0, &stream)]);
-        // Two waited: the first reply answers the older, the second the newer.
         f.reply(key(), 2, &prepare_ok(1, 1), &c);
+        // A reply nobody waits for.
         f.reply(key(), 1, &prepare_ok(2, 1), &c);
-        // A third nobody waits for; a reply whose parameter count is not the statement's.
-        f.reply(key(), 1, &prepare_ok(3, 1), &c);
         let mut at = stream.len() as u32;
-        let p3 = packet(0x16, b"SELECT 1");
-        feed(&mut f, &c, &[(at, &p3)]);
-        at += p3.len() as u32;
-        f.reply(key(), 1, &prepare_ok(4, 1), &c);
+        // One whose parameter count is not its statement's; then two that pair.
+        for (sql, id) in [(&b"SELECT 1"[..], 3), (b"SELECT ?", 4), (b"SELECT ?+1", 5)] {
+            let p = packet(0x16, sql);
+            feed(&mut f, &c, &[(at, &p)]);
+            at += p.len() as u32;
+            f.reply(key(), 1, &prepare_ok(id, 1), &c);
+        }
         let l = c.load();
-        assert_eq!((l.stmt_known, l.stmt_reply_unmatched), (2, 2));
-        let execs = [execute_long(1, 10), execute_long(2, 20), execute_long(4, 0)].concat();
+        assert_eq!(
+            (l.stmt_known, l.stmt_reply_unmatched, l.stmt_reply_lost),
+            (2, 3, 2)
+        );
+        let execs = [
+            execute_long(1, 0),
+            execute_long(3, 0),
+            execute_long(4, 10),
+            execute_long(5, 20),
+        ]
+        .concat();
         let got = feed(&mut f, &c, &[(at, &execs)]);
         at += execs.len() as u32;
         assert_eq!(
@@ -1600,7 +1624,7 @@ mod tests {
             ]
             .concat()
         );
-        assert_eq!(c.load().stmt_unknown, 1);
+        assert_eq!(c.load().stmt_unknown, 2);
 
         // PREPARE and EXECUTE(-1) together, before the reply; then a reply lost (an older
         // PREPARE left waiting is dropped when a newer one's reply comes).
@@ -1615,7 +1639,8 @@ mod tests {
         feed(&mut f, &c, &[(at, &two)]);
         at += two.len() as u32;
         f.reply(key(), 1, &prepare_ok(9, 2), &c);
-        assert_eq!(c.load().stmt_reply_lost, 2);
+        // The two pipelined before, and the direct one and "SELECT ?" now.
+        assert_eq!(c.load().stmt_reply_lost, 4);
         let mut b = 9u32.to_le_bytes().to_vec();
         b.extend_from_slice(&[0, 1, 0, 0, 0, 0, 1, 3, 0, 3, 0]);
         b.extend_from_slice(&1i32.to_le_bytes());

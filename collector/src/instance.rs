@@ -9,7 +9,8 @@
 //!
 //! A TCX link is the agent's file descriptor, so the kernel removes it with the process. The
 //! netlink fallback's filter and clsact qdisc outlive a SIGKILL: the agent that gets the lock
-//! next removes every ingress filter named [`PROGRAM_NAME`] on the interface (no live agent can
+//! next removes every ingress filter named [`PROGRAM_NAME`] and egress filter named
+//! [`REPLIES_PROGRAM_NAME`] on the interface (no live agent can
 //! own one: it would hold the lock) and, if the lock file says the dead agent added the
 //! qdisc, the qdisc too once no filter of anyone else's is left on it. Other filters are never
 //! touched.
@@ -27,7 +28,7 @@ use aya::programs::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::capture::{PROGRAM_NAME, remove_clsact_if_unused};
+use crate::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME, remove_clsact_if_unused};
 
 pub const LOCK_DIR: &str = "/run/mrte-collector";
 
@@ -169,23 +170,28 @@ impl Instance {
             .predecessor
             .as_ref()
             .map_or_else(|| "unknown".into(), |p| p.pid.clone());
-        match qdisc_detach_program(&self.interface, TcAttachType::Ingress, PROGRAM_NAME) {
-            Ok(()) => {
-                removed += 1;
-                tracing::warn!(
+        for (side, side_name, name) in [
+            (TcAttachType::Ingress, "ingress", PROGRAM_NAME),
+            (TcAttachType::Egress, "egress", REPLIES_PROGRAM_NAME),
+        ] {
+            match qdisc_detach_program(&self.interface, side, name) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::warn!(
+                        interface = %self.interface,
+                        dead_pid = %dead,
+                        "removed the {name} filter an agent that did not exit cleanly left on \
+                         the {side_name}"
+                    );
+                }
+                Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // No clsact qdisc: nothing of ours can be there either.
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => tracing::warn!(
                     interface = %self.interface,
-                    dead_pid = %dead,
-                    "removed the {PROGRAM_NAME} filter an agent that did not exit cleanly left on \
-                     the ingress"
-                );
+                    "could not look for filters a previous agent left: {e}"
+                ),
             }
-            Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            // No clsact qdisc: nothing of ours can be there either.
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => tracing::warn!(
-                interface = %self.interface,
-                "could not look for filters a previous agent left: {e}"
-            ),
         }
         if self.me.clsact {
             match remove_clsact_if_unused(&self.interface) {

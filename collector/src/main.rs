@@ -311,7 +311,11 @@ async fn run(cli: Run) -> anyhow::Result<()> {
     let mut kernel_cost = Vec::new();
     if stats_fd.is_some() {
         let cost = [
-            (info0, capture::PROGRAM_NAME, ["kernel_runs", "kernel_ns_per_packet"]),
+            (
+                info0,
+                capture::PROGRAM_NAME,
+                ["kernel_runs", "kernel_ns_per_packet"],
+            ),
             (
                 replies_info0,
                 capture::REPLIES_PROGRAM_NAME,

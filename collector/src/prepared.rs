@@ -555,8 +555,9 @@ pub struct Statements {
     awaiting: VecDeque<Option<Statement>>,
     /// The statement prepared last, for MariaDB's [`LAST_PREPARED`].
     latest: Option<u32>,
-    /// An unknown statement was logged on this connection.
+    /// An unknown statement, an unmatched reply was logged on this connection.
     pub warned_unknown: bool,
+    pub warned_unmatched: bool,
 }
 
 impl Statements {
@@ -575,24 +576,24 @@ impl Statements {
         n
     }
 
-    /// The first bytes of a reply (`head`: packet header and up to 12 bytes), sent when
-    /// `awaiting` PREPAREs were unanswered in the kernel's count, itself included: it answers
-    /// the `awaiting`-th latest PREPARE. Returns what it said and how many older PREPAREs it
-    /// shows were never answered (their replies lost).
+    /// The first bytes of a reply (`head`: packet header and up to 12 bytes), sent when the
+    /// kernel had counted `awaiting` PREPAREs since the reply before. Only a reply to a single
+    /// PREPARE is paired: with the latest this side saw. Returns what it said and how many
+    /// older PREPAREs it shows were never answered (their replies missed).
     pub fn reply(&mut self, awaiting: u8, head: &[u8]) -> (Reply, usize) {
-        let (k, n) = (awaiting as usize, self.awaiting.len());
-        if k == 0 || k > n {
-            // Ahead of what this side saw: a PREPARE it missed, or a mark by mistake. Those
-            // waiting cannot be paired safely any more.
+        let n = self.awaiting.len();
+        if awaiting != 1 || n == 0 {
+            // Several PREPAREs before one reply (pipelined, or a reply missed), or one this
+            // side did not see: which statement it answers is not known.
             let lost = self.forget_awaiting();
-            return (
-                Reply::Unmatched {
-                    why: "no COM_STMT_PREPARE waits for it",
-                },
-                lost,
-            );
+            let why = if n == 0 {
+                "no COM_STMT_PREPARE waits for it"
+            } else {
+                "several COM_STMT_PREPAREs were sent before it"
+            };
+            return (Reply::Unmatched { why }, lost);
         }
-        let lost = n - k;
+        let lost = n - 1;
         self.awaiting.drain(..lost);
         let statement = self.awaiting.pop_front().flatten();
         let status = head.get(4).copied();
@@ -667,16 +668,22 @@ impl Statements {
                     Err(source) => Err(StatementError::Render { id, source }),
                 }
             }
+            // Of a statement not known, these change nothing that could be published: its
+            // executes are what is counted.
             command::SEND_LONG_DATA => {
                 let param = body
                     .get(4..6)
                     .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
                     .ok_or(StatementError::Short { len: body.len() })?;
-                self.statement(id)?.long_data(param, &body[6..]);
+                if let Ok(s) = self.statement(id) {
+                    s.long_data(param, &body[6..]);
+                }
                 Ok(None)
             }
             command::RESET => {
-                self.statement(id)?.reset();
+                if let Ok(s) = self.statement(id) {
+                    s.reset();
+                }
                 Ok(None)
             }
             command::CLOSE => {
@@ -685,10 +692,8 @@ impl Statements {
                 } else {
                     id
                 };
-                self.known
-                    .remove(&id)
-                    .map(|_| None)
-                    .ok_or(StatementError::Unknown { id })
+                self.known.remove(&id);
+                Ok(None)
             }
             command::FETCH => Err(StatementError::Fetch),
             _ => Ok(None),

@@ -135,8 +135,8 @@ pipeline_counters! {
     /// Server replies that gave a statement its id; PREPAREs the server refused.
     stmt_known,
     stmt_prepare_failed,
-    /// EXECUTEs (and long data, resets, closes) of a statement whose id is not known: prepared
-    /// before capture began, or its reply lost or unmatched. Not published.
+    /// EXECUTEs of a statement whose id is not known: prepared before capture began, or its
+    /// reply lost or unmatched. Not published.
     stmt_unknown,
     /// EXECUTEs of known statements that could not be rendered (a parameter type or value
     /// with no literal, cut long data), and MariaDB's COM_STMT_BULK_EXECUTE. Not published.

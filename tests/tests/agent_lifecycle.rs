@@ -5,9 +5,9 @@ mod common;
 
 use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
 
-use collector::capture::PROGRAM_NAME;
+use collector::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME};
 use common::{
-    agent::{Agent, binary, ours_attached, wait_detached},
+    agent::{Agent, binary, ours_attached, replies_attached, wait_detached},
     broker::TestExchange,
 };
 use nix::sys::signal::Signal;
@@ -18,6 +18,7 @@ fn sigint_and_sigterm_detach_and_print_totals() {
     let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         let before = ours_attached("lo");
+        let replies_before = replies_attached("lo");
         let mut agent = Agent::start(&[
             "--interface=lo",
             "--port=3306",
@@ -26,6 +27,11 @@ fn sigint_and_sigterm_detach_and_print_totals() {
         ]);
         agent.wait_attached();
         assert_eq!(ours_attached("lo"), before + 1, "{sig}: attached once");
+        assert_eq!(
+            replies_attached("lo"),
+            replies_before + 1,
+            "{sig}: the reply program on egress"
+        );
         std::thread::sleep(Duration::from_millis(1500));
         agent.signal(sig);
         let out = agent.wait();
@@ -40,6 +46,7 @@ fn sigint_and_sigterm_detach_and_print_totals() {
             "{sig}: totals in {stdout}"
         );
         assert_eq!(ours_attached("lo"), before, "{sig}: detached");
+        assert_eq!(replies_attached("lo"), replies_before, "{sig}: detached");
     }
 }
 
@@ -148,9 +155,12 @@ fn netlink_mode_removes_its_filter_and_qdisc() {
     assert!(tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
     let filters = tc_show(&["filter", "show", "dev", &ns.host, "ingress"]);
     assert!(filters.contains(PROGRAM_NAME), "filter: {filters}");
+    let filters = tc_show(&["filter", "show", "dev", &ns.host, "egress"]);
+    assert!(filters.contains(REPLIES_PROGRAM_NAME), "filter: {filters}");
     agent.signal(Signal::SIGINT);
     assert!(agent.wait().status.success());
     assert_eq!(tc_show(&["filter", "show", "dev", &ns.host, "ingress"]), "");
+    assert_eq!(tc_show(&["filter", "show", "dev", &ns.host, "egress"]), "");
     assert!(!tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
 }
 
@@ -203,12 +213,18 @@ fn a_second_agent_on_the_same_interface_is_refused() {
     assert!(locks.is_empty(), "{locks:?}");
 }
 
-/// The filters on `dev`'s ingress named like ours.
+/// The filters named like ours: the capture program on `dev`'s ingress, the reply program on
+/// its egress.
 fn our_filters(dev: &str) -> usize {
-    tc_show(&["filter", "show", "dev", dev, "ingress"])
-        .lines()
-        .filter(|l| l.contains(PROGRAM_NAME))
-        .count()
+    [("ingress", PROGRAM_NAME), ("egress", REPLIES_PROGRAM_NAME)]
+        .iter()
+        .map(|(side, name)| {
+            tc_show(&["filter", "show", "dev", dev, side])
+                .lines()
+                .filter(|l| l.contains(name))
+                .count()
+        })
+        .sum()
 }
 
 #[test]
@@ -234,7 +250,7 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
     killed.wait_attached();
     killed.signal(Signal::SIGKILL);
     assert!(!killed.wait().status.success());
-    assert_eq!(our_filters(&ns.host), 1);
+    assert_eq!(our_filters(&ns.host), 2);
     assert!(qdisc());
     // Someone else's filter on the same hook (a classic BPF one, no name): never touched.
     common::sh(&[
@@ -257,7 +273,10 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
     next.wait_log_blocking(
         "removed the mrte_capture filter an agent that did not exit cleanly left",
     );
-    assert_eq!(our_filters(&ns.host), 1, "exactly one of ours");
+    next.wait_log_blocking(
+        "removed the mrte_replies filter an agent that did not exit cleanly left",
+    );
+    assert_eq!(our_filters(&ns.host), 2, "exactly ours, one on each side");
     ns.run(|| {
         // A SYN to the MySQL port through the veth (nothing listens: refused).
         let _ = std::net::TcpStream::connect_timeout(

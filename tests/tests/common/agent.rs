@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use collector::capture::PROGRAM_NAME;
+use collector::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME};
 use nix::{sys::signal::Signal, unistd::Pid};
 
 pub fn binary() -> PathBuf {
@@ -40,12 +40,21 @@ pub fn local_server_args(port: u16, exchange: &str) -> Vec<String> {
     ]
 }
 
-/// Our programs attached to `interface`'s TCX ingress.
+/// Our capture programs attached to `interface`'s TCX ingress.
 pub fn ours_attached(interface: &str) -> usize {
-    let (_, progs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress).unwrap();
+    tcx_count(interface, TcAttachType::Ingress, PROGRAM_NAME)
+}
+
+/// Our prepared-statement reply programs attached to `interface`'s TCX egress.
+pub fn replies_attached(interface: &str) -> usize {
+    tcx_count(interface, TcAttachType::Egress, REPLIES_PROGRAM_NAME)
+}
+
+fn tcx_count(interface: &str, side: TcAttachType, name: &str) -> usize {
+    let (_, progs) = SchedClassifier::query_tcx(interface, side).unwrap();
     progs
         .iter()
-        .filter(|p| p.name_as_str() == Some(PROGRAM_NAME))
+        .filter(|p| p.name_as_str() == Some(name))
         .count()
 }
 
@@ -214,7 +223,7 @@ impl Drop for Agent {
 
 pub fn wait_detached(interface: &str) {
     let start = Instant::now();
-    while ours_attached(interface) != 0 {
+    while ours_attached(interface) + replies_attached(interface) != 0 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "our program is still attached to {interface}"

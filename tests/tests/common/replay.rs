@@ -27,6 +27,8 @@ pub struct Replayed {
 #[derive(Default)]
 struct Session {
     packets: Packets,
+    /// The first packet of a command of 16 MiB or more, joined with those that followed.
+    long: Vec<collector::protocol::Packet>,
     started: bool,
     db: Option<String>,
     conn: Option<Conn>,
@@ -41,7 +43,19 @@ pub async fn replay(messages: &[Received], target: mysql_async::Opts) -> Replaye
             let key = (IpAddr::V4(unit.ip), unit.port);
             let s = sessions.entry(key).or_default();
             s.packets.push(&unit.data);
-            while let Some(p) = s.packets.next_packet() {
+            while let Some(mut p) = s.packets.next_packet() {
+                // A command of 16 MiB or more goes on in the next packets: wait for them all.
+                if p.seq == 0 && p.payload.len() == 0xff_ffff {
+                    s.long.push(p);
+                    continue;
+                }
+                if let Some(first) = s.long.first_mut() {
+                    first.payload.extend_from_slice(&p.payload);
+                    if p.payload.len() == 0xff_ffff {
+                        continue;
+                    }
+                    p = s.long.remove(0);
+                }
                 if !s.started {
                     s.started = true;
                     out.sessions += 1;
@@ -81,7 +95,10 @@ pub async fn replay(messages: &[Received], target: mysql_async::Opts) -> Replaye
                             let opts = OptsBuilder::from_opts(target.clone()).db_name(s.db.clone());
                             s.conn = Some(Conn::new(opts).await.unwrap());
                         }
-                        s.conn.as_mut().unwrap().query_drop(&arg).await
+                        // The statement's bytes as they are: a rendered binary value is not
+                        // UTF-8.
+                        let sql = p.payload[1..].to_vec();
+                        s.conn.as_mut().unwrap().query_drop(sql).await
                     }
                     other => {
                         *out.other.entry(other).or_default() += 1;
@@ -89,6 +106,7 @@ pub async fn replay(messages: &[Received], target: mysql_async::Opts) -> Replaye
                     }
                 };
                 if let Err(e) = result {
+                    let arg: String = arg.chars().take(300).collect();
                     out.errors.push(format!("{key:?}: {arg}: {e}"));
                 }
             }
