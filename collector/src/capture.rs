@@ -88,7 +88,7 @@ pub enum CaptureError {
         side: &'static str,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {name}")]
     Map {
@@ -502,7 +502,7 @@ impl Capture {
                 interface: self.interface.clone(),
                 side: "egress",
                 mode: self.mode,
-                source,
+                source: Box::new(source),
             })?;
             tracing::info!(interface = %self.interface, "reply program detached");
         }
@@ -512,7 +512,7 @@ impl Capture {
                 interface: self.interface.clone(),
                 side: "ingress",
                 mode: self.mode,
-                source,
+                source: Box::new(source),
             })?;
             tracing::info!(interface = %self.interface, "capture program detached");
         }
@@ -576,7 +576,7 @@ fn attach_program(
                     interface: interface.into(),
                     side: side_name(side),
                     mode: "tcx",
-                    source,
+                    source: Box::new(source),
                 });
             }
             Err(e) => tracing::info!("TCX attach failed ({e}); falling back to clsact + netlink"),
@@ -591,7 +591,7 @@ fn attach_program(
                 interface: interface.into(),
                 side: side_name(side),
                 mode: "netlink",
-                source: ProgramError::from(e),
+                source: Box::new(ProgramError::from(e)),
             });
         }
     };
@@ -609,7 +609,7 @@ fn attach_program(
                 interface: interface.into(),
                 side: side_name(side),
                 mode: "netlink",
-                source,
+                source: Box::new(source),
             })
         }
     }

@@ -637,10 +637,12 @@ impl Statements {
     fn statement(&mut self, id: u32) -> Result<&mut Statement, StatementError> {
         let mut key = id;
         if id == LAST_PREPARED {
-            if matches!(self.awaiting.back(), Some(Some(_))) {
-                if let Some(Some(s)) = self.awaiting.back_mut() {
-                    return Ok(s);
-                }
+            // Checked first: returning the borrow from inside the `if let` would keep
+            // `self` borrowed for the fallback below (a borrow checker limit).
+            if matches!(self.awaiting.back(), Some(Some(_)))
+                && let Some(Some(s)) = self.awaiting.back_mut()
+            {
+                return Ok(s);
             }
             key = self.latest.unwrap_or(id);
         }
