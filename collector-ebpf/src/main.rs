@@ -7,14 +7,23 @@
 //! `mrte_replies` (egress, only with prepared statements on) hands over the first bytes of the
 //! reply to such a COM_STMT_PREPARE: the statement id the client's COM_STMT_EXECUTEs will carry.
 //! On any other packet it costs the header parse and a lookup of the source port; on other
-//! server segments one hash lookup more.
+//! server segments a read of the number of marks, and while a connection awaits a reply, a
+//! hash lookup.
 //!
 //! Both only observe: every path returns `TC_ACT_UNSPEC` ("continue"; `TCX_NEXT` under TCX),
 //! so the packet and the programs after them are untouched.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target's atomic add (see `add_marks`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
-use core::{ffi::c_void, mem::size_of, ptr};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::size_of,
+    ptr,
+};
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
@@ -66,6 +75,12 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 static AWAITING: LruHashMap<FlowKey, Awaiting> = LruHashMap::with_max_entries(AWAITING_ENTRIES, 0);
 
+/// The sum of the `AWAITING` counts (atomically kept): while it is 0, which is most of the time
+/// once clients have prepared their statements, a server segment costs no hash lookup. It can
+/// only stay too high (an entry evicted with a count), which costs lookups, never a reply.
+#[map]
+static MARKS: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
@@ -87,6 +102,8 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const IPV6_HLEN: usize = 40;
+/// Packet offsets read in place (beyond: through the helper).
+const MAX_DIRECT_OFFSET: usize = 0xff00;
 /// IPv6 extension headers skipped before giving up (counted as too deep).
 const MAX_IPV6_EXT: usize = 6;
 
@@ -222,7 +239,7 @@ struct TcpHdr {
 
 /// Parses L2 to L4: the TCP segment, and the interface it is on.
 #[inline(always)]
-fn parse(ctx: &TcContext, counters: &mut Counters) -> Result<(Segment, u32), Counter> {
+fn parse(ctx: &TcContext, counters: &mut Counters) -> Result<(Segment, u32, Packet), Counter> {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer the kernel passed in.
     let (len, protocol, ifindex) = unsafe { ((*skb).len, (*skb).protocol, (*skb).ifindex) };
@@ -262,7 +279,7 @@ fn parse(ctx: &TcContext, counters: &mut Counters) -> Result<(Segment, u32), Cou
     if gso {
         bump(counters, Counter::GsoLength);
     }
-    Ok((seg, ifindex))
+    Ok((seg, ifindex, pkt))
 }
 
 #[inline(always)]
@@ -278,7 +295,7 @@ fn prepared_on() -> bool {
 
 #[inline(always)]
 fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
-    let (seg, ifindex) = parse(ctx, counters)?;
+    let (seg, ifindex, pkt) = parse(ctx, counters)?;
     if !captured_port(seg.dport) {
         return Err(Counter::OtherPort);
     }
@@ -290,13 +307,19 @@ fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
         bump(counters, Counter::Control);
         if prepared_on() && seg.flags & (TCP_FIN | TCP_RST) != 0 {
             // Whatever the connection awaited, it will not come.
-            let _ = AWAITING.remove(&client_key(&seg));
+            let key = client_key(&seg);
+            if let Some(v) = AWAITING.get_ptr_mut(&key) {
+                // SAFETY: a pointer to the map value.
+                let count = unsafe { core::mem::replace(&mut (*v).count, 0) };
+                add_marks(0u64.wrapping_sub(count as u64));
+                let _ = AWAITING.remove(&key);
+            }
         }
         return emit_control(ctx, counters, &seg, ifindex);
     }
     bump(counters, Counter::WithPayload);
     if prepared_on() {
-        mark_prepares(ctx, counters, &seg);
+        mark_prepares(ctx, &pkt, counters, &seg);
     }
     emit(ctx, counters, &seg, ifindex)
 }
@@ -317,15 +340,27 @@ fn client_key(seg: &Segment) -> FlowKey {
 /// one: a segment in the middle of a packet matches only by chance, which costs one reply head
 /// that user space then finds unmatched.
 #[inline(always)]
-fn mark_prepares(ctx: &TcContext, counters: &mut Counters, seg: &Segment) {
+fn mark_prepares(ctx: &TcContext, pkt: &Packet, counters: &mut Counters, seg: &Segment) {
     let mut off = 0u32;
     let mut found = 0u32;
     for _ in 0..PREPARE_SCAN {
         if off + 5 > seg.payload_len {
             break;
         }
-        let Ok(h) = ctx.load::<[u8; 5]>((seg.payload_off + off) as usize) else {
-            break;
+        let at = (seg.payload_off + off) as usize;
+        // Read in place where the bytes are linear (the common case), by the helper where not.
+        // The verifier tracks packet offsets only below 64 KiB: the bound is stated here.
+        let direct = if at < MAX_DIRECT_OFFSET {
+            pkt.read::<[u8; 5]>(at, Counter::TcpShort).ok()
+        } else {
+            None
+        };
+        let h = match direct {
+            Some(h) => h,
+            None => match ctx.load::<[u8; 5]>(at) {
+                Ok(h) => h,
+                Err(_) => break,
+            },
         };
         let len = u32::from_le_bytes([h[0], h[1], h[2], 0]);
         if h[3] == 0 && h[4] == COM_STMT_PREPARE && len > 0 {
@@ -360,7 +395,28 @@ fn mark_prepares(ctx: &TcContext, counters: &mut Counters, seg: &Segment) {
             }
         }
     }
+    add_marks(found as u64);
     counters.0[Counter::PrepareMarked as usize] += found as u64;
+}
+
+/// Adds `n` (wrapping: a negative amount is its two's complement) to `MARKS`, atomically.
+#[inline(always)]
+fn add_marks(n: u64) {
+    if let Some(p) = MARKS.get_ptr_mut(0) {
+        // SAFETY: the map's one value, 8-aligned, shared by all CPUs: only atomic access (the
+        // BPF target has no `AtomicU64::fetch_add`; the intrinsic is its atomic add).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
+    }
+}
+
+/// Whether any connection awaits a reply.
+#[inline(always)]
+fn any_marks() -> bool {
+    match MARKS.get_ptr(0) {
+        // SAFETY: as in `add_marks`; a plain load of an aligned u64 is atomic.
+        Some(p) => (unsafe { core::ptr::read_volatile(p) }) != 0,
+        None => true,
+    }
 }
 
 /// A record with the first bytes of a reply, built on the stack and copied into the buffer.
@@ -373,11 +429,14 @@ struct ReplyRecord {
 /// Egress: the first bytes of a server segment that starts the reply a connection awaits.
 #[inline(always)]
 fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
-    let (seg, ifindex) = parse(ctx, counters)?;
+    let (seg, ifindex, _) = parse(ctx, counters)?;
     if !captured_port(seg.sport) {
         return Err(Counter::OtherPort);
     }
     bump(counters, Counter::TcpToPort);
+    if !any_marks() {
+        return Ok(());
+    }
     let key = FlowKey {
         client: seg.daddr,
         server: seg.saddr,
@@ -414,6 +473,7 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
     // seen, or a client pipelined PREPAREs): user space pairs only replies with one.
     let awaiting = v.count;
     v.count = 0;
+    add_marks(0u64.wrapping_sub(awaiting as u64));
     rec.hdr.kind = KIND_PREPARE_REPLY;
     rec.hdr.awaiting = if awaiting > 255 { 255 } else { awaiting as u8 };
     if seg.payload_len >= REPLY_HEAD {

@@ -1015,6 +1015,16 @@ impl Capture {
     /// Runs the loaded program on `frame` (an Ethernet frame, tags and all) `repeat` times
     /// with `BPF_PROG_TEST_RUN`, without any interface: parser edge cases and hot-cache cost.
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRun, CaptureError> {
+        self.test_run_of(PROGRAM_NAME, frame, repeat)
+    }
+
+    /// The same for the program `name` ([`PROGRAM_NAME`] or [`REPLIES_PROGRAM_NAME`]).
+    pub fn test_run_of(
+        &self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRun, CaptureError> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         const BPF_PROG_TEST_RUN: libc::c_long = 10;
         // `union bpf_attr`'s `test` member, up to `batch_size` (include/uapi/linux/bpf.h).
@@ -1039,12 +1049,9 @@ impl Capture {
             _pad: u32,
         }
         let fd = self
-            .program(PROGRAM_NAME)?
+            .program(name)?
             .fd()
-            .map_err(|source| CaptureError::Load {
-                name: PROGRAM_NAME,
-                source,
-            })?;
+            .map_err(|source| CaptureError::Load { name, source })?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut attr = TestAttr {
             prog_fd: fd.as_fd().as_raw_fd() as u32,

@@ -300,6 +300,10 @@ fn main() {
 
 /// A minimal Ethernet + IPv4 + TCP frame to `dport` with `payload` bytes.
 fn frame(dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+    frame_from(40000, dport, flags, payload)
+}
+
+fn frame_from(sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
     let mut f = vec![0u8; 54 + payload];
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     f[14] = 0x45;
@@ -308,56 +312,116 @@ fn frame(dport: u16, flags: u8, payload: usize) -> Vec<u8> {
     f[23] = 6;
     f[26..30].copy_from_slice(&[127, 0, 0, 1]);
     f[30..34].copy_from_slice(&[127, 0, 0, 1]);
-    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
     f[36..38].copy_from_slice(&dport.to_be_bytes());
     f[46] = 5 << 4;
     f[47] = flags;
+    if payload >= 5 {
+        // One COM_QUERY packet, as a client's payload starts.
+        f[54..58].copy_from_slice(&((payload - 4) as u32).to_le_bytes());
+        f[57] = 0;
+        f[58] = 3;
+    }
     f
 }
 
-/// The program's own cost per packet with hot caches and no contention: BPF_PROG_TEST_RUN
-/// repeats one frame and the kernel reports the average.
+/// The programs' own cost per packet with hot caches and no contention: BPF_PROG_TEST_RUN
+/// repeats one frame and the kernel reports the average. The ingress program with prepared
+/// statements off and on (it then reads the first packet header of each payload), and the
+/// egress (reply) program on what it mostly sees: traffic that is not a reply it awaits.
 fn hot_cost() -> String {
     const PORT: u16 = 3;
-    let mut cfg = CaptureConfig::new("lo", vec![PORT]);
-    // 5000 records of up to 1400 B between two drains.
-    cfg.ring_bytes = BENCH_RING_BYTES;
-    let mut capture = Capture::attach(&cfg).unwrap();
-    let (_rt, mut drain) = drain_with_runtime(&mut capture);
     let mut out = String::from(
-        "\nKernel program alone, hot cache (BPF_PROG_TEST_RUN, average of 5000 runs, the ring drained between frames):\n\n| frame | ns/packet |\n|---|---|\n",
+        "\nKernel programs alone, hot cache (BPF_PROG_TEST_RUN: median of 11 averages of 5000 \
+         runs, the ring drained between frames; ratios against the ingress program with prepared statements \
+         off on the same frame, same run):\n\n\
+         | frame | ingress, prepared off (ns) | ingress, prepared on (ns) | ratio | egress reply program (ns) | ratio |\n\
+         |---|---|---|---|---|---|\n",
     );
     let mut arp = frame(PORT, 0x10, 0);
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    for (name, f) in [
-        ("ARP (not IP)", arp),
-        ("TCP to another port", frame(PORT + 1, 0x18, 64)),
+    // A COM_STMT_PREPARE packet at the payload's start (60 bytes of SQL), from another client
+    // port, and the server's reply to it (sequence id 1), which the reply program takes once
+    // per repetition: every repetition starts with no connection awaiting a reply.
+    let mut prepare = frame_from(40001, PORT, 0x18, 64);
+    prepare[54..59].copy_from_slice(&[61, 0, 0, 0, 0x16]);
+    let mut reply = frame_from(PORT, 40001, 0x18, 64);
+    reply[57] = 1;
+    let frames: [(&str, Vec<u8>, bool); 9] = [
+        ("ARP (not IP)", arp, true),
+        ("TCP between other ports", frame(PORT + 1, 0x18, 64), true),
+        ("pure ACK to the port", frame(PORT, 0x10, 0), false),
+        ("64 B payload to the port", frame(PORT, 0x18, 64), false),
+        ("1400 B payload to the port", frame(PORT, 0x18, 1400), false),
         (
-            "pure ACK to the port (dropped in kernel)",
-            frame(PORT, 0x10, 0),
+            "64 B from the port, no connection awaiting a reply",
+            frame_from(PORT, 40000, 0x18, 64),
+            true,
         ),
         (
-            "64 B payload to the port (one record)",
-            frame(PORT, 0x18, 64),
+            "COM_STMT_PREPARE to the port (marks its connection; its retransmissions do not)",
+            prepare,
+            false,
         ),
         (
-            "1400 B payload to the port (one record)",
-            frame(PORT, 0x18, 1400),
+            "64 B from the port while another connection awaits a reply (a hash lookup)",
+            frame_from(PORT, 40000, 0x18, 64),
+            true,
         ),
-    ] {
-        let run = capture.test_run(&f, 5_000).unwrap();
-        let mut sink = Count {
-            records: 0,
-            bytes: 0,
-        };
-        drain.drain_now(&mut sink);
-        out.push_str(&format!("| {name} | {} |\n", run.duration_ns));
+        (
+            "the reply to that PREPARE (taken by the first run, then a lookup that finds it answered)",
+            reply,
+            true,
+        ),
+    ];
+    // Per frame and column, the runs of every repetition; the table shows medians.
+    const REPEATS: usize = 11;
+    let mut costs = vec![[Vec::new(), Vec::new(), Vec::new()]; frames.len()];
+    for prepared in [false, true] {
+        let mut cfg = CaptureConfig::new("lo", vec![PORT]);
+        // 5000 records of up to 1400 B between two drains.
+        cfg.ring_bytes = BENCH_RING_BYTES;
+        cfg.prepared = prepared;
+        let mut capture = Capture::attach(&cfg).unwrap();
+        let (_rt, mut drain) = drain_with_runtime(&mut capture);
+        for _ in 0..REPEATS {
+            for (i, (_, f, _)) in frames.iter().enumerate() {
+                let mut sink = Count {
+                    records: 0,
+                    bytes: 0,
+                };
+                let run = capture.test_run(f, 5_000).unwrap();
+                drain.drain_now(&mut sink);
+                costs[i][usize::from(prepared)].push(run.duration_ns as f64);
+                if prepared {
+                    let run = capture
+                        .test_run_of(collector::capture::REPLIES_PROGRAM_NAME, f, 5_000)
+                        .unwrap();
+                    drain.drain_now(&mut sink);
+                    costs[i][2].push(run.duration_ns as f64);
+                }
+            }
+        }
+        let c = capture.read_counters().unwrap();
+        assert_eq!(
+            c.get(Counter::RingFull),
+            0,
+            "the ring filled during the hot-cost runs"
+        );
     }
-    let c = capture.read_counters().unwrap();
-    assert_eq!(
-        c.get(Counter::RingFull),
-        0,
-        "the ring filled during the hot-cost runs"
-    );
+    let ratio = |a: f64, base: f64| format!("{:.2}", a / base.max(1.0));
+    for ((name, _, egress), [off, on, reply]) in frames.iter().zip(&costs) {
+        let median = |v: &[f64]| if v.is_empty() { 0.0 } else { stats(&mut v.to_vec()).1 };
+        let (off, on, reply) = (median(off), median(on), median(reply));
+        let (reply, reply_ratio) = if *egress {
+            (format!("{reply:.0}"), ratio(reply, off))
+        } else {
+            ("".into(), "".into())
+        };
+        out.push_str(&format!(
+            "| {name} | {off:.0} | {on:.0} | {} | {reply} | {reply_ratio} |\n",
+            ratio(on, off)
+        ));
+    }
     out
 }

@@ -98,3 +98,92 @@ async fn frames_shorter_than_ethernet_are_refused_by_the_kernel_not_parsed() {
     assert!(cap.capture.test_run(&[0u8; 14], 1).is_ok());
     assert_eq!(delta(&before, &cap.counters(), Counter::NotIp), 1);
 }
+
+/// A server's segment to the client of `frames::tcp`'s frames: addresses and ports swapped.
+fn from_server(payload: &[u8]) -> Vec<u8> {
+    let mut t = tcp(PORT, 5, 0x18, payload);
+    t[0..2].copy_from_slice(&PORT.to_be_bytes());
+    t[2..4].copy_from_slice(&40000u16.to_be_bytes());
+    let mut ip = ipv4(5, 6, 0, None, &t);
+    ip[12..16].copy_from_slice(&DST4);
+    ip[16..20].copy_from_slice(&SRC4);
+    frame(0x0800, &ip)
+}
+
+fn mysql_packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    p.push(seq);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The prepared-statement path of both programs: the ingress program marks a connection on a
+/// COM_STMT_PREPARE (also behind a COM_STMT_CLOSE in the same segment; once per segment, not
+/// again for its retransmission); the egress program hands over the head of the reply that
+/// starts next, once, and nothing of other traffic; a FIN ends the wait.
+#[tokio::test]
+async fn the_reply_program_takes_only_the_awaited_reply() {
+    use collector::capture::{REPLIES_PROGRAM_NAME, RecordKind};
+    let mut cfg = CaptureConfig::new("lo", vec![PORT]);
+    cfg.prepared = true;
+    let mut cap = TestCapture::start_with(cfg);
+    let run = |cap: &TestCapture, program: &'static str, f: &[u8]| {
+        let r = cap.capture.test_run_of(program, f, 1).unwrap();
+        assert_eq!(r.retval, CONTINUE);
+        assert_eq!(r.frame_out, f, "the frame is left as it was");
+    };
+    let ingress = collector::capture::PROGRAM_NAME;
+    let mut payload = mysql_packet(0, &[0x19, 7, 0, 0, 0]);
+    payload.extend(mysql_packet(0, b"\x16SELECT ?"));
+    let prepare = frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x18, &payload)));
+    let mut ok = mysql_packet(1, &[0, 9, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0]);
+    ok.extend(mysql_packet(2, &[3, b'd', b'e', b'f']));
+    let reply = from_server(&ok);
+
+    // Unrelated traffic on egress: the client's own segment leaving (not from the port).
+    run(&cap, REPLIES_PROGRAM_NAME, &prepare);
+    // A reply nobody awaits.
+    run(&cap, REPLIES_PROGRAM_NAME, &reply);
+    run(&cap, ingress, &prepare);
+    run(&cap, ingress, &prepare);
+    let c = cap.counters();
+    assert_eq!(c.get(Counter::PrepareMarked), 1, "marked once");
+    // Not the reply: the rest of an earlier one (sequence id 2).
+    run(&cap, REPLIES_PROGRAM_NAME, &from_server(&mysql_packet(2, b"xyz")));
+    run(&cap, REPLIES_PROGRAM_NAME, &reply);
+    // Taken: the same again is not awaited any more.
+    run(&cap, REPLIES_PROGRAM_NAME, &reply);
+    // Marked again, then the client's FIN: the reply is not taken.
+    run(&cap, ingress, &prepare);
+    let fin = frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x11, b"")));
+    run(&cap, ingress, &fin);
+    run(&cap, REPLIES_PROGRAM_NAME, &reply);
+
+    cap.collect_until(Duration::from_secs(5), "the reply record", |r, _| {
+        r.iter().any(|r| !r.is_client())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (records, _, capture) = cap.stop().await;
+    let replies: Vec<_> = records.iter().filter(|r| !r.is_client()).collect();
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    let r = replies[0];
+    assert_eq!(r.kind, RecordKind::PrepareReply { awaiting: 1 });
+    assert_eq!(&r.data[..], &ok[..16]);
+    assert_eq!((r.sport, r.dport), (PORT, 40000));
+    assert_eq!(r.client(), (std::net::IpAddr::from(SRC4), 40000));
+    let e = capture.read_reply_counters().unwrap();
+    let got = [
+        Counter::Packets,
+        Counter::OtherPort,
+        Counter::TcpToPort,
+        Counter::Awaited,
+        Counter::NotReply,
+        Counter::Records,
+    ]
+    .map(|k| e.get(k));
+    // 6 packets: 1 from another port, 5 from the port, of which 2 of an awaiting connection
+    // (one not a reply start), 1 record.
+    assert_eq!(got, [6, 1, 5, 2, 1, 1]);
+    assert_eq!(e.get(Counter::Bytes), 16);
+}
