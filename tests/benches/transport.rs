@@ -411,7 +411,13 @@ fn hot_cost() -> String {
     }
     let ratio = |a: f64, base: f64| format!("{:.2}", a / base.max(1.0));
     for ((name, _, egress), [off, on, reply]) in frames.iter().zip(&costs) {
-        let median = |v: &[f64]| if v.is_empty() { 0.0 } else { stats(&mut v.to_vec()).1 };
+        let median = |v: &[f64]| {
+            if v.is_empty() {
+                0.0
+            } else {
+                stats(&mut v.to_vec()).1
+            }
+        };
         let (off, on, reply) = (median(off), median(on), median(reply));
         let (reply, reply_ratio) = if *egress {
             (format!("{reply:.0}"), ratio(reply, off))

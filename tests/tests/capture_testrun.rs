@@ -149,7 +149,11 @@ async fn the_reply_program_takes_only_the_awaited_reply() {
     let c = cap.counters();
     assert_eq!(c.get(Counter::PrepareMarked), 1, "marked once");
     // Not the reply: the rest of an earlier one (sequence id 2).
-    run(&cap, REPLIES_PROGRAM_NAME, &from_server(&mysql_packet(2, b"xyz")));
+    run(
+        &cap,
+        REPLIES_PROGRAM_NAME,
+        &from_server(&mysql_packet(2, b"xyz")),
+    );
     run(&cap, REPLIES_PROGRAM_NAME, &reply);
     // Taken: the same again is not awaited any more.
     run(&cap, REPLIES_PROGRAM_NAME, &reply);
