@@ -48,6 +48,35 @@ fn reassemble(messages: &[Received], local_ip: Ipv4Addr) -> (Streams, u64) {
     (streams, units)
 }
 
+/// What the agent publishes for a client stream of this test with `--prepared_statements=on`:
+/// the stream with each COM_STMT_PREPARE left out and each COM_STMT_EXECUTE replaced by the
+/// COM_QUERY it stands for. The test's only statement takes one integer, and each session
+/// executes it with `q` = 2, 5, 8, 11 (every third query).
+fn with_executes_as_text(sent: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sent.len());
+    let (mut at, mut sql, mut q) = (0, Vec::new(), 2);
+    while at < sent.len() {
+        let len = u32::from_le_bytes([sent[at], sent[at + 1], sent[at + 2], 0]) as usize;
+        let packet = &sent[at..at + 4 + len];
+        at += 4 + len;
+        match (packet[3], packet.get(4)) {
+            (0, Some(0x16)) => sql = packet[5..].to_vec(),
+            (0, Some(0x17)) => {
+                let text = String::from_utf8(sql.clone())
+                    .unwrap()
+                    .replace('?', &q.to_string());
+                out.extend_from_slice(&(text.len() as u32 + 1).to_le_bytes()[..3]);
+                out.extend_from_slice(&[0, 0x03]);
+                out.extend_from_slice(text.as_bytes());
+                q += 3;
+            }
+            _ => out.extend_from_slice(packet),
+        }
+    }
+    assert_eq!(q, 14, "four executes per session");
+    out
+}
+
 fn exchange_arg(mq: &TestExchange) -> String {
     format!("--rabbitmq_exchange_name={}", mq.exchange)
 }
@@ -146,6 +175,7 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
     let messages = mq.take_all();
     let (streams, units) = reassemble(&messages, Ipv4Addr::LOCALHOST);
     for (port, bytes) in &sent {
+        let bytes = &with_executes_as_text(bytes);
         let got = streams
             .get(&(Ipv4Addr::LOCALHOST, *port))
             .unwrap_or_else(|| panic!("nothing published for port {port}"));
@@ -175,11 +205,22 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
         messages.iter().map(|m| m.data.len() as u64).sum::<u64>()
     );
     // Every record became a unit, except data already published (retransmissions), the
-    // collector's own MySQL connection, and the header-only SYN/FIN/RST records. Every
-    // session opened and ended while captured, each with its own COM_QUIT.
+    // collector's own MySQL connection, the header-only SYN/FIN/RST records, and the
+    // PREPAREs (a segment each: the client waits for the reply) taken out without a
+    // replacement. Every session opened and ended while captured, each with its own COM_QUIT.
+    assert_eq!(
+        (
+            get("stmt_prepares"),
+            get("stmt_known"),
+            get("stmt_rendered")
+        ),
+        (50, 50, 200),
+        "{stdout}"
+    );
     assert_eq!(
         get("records"),
-        units + get("retransmitted") + get("own_traffic") + get("control"),
+        units + get("retransmitted") + get("own_traffic") + get("control") + get("stmt_commands")
+            - get("stmt_rendered"),
         "{stdout}"
     );
     assert_eq!(
@@ -194,8 +235,12 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(get("ValidPacket"), get("with_payload"));
-    let payload: u64 = sent.values().map(|s| s.len() as u64).sum();
-    // Message bytes: LOCAL_IP per message, 14 bytes around each unit, the clients' payload.
+    let payload: u64 = sent
+        .values()
+        .map(|s| with_executes_as_text(s).len() as u64)
+        .sum();
+    // Message bytes: LOCAL_IP per message, 14 bytes around each unit, the clients' payload
+    // (executes as text).
     assert_eq!(
         get("published_bytes"),
         4 * get("published_msgs") + 14 * units + payload,
