@@ -1,8 +1,10 @@
 //! Server overhead: sysbench against the local MariaDB over TCP on loopback, with nothing
 //! attached, with mrte-collector (release build, default flags) capturing port 3306 and
-//! publishing to RabbitMQ, and with `tcpdump -i lo -w /dev/null 'tcp dst port 3306'` (the
-//! libpcap capture the original collector used). Rounds rotate the order of the three; qps and
-//! p95 latency are reported as ratios against "nothing attached" of the same round.
+//! publishing to RabbitMQ, the same with `--prepared_statements=off` (sysbench uses server-side
+//! prepared statements: the difference is what rendering them as text costs, egress program
+//! included), and with `tcpdump -i lo -w /dev/null 'tcp dst port 3306'` (the libpcap capture
+//! the original collector used). Rounds rotate the order of the four; qps and p95 latency are
+//! reported as ratios against "nothing attached" of the same round.
 //!
 //! The agent publishes to an exchange of its own with no queue bound (the broker accepts and
 //! drops): the replaying consumer runs elsewhere, as tcpdump's file is /dev/null here.
@@ -35,12 +37,17 @@ const TABLE_SIZE: u32 = 10_000;
 enum Config {
     Nothing,
     Agent,
+    AgentRaw,
     Tcpdump,
 }
 
-const CONFIGS: [(Config, &str); 3] = [
+const CONFIGS: [(Config, &str); 4] = [
     (Config::Nothing, "nothing attached"),
     (Config::Agent, "mrte-collector"),
+    (
+        Config::AgentRaw,
+        "mrte-collector, `--prepared_statements=off`",
+    ),
     (Config::Tcpdump, "tcpdump"),
 ];
 
@@ -57,6 +64,8 @@ struct Run {
     drops: u64,
     /// What it captured: published units (agent), packets captured (tcpdump).
     captured: u64,
+    /// The agent's COM_STMT_EXECUTEs published as text.
+    rendered: u64,
 }
 
 fn sysbench_cmd(workload: &str, threads: u32, secs: u32, action: &str) -> Command {
@@ -220,11 +229,14 @@ fn run_capturing(
                 ..Default::default()
             }
         }
-        Config::Agent => {
+        Config::Agent | Config::AgentRaw => {
             // Declared by the agent, no queue bound; deleted on drop.
             let exchange = TestExchange::named("overhead");
             let name = format!("--rabbitmq_exchange_name={}", exchange.exchange);
             let mut args = vec!["--interface=lo", "--port=3306", "--rabbitmq_declare", &name];
+            if config == Config::AgentRaw {
+                args.push("--prepared_statements=off");
+            }
             args.extend(agent_args);
             let mut agent = Agent::start(&args);
             agent.wait_attached();
@@ -239,6 +251,7 @@ fn run_capturing(
                 cpu,
                 drops: get("PacketDropped"),
                 captured: get("published_units"),
+                rendered: get("stmt_rendered"),
                 ..Default::default()
             }
         }
@@ -284,7 +297,7 @@ fn main() {
     let mut md = format!(
         "## Server overhead ({})\n\n\
          sysbench against the local MariaDB over TCP on `lo`, {threads} threads, {secs} s per run, \
-         {rounds} rounds, the order of the three rotated each round. Ratios are per round, \
+         {rounds} rounds, the order of the four rotated each round. Ratios are per round, \
          against nothing attached in the same round. The agent: release build, default flags{}, \
          publishing to RabbitMQ on this machine (exchange without a queue); tcpdump: `tcpdump \
          -i lo -w /dev/null 'tcp dst port 3306'`. \"capturer CPU\": the capturing process's \
@@ -320,6 +333,7 @@ fn main() {
                     .map(|r| r.cpu.as_secs_f64() * 100.0 / secs as f64),
             );
             let captured = median(runs[i].iter().map(|r| r.captured as f64));
+            let rendered = median(runs[i].iter().map(|r| r.rendered as f64));
             let broker_pct = median(
                 runs[i]
                     .iter()
@@ -333,14 +347,12 @@ fn main() {
                 median(p95(i)),
                 fmt_spread(&ratios(&p95(i), &p95(0)), 3),
                 dash(format!("{cpu_pct:.1}")),
-                dash(format!(
-                    "{captured:.0} {}",
-                    if *config == Config::Agent {
-                        "units"
-                    } else {
-                        "packets"
-                    }
-                )),
+                dash(match config {
+                    Config::Agent =>
+                        format!("{captured:.0} units ({rendered:.0} executes as text)"),
+                    Config::AgentRaw => format!("{captured:.0} units"),
+                    _ => format!("{captured:.0} packets"),
+                }),
                 dash(runs[i].iter().map(|r| r.drops).sum::<u64>().to_string()),
             ));
             json.push(json!({
@@ -350,6 +362,7 @@ fn main() {
                 "capturer_cpu_s": runs[i].iter().map(|r| r.cpu.as_secs_f64()).collect::<Vec<_>>(),
                 "broker_cpu_s": runs[i].iter().map(|r| r.broker_cpu.as_secs_f64()).collect::<Vec<_>>(),
                 "captured": runs[i].iter().map(|r| r.captured).collect::<Vec<_>>(),
+                "rendered": runs[i].iter().map(|r| r.rendered).collect::<Vec<_>>(),
                 "dropped": runs[i].iter().map(|r| r.drops).collect::<Vec<_>>(),
             }));
         }
