@@ -117,6 +117,8 @@ impl Param {
 #[derive(Clone, Debug, Default)]
 pub struct Statement {
     pub sql: Vec<u8>,
+    /// Where its placeholders are, found once at the PREPARE.
+    spots: Vec<usize>,
     pub params: usize,
     /// (type, flags) per parameter, from the last execute that bound them.
     pub types: Option<Vec<(u8, u8)>>,
@@ -132,6 +134,7 @@ pub struct Statement {
 impl Statement {
     pub fn new(sql: Vec<u8>, params: usize) -> Self {
         Self {
+            spots: placeholders(&sql),
             sql,
             params,
             types: None,
@@ -163,20 +166,16 @@ impl Statement {
     /// The statement as text for the body of a COM_STMT_EXECUTE (after the command byte).
     /// The long data is used up either way.
     pub fn execute(&mut self, body: &[u8]) -> Result<Vec<u8>, RenderError> {
-        let mut long_data = std::mem::replace(&mut self.long_data, vec![None; self.params]);
-        if let Some(index) = self.long_data_over.take() {
-            return Err(RenderError::LongDataTooLarge { index });
-        }
-        let params = self.decode(body, &mut long_data)?;
-        render(&self.sql, &params)
+        let params = match self.long_data_over.take() {
+            Some(index) => Err(RenderError::LongDataTooLarge { index }),
+            None => self.decode(body),
+        };
+        self.long_data.iter_mut().for_each(|slot| *slot = None);
+        render_at(&self.sql, &self.spots, &params?)
     }
 
-    /// The parameters of an execute, those sent as long data (`long_data`) included.
-    fn decode(
-        &mut self,
-        body: &[u8],
-        long_data: &mut [Option<Vec<u8>>],
-    ) -> Result<Vec<Param>, RenderError> {
+    /// The parameters of an execute, those sent as long data included.
+    fn decode(&mut self, body: &[u8]) -> Result<Vec<Param>, RenderError> {
         let n = self.params;
         // Statement id (4), flags (1), iteration count (4).
         let mut r = Reader(
@@ -186,7 +185,7 @@ impl Statement {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let nulls = r.take(n.div_ceil(8), "the NULL bitmap")?.to_vec();
+        let nulls = r.take(n.div_ceil(8), "the NULL bitmap")?;
         if r.take(1, "the new-params-bound flag")?[0] == 1 {
             let raw = r.take(2 * n, "the parameter types")?;
             self.types = Some(raw.chunks(2).map(|t| (t[0], t[1])).collect());
@@ -199,7 +198,7 @@ impl Statement {
                 out.push(Param::Null);
                 continue;
             }
-            if let Some(data) = long_data[i].take() {
+            if let Some(data) = self.long_data.get_mut(i).and_then(Option::take) {
                 // Its value came before, in pieces; nothing of it is here.
                 out.push(Param::of_bytes(ty, data));
                 continue;
@@ -311,7 +310,11 @@ impl<'a> Reader<'a> {
 /// The SQL with each `?` placeholder (outside strings, quoted names and comments) replaced by
 /// its parameter as a literal.
 pub fn render(sql: &[u8], params: &[Param]) -> Result<Vec<u8>, RenderError> {
-    let spots = placeholders(sql);
+    render_at(sql, &placeholders(sql), params)
+}
+
+/// [`render`] with the placeholders' places known.
+fn render_at(sql: &[u8], spots: &[usize], params: &[Param]) -> Result<Vec<u8>, RenderError> {
     if spots.len() != params.len() {
         return Err(RenderError::Placeholders {
             placeholders: spots.len(),

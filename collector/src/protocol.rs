@@ -142,15 +142,21 @@ pub fn command_packets(cmd: u8, body: &[u8]) -> Vec<u8> {
     const MAX: usize = 0xff_ffff;
     let total = 1 + body.len();
     let mut out = Vec::with_capacity(total + HEADER * (total / MAX + 1));
-    let mut payload = std::iter::once(&cmd).chain(body);
-    let mut left = total;
+    // The payload is the command byte, then the body; `at` counts the payload bytes written.
+    let mut at = 0;
     let mut seq = 0u8;
     loop {
-        let n = left.min(MAX);
+        let n = (total - at).min(MAX);
         out.extend_from_slice(&(n as u32).to_le_bytes()[..3]);
         out.push(seq);
-        out.extend(payload.by_ref().take(n));
-        left -= n;
+        let from = if at == 0 {
+            out.push(cmd);
+            1
+        } else {
+            at
+        };
+        out.extend_from_slice(&body[from - 1..at + n - 1]);
+        at += n;
         seq = seq.wrapping_add(1);
         if n < MAX {
             return out;
@@ -205,6 +211,31 @@ pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_packets_split_at_16_mib() {
+        const MAX: usize = 0xff_ffff;
+        for len in [0, 10, MAX - 2, MAX - 1, MAX, 2 * MAX - 1, 2 * MAX + 5] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let out = command_packets(0x03, &body);
+            let (mut at, mut seq, mut payload) = (0, 0u8, Vec::new());
+            loop {
+                let n = u32::from_le_bytes([out[at], out[at + 1], out[at + 2], 0]) as usize;
+                assert_eq!(out[at + 3], seq, "len {len}");
+                payload.extend_from_slice(&out[at + 4..at + 4 + n]);
+                at += 4 + n;
+                seq += 1;
+                if n < MAX {
+                    break;
+                }
+            }
+            assert_eq!(at, out.len(), "len {len}: bytes after the last packet");
+            // A payload of exactly 16 MiB - 1 bytes is followed by an empty packet.
+            assert_eq!(usize::from(seq), (len + 1) / MAX + 1, "len {len}");
+            assert_eq!(payload[0], 0x03);
+            assert!(payload[1..] == body[..], "len {len}");
+        }
+    }
 
     fn handshake(caps: u32, auth: &[u8], db: Option<&[u8]>) -> Vec<u8> {
         let mut p = caps.to_le_bytes().to_vec();
