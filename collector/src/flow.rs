@@ -1028,8 +1028,7 @@ impl Packets {
             Ok(None) => {}
             Ok(Some(sql)) => {
                 PipelineCounters::add(&c.stmt_rendered, 1);
-                let packet = protocol::command_packets(command::QUERY, &sql);
-                let packet = Bytes::from(packet);
+                let packet = Bytes::from(protocol::into_command_packets(command::QUERY, sql));
                 let mut at = 0;
                 while at < packet.len() {
                     let to = (at + SYNTHETIC_UNIT).min(packet.len());

@@ -132,10 +132,23 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// A statement whose parameter count is its placeholder count (what a PREPARE's reply
+    /// must confirm).
+    pub fn from_sql(sql: Vec<u8>) -> Self {
+        let spots = placeholders(&sql);
+        Self::with_spots(sql, spots.len(), spots)
+    }
+
+    /// A statement with the parameter count the server gave.
     pub fn new(sql: Vec<u8>, params: usize) -> Self {
+        let spots = placeholders(&sql);
+        Self::with_spots(sql, params, spots)
+    }
+
+    fn with_spots(sql: Vec<u8>, params: usize, spots: Vec<usize>) -> Self {
         Self {
-            spots: placeholders(&sql),
             sql,
+            spots,
             params,
             types: None,
             long_data: vec![None; params],
@@ -321,7 +334,8 @@ fn render_at(sql: &[u8], spots: &[usize], params: &[Param]) -> Result<Vec<u8>, R
             params: params.len(),
         });
     }
-    let mut out = Vec::with_capacity(sql.len() + 16 * params.len());
+    // Room for the packet header and command byte the flow puts in front, in place.
+    let mut out = Vec::with_capacity(sql.len() + 16 * params.len() + 5);
     let mut from = 0;
     for (i, (&at, p)) in spots.iter().zip(params).enumerate() {
         out.extend_from_slice(&sql[from..at]);
@@ -566,10 +580,8 @@ pub struct Statements {
 impl Statements {
     /// A COM_STMT_PREPARE's SQL (`None`: too large to keep); its reply comes later.
     pub fn prepare(&mut self, sql: Option<&[u8]>) {
-        self.awaiting.push_back(sql.map(|sql| {
-            let params = placeholders(sql).len();
-            Statement::new(sql.to_vec(), params)
-        }));
+        self.awaiting
+            .push_back(sql.map(|sql| Statement::from_sql(sql.to_vec())));
     }
 
     /// PREPAREs whose reply will never be paired (the stream before them was lost): how many.

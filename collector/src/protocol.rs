@@ -164,6 +164,19 @@ pub fn command_packets(cmd: u8, body: &[u8]) -> Vec<u8> {
     }
 }
 
+/// [`command_packets`] for a body the caller owns: one packet, the usual case, is framed in
+/// place instead of copied into a second buffer.
+pub fn into_command_packets(cmd: u8, mut body: Vec<u8>) -> Vec<u8> {
+    let len = 1 + body.len();
+    if len >= 0xff_ffff {
+        return command_packets(cmd, &body);
+    }
+    // Under 2^24 the little-endian u32 is the 3-byte length and sequence number 0.
+    let head = (len as u32).to_le_bytes();
+    body.splice(0..0, head.into_iter().chain([cmd]));
+    body
+}
+
 /// Whether a segment starts with a client's handshake response (or its TLS request): sequence
 /// number 1, at least 32 bytes, the CLIENT_PROTOCOL_41 capability set.
 pub fn is_handshake_response(data: &[u8]) -> bool {
@@ -218,6 +231,7 @@ mod tests {
         for len in [0, 10, MAX - 2, MAX - 1, MAX, 2 * MAX - 1, 2 * MAX + 5] {
             let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let out = command_packets(0x03, &body);
+            assert!(into_command_packets(0x03, body.clone()) == out, "len {len}");
             let (mut at, mut seq, mut payload) = (0, 0u8, Vec::new());
             loop {
                 let n = u32::from_le_bytes([out[at], out[at + 1], out[at + 2], 0]) as usize;

@@ -53,24 +53,22 @@ fn reassemble(messages: &[Received], local_ip: Ipv4Addr) -> (Streams, u64) {
 /// COM_QUERY it stands for. The test's only statement takes one integer, and each session
 /// executes it with `q` = 2, 5, 8, 11 (every third query).
 fn with_executes_as_text(sent: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(sent.len());
-    let (mut at, mut sql, mut q) = (0, Vec::new(), 2);
-    while at < sent.len() {
-        let len = u32::from_le_bytes([sent[at], sent[at + 1], sent[at + 2], 0]) as usize;
-        let packet = &sent[at..at + 4 + len];
-        at += 4 + len;
-        match (packet[3], packet.get(4)) {
-            (0, Some(0x16)) => sql = packet[5..].to_vec(),
-            (0, Some(0x17)) => {
-                let text = String::from_utf8(sql.clone())
-                    .unwrap()
-                    .replace('?', &q.to_string());
-                out.extend_from_slice(&(text.len() as u32 + 1).to_le_bytes()[..3]);
-                out.extend_from_slice(&[0, 0x03]);
-                out.extend_from_slice(text.as_bytes());
+    use collector::{prepared::command as stmt, protocol};
+    let mut packets = protocol::Packets::default();
+    packets.push(sent);
+    let (mut out, mut sql, mut q) = (Vec::with_capacity(sent.len()), String::new(), 2);
+    while let Some(p) = packets.next_packet() {
+        match (p.seq, p.payload.as_slice().first()) {
+            (0, Some(&stmt::PREPARE)) => sql = String::from_utf8(p.payload[1..].to_vec()).unwrap(),
+            (0, Some(&stmt::EXECUTE)) => {
+                let text = sql.replace('?', &q.to_string());
+                out.extend(protocol::command_packets(
+                    protocol::command::QUERY,
+                    text.as_bytes(),
+                ));
                 q += 3;
             }
-            _ => out.extend_from_slice(packet),
+            _ => out.extend(protocol::packet(p.seq, &p.payload)),
         }
     }
     assert_eq!(q, 14, "four executes per session");
