@@ -626,29 +626,37 @@ fn is_filter_line(line: &str) -> bool {
     !words.is_empty() && !header
 }
 
+/// Runs `tc` with `args`: its output, or `None` (logged) if it could not run or failed.
+fn tc(interface: &str, args: &[&str]) -> Option<String> {
+    match Command::new("tc").args(args).output() {
+        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => {
+            tracing::warn!(
+                interface,
+                "tc {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(interface, "could not run tc: {e}");
+            None
+        }
+    }
+}
+
+/// Whether the interface has a clsact qdisc (`None`: `tc` failed, logged).
+pub fn has_clsact(interface: &str) -> Option<bool> {
+    tc(interface, &["qdisc", "show", "dev", interface]).map(|out| out.contains("clsact"))
+}
+
 /// Removes the interface's clsact qdisc unless a filter (anyone's) is still on it: `Some(true)`
 /// removed, `Some(false)` in use and left, `None` not there (or `tc` failed: logged). aya adds a
 /// clsact qdisc but has no call to remove one; iproute2's `tc` does.
 pub fn remove_clsact_if_unused(interface: &str) -> Option<bool> {
-    let tc = |args: &[&str]| -> Option<String> {
-        match Command::new("tc").args(args).output() {
-            Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
-            Ok(o) => {
-                tracing::warn!(
-                    interface,
-                    "tc {} failed: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                tracing::warn!(interface, "could not run tc to remove clsact: {e}");
-                None
-            }
-        }
-    };
-    if !tc(&["qdisc", "show", "dev", interface])?.contains("clsact") {
+    let tc = |args: &[&str]| tc(interface, args);
+    if !has_clsact(interface)? {
         return None;
     }
     for side in ["ingress", "egress"] {

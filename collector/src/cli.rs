@@ -73,10 +73,11 @@ pub struct Run {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=10), help_heading = "Publishing")]
     pub thread_count: u16,
 
-    /// Batches each publisher's queue holds; when full, new batches are dropped and counted
-    /// (PacketDropped).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(100..=5000), help_heading = "Publishing")]
-    pub queue_size: u32,
+    /// Most batches each publisher's queue holds; past it new batches are dropped and counted
+    /// (PacketDropped, queue_full). Default: no count, the queues are bounded by their share
+    /// of --max_mem_mb.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(100..=5000), help_heading = "Publishing")]
+    pub queue_size: Option<u32>,
 
     /// A batch is published once it holds more than this many segments.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Publishing")]
@@ -272,13 +273,23 @@ pub struct RabbitArgs {
     #[arg(long, requires = "rabbitmq_declare", help_heading = "RabbitMQ")]
     pub rabbitmq_queue: Option<String>,
 
-    /// Publisher confirms: a message the broker nacks counts as MQError.
-    #[arg(long, help_heading = "RabbitMQ")]
+    /// Publisher confirms: a message counts as published once the broker confirmed it; what
+    /// was unconfirmed when a connection died is counted (mq_in_flight_units) and its sessions
+    /// ended. false: a message counts as published once written to the socket, and what the
+    /// broker did not take before a connection died is lost uncounted.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, help_heading = "RabbitMQ")]
     pub rabbitmq_confirm: bool,
 
     /// Seconds to wait for the broker at start.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "RabbitMQ")]
     pub rabbitmq_connect_timeout: u64,
+
+    /// Seconds each broker operation may take: a message written and confirmed, a channel
+    /// opened, the connection closed, a blocked connection unblocked. Past it the connection
+    /// is given up and opened again. Also the AMQP heartbeat: a broker silent for twice this
+    /// is given up.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300), help_heading = "RabbitMQ")]
+    pub rabbitmq_timeout: u64,
 }
 
 impl RabbitArgs {
@@ -295,6 +306,7 @@ impl RabbitArgs {
             queue: self.rabbitmq_queue.clone(),
             confirm: self.rabbitmq_confirm,
             connect_timeout: Duration::from_secs(self.rabbitmq_connect_timeout),
+            timeout: Duration::from_secs(self.rabbitmq_timeout),
         }
     }
 }

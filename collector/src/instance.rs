@@ -17,8 +17,8 @@
 
 use std::{
     fs::File,
-    io::{Read as _, Seek as _, SeekFrom, Write as _},
-    os::unix::fs::MetadataExt as _,
+    io::Read as _,
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::PathBuf,
 };
 
@@ -28,7 +28,7 @@ use aya::programs::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME, remove_clsact_if_unused};
+use crate::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME, has_clsact, remove_clsact_if_unused};
 
 pub const LOCK_DIR: &str = "/run/mrte-collector";
 
@@ -64,16 +64,20 @@ struct Holder {
 }
 
 impl Holder {
+    /// The first value of each key counts: what follows the holder's last write may be the
+    /// tail of a longer text written before it (see [`Instance::write`]).
     fn parse(s: &str) -> Self {
         let mut h = Self::default();
+        let mut clsact = None;
         for line in s.lines() {
             match line.split_once('=') {
-                Some(("pid", v)) => h.pid = v.into(),
-                Some(("ports", v)) => h.ports = v.into(),
-                Some(("clsact", v)) => h.clsact = v == "1",
+                Some(("pid", v)) if h.pid.is_empty() => h.pid = v.into(),
+                Some(("ports", v)) if h.ports.is_empty() => h.ports = v.into(),
+                Some(("clsact", v)) if clsact.is_none() => clsact = Some(v == "1"),
                 _ => {}
             }
         }
+        h.clsact = clsact.unwrap_or(false);
         h
     }
 
@@ -93,6 +97,8 @@ pub struct Instance {
     me: Holder,
     /// What the previous holder wrote, if it did not exit cleanly (or left a qdisc in use).
     predecessor: Option<Holder>,
+    /// `me.clsact` set by [`Self::attaching`], not yet by what the attach did.
+    premarked: bool,
 }
 
 impl Instance {
@@ -156,6 +162,7 @@ impl Instance {
             interface: interface.into(),
             me,
             predecessor,
+            premarked: false,
         };
         this.write();
         Ok(this)
@@ -211,19 +218,35 @@ impl Instance {
         removed
     }
 
+    /// Before attaching: a clsact qdisc not there yet is marked as this agent's in the lock
+    /// file. An agent killed after adding it and before [`Self::attached`] then still leaves
+    /// its removal to the next one (which finds none, if TCX was used, and lets it be).
+    pub fn attaching(&mut self) {
+        if !self.me.clsact && has_clsact(&self.interface) == Some(false) {
+            self.me.clsact = true;
+            self.premarked = true;
+            self.write();
+        }
+    }
+
     /// After attaching: whether this agent added the clsact qdisc (then it removes it).
     pub fn attached(&mut self, added_clsact: bool) {
+        if std::mem::take(&mut self.premarked) {
+            self.me.clsact = added_clsact;
+        }
         self.me.clsact |= added_clsact;
         self.write();
     }
 
+    /// Rewrites the lock file in one write, then cuts what is left of an older text: an
+    /// agent killed at any point leaves its text whole (truncating first could leave the
+    /// file empty, and the next agent would not know what to clean up).
     fn write(&mut self) {
         let text = self.me.render();
         let r = self
             .lock
-            .set_len(0)
-            .and_then(|()| self.lock.seek(SeekFrom::Start(0)))
-            .and_then(|_| self.lock.write_all(text.as_bytes()));
+            .write_all_at(text.as_bytes(), 0)
+            .and_then(|()| self.lock.set_len(text.len() as u64));
         if let Err(e) = r {
             tracing::warn!(path = %self.path.display(), "writing the instance lock: {e}");
         }
@@ -258,5 +281,14 @@ mod tests {
         };
         assert_eq!(Holder::parse(&h.render()), h);
         assert_eq!(Holder::parse(""), Holder::default());
+        // Killed before the cut: a shorter text over a longer one still reads as written.
+        let short = Holder {
+            pid: "7".into(),
+            ports: "3306".into(),
+            clsact: false,
+        };
+        let mut text = h.render().into_bytes();
+        text[..short.render().len()].copy_from_slice(short.render().as_bytes());
+        assert_eq!(Holder::parse(std::str::from_utf8(&text).unwrap()), short);
     }
 }

@@ -14,7 +14,9 @@
 //! - [`prepared`]: server-side prepared statements as text (binary parameters to literals).
 //! - [`protocol`]: MySQL packet framing, command bytes, the handshake response.
 //! - [`encode`]: the MRTE wire format, encoder and decoder.
-//! - [`publish`]: RabbitMQ connection and checks, fan-out, batching, publisher tasks.
+//! - [`publish`]: the fan-out and batching ([`publish::fanout`]), the publisher tasks
+//!   ([`publish::publisher`]), the RabbitMQ connection, its checks and the supervisor that
+//!   reconnects it ([`publish::broker`]).
 //! - [`instance`]: one agent per interface (a lock), and clean-up after one that died.
 //! - [`memory`]: how `--max_mem_mb` is split between the buffers, the budget they take from.
 //! - [`recording`]: `--output file:PATH` recordings, `publish-file`.

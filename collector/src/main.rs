@@ -14,7 +14,7 @@ use collector::{
     pipeline::Pipeline,
     publish::{self, BatchLimits, Broker, Fanout, PublisherShared},
     recording::{self, Recorder},
-    status::{PipelineCounters, StatusLine, Totals, if_rx_dropped},
+    status::{BrokerStatus, PipelineCounters, StatusLine, Totals, if_rx_dropped},
 };
 use collector_common::Counters;
 use tokio::{
@@ -116,9 +116,10 @@ async fn run(cli: Run) -> anyhow::Result<()> {
              session cannot be replayed. 0, the default, keeps whole segments"
         );
     }
+    let counters = Arc::new(PipelineCounters::default());
     let broker = if to_broker {
         let broker_cfg = cli.rabbitmq.config();
-        let broker = Arc::new(Broker::connect(&broker_cfg).await?);
+        let broker = Broker::connect(&broker_cfg, counters.clone()).await?;
         tracing::info!(
             broker = %broker.addr(),
             exchange = %broker_cfg.exchange,
@@ -156,7 +157,6 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e),
     };
-    let counters = Arc::new(PipelineCounters::default());
     let budget = Arc::new(MemoryBudget::new(plan.queues));
     let latency = metrics::latency_histogram();
     let shared = PublisherShared {
@@ -167,9 +167,11 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         counters: counters.clone(),
         latency: latency.clone(),
     };
-    let mut publishers =
-        publish::start_publishers(&shared, cli.thread_count.into(), cli.queue_size as usize)
-            .await?;
+    let mut publishers = publish::start_publishers(
+        &shared,
+        cli.thread_count.into(),
+        cli.queue_size.map(u64::from),
+    );
     drop(shared);
     let limits = BatchLimits {
         segments: cli.batch_segments,
@@ -201,6 +203,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
             }
         }
     }
+    instance.attaching();
     let mut capture = Capture::attach(&cfg)?;
     instance.attached(capture.added_clsact());
     let stats_fd = if cli.bpf_stats {
@@ -227,6 +230,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         reorder_bytes: flows.pending_bytes() as u64,
         queued_bytes: budget.used(),
         rss: memory::rss(),
+        broker: broker.as_ref().map_or(BrokerStatus::None, |b| b.status()),
     };
 
     // The status line's and the metrics endpoint's snapshot.
@@ -352,15 +356,12 @@ async fn run(cli: Run) -> anyhow::Result<()> {
         tracing::error!(
             publishers = late,
             batches_waiting = waiting,
-            "publishers did not finish within {SHUTDOWN_GRACE:?}; their queued messages are lost"
+            "publishers did not finish within {SHUTDOWN_GRACE:?}; what they still held is \
+             lost (exit_unpublished, mq_in_flight_units)"
         );
     }
-    if let Some(broker) = &broker
-        && tokio::time::timeout(Duration::from_secs(3), broker.close())
-            .await
-            .is_err()
-    {
-        tracing::warn!("the broker did not confirm the connection close within 3 s");
+    if let Some(broker) = &broker {
+        broker.close().await;
     }
     if let Some(r) = &recorder {
         let mut r = r.lock().expect("recorder lock");
@@ -368,7 +369,7 @@ async fn run(cli: Run) -> anyhow::Result<()> {
             tracing::error!("{e}");
         }
     }
-    let end = totals(kernel, if late > 0 { waiting } else { 0 }, &flows);
+    let end = totals(kernel, 0, &flows);
     if json {
         print_status(&StatusLine::summary_json(&end, &kernel_cost));
     } else {

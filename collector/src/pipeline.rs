@@ -495,17 +495,16 @@ mod tests {
         use std::net::Ipv4Addr;
 
         use bytes::Bytes;
-        use tokio::sync::mpsc;
 
         use super::super::*;
         use crate::{
             encode::{COM_QUIT, com_init_db, decode_message},
             memory::MemoryBudget,
-            publish::{Batch, BatchLimits},
+            publish::{BatchLimits, LaneReceiver, lane},
         };
 
-        fn pipeline() -> (Pipeline, mpsc::Receiver<Batch>, Arc<PipelineCounters>) {
-            let (tx, rx) = mpsc::channel(100);
+        fn pipeline() -> (Pipeline, LaneReceiver, Arc<PipelineCounters>) {
+            let (tx, rx) = lane(Some(100));
             let counters = Arc::new(PipelineCounters::default());
             let limits = BatchLimits {
                 segments: 1000,
@@ -560,10 +559,7 @@ mod tests {
         }
 
         /// Per port, the units published, in order.
-        fn published(
-            p: &mut Pipeline,
-            rx: &mut mpsc::Receiver<Batch>,
-        ) -> HashMap<u16, Vec<Vec<u8>>> {
+        fn published(p: &mut Pipeline, rx: &mut LaneReceiver) -> HashMap<u16, Vec<Vec<u8>>> {
             p.fanout.send_all(Instant::now());
             let mut out: HashMap<u16, Vec<Vec<u8>>> = HashMap::default();
             while let Ok(b) = rx.try_recv() {

@@ -261,6 +261,17 @@ fn read_full(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// A broker operation under the `--rabbitmq_timeout` deadline.
+async fn within<T>(
+    timeout: Duration,
+    f: impl Future<Output = lapin::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => anyhow::bail!("no answer within {timeout:?} (--rabbitmq_timeout)"),
+    }
+}
+
 /// `publish-file`: every message of the recording to the exchange, in the recorded order, on
 /// one channel (so every session's order is kept). The whole recording is checked before the
 /// first message goes out: a cut or damaged recording publishes nothing.
@@ -274,26 +285,28 @@ pub async fn publish_file(args: PublishFile) -> anyhow::Result<()> {
     }
     let files = check.files;
     let cfg = args.rabbitmq.config();
-    let broker = Broker::connect(&cfg).await?;
+    let broker = Broker::connect(&cfg, Default::default()).await?;
     let channel = broker.open_channel().await?;
     if cfg.confirm {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("turning on publisher confirms")?;
+        within(
+            cfg.timeout,
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await
+        .context("turning on publisher confirms")?;
     }
     let props: BasicProperties = message_properties();
     let mut reader = Reader::open(&args.path)?;
     let mut confirms = Vec::new();
     while let Some(m) = reader.next_message()? {
-        let confirm = channel
-            .basic_publish(
-                cfg.exchange.as_str().into(),
-                cfg.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &m,
-                props.clone(),
-            )
+        let publish = channel.basic_publish(
+            cfg.exchange.as_str().into(),
+            cfg.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &m,
+            props.clone(),
+        );
+        let confirm = within(cfg.timeout, publish)
             .await
             .with_context(|| format!("publishing to {}", broker.addr()))?;
         if cfg.confirm {
@@ -302,13 +315,14 @@ pub async fn publish_file(args: PublishFile) -> anyhow::Result<()> {
     }
     let mut nacked = 0;
     for c in confirms {
-        if let Confirmation::Nack(_) = c.await.context("waiting for the broker's confirms")? {
+        if let Confirmation::Nack(_) = within(cfg.timeout, c)
+            .await
+            .context("waiting for the broker's confirms")?
+        {
             nacked += 1;
         }
     }
-    tokio::time::timeout(Duration::from_secs(3), broker.close())
-        .await
-        .ok();
+    broker.close().await;
     if nacked > 0 {
         anyhow::bail!("the broker nacked {nacked} of {messages} messages");
     }

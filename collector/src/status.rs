@@ -78,7 +78,11 @@ pipeline_counters! {
     replica_kills,
     /// Segments from IPv6 clients, which the MRTE format cannot carry.
     unencodable,
-    /// Segments dropped because their publisher's queue was full.
+    /// Units handed to the publishers' queues in batches (dropped there or not): each is
+    /// later published or counted lost (`queue_full`, `mem_limit`, `mq_error_units`,
+    /// `mq_in_flight_units`, `mq_lost_skipped`, `exit_unpublished`).
+    batched_units,
+    /// Segments dropped because their publisher's queue held `--queue_size` batches.
     queue_full,
     /// Segments dropped because the queued bytes would pass `--max_mem_mb`.
     mem_limit,
@@ -93,12 +97,30 @@ pipeline_counters! {
     recorded_bytes,
     record_errors,
     record_error_units,
-    /// Failed publishes, nacks and failed reconnection attempts (MQError), and the units of
-    /// messages lost (nacked, or unconfirmed when the channel broke).
+    /// Failed or overdue broker operations, nacks and failed reconnection attempts
+    /// (MQError); the units of nacked messages.
     mq_errors,
     mq_error_units,
-    /// Connections to the broker opened again after it went away.
+    /// Units of messages in flight (handed to lapin, not confirmed) when their channel or
+    /// connection died: they may or may not have reached the broker, and their sessions were
+    /// ended.
+    mq_in_flight_units,
+    /// Connections to the broker opened again after one was given up.
     mq_reconnects,
+    /// Connections given up, by cause: the socket reset or closed; the broker closed the
+    /// connection; a publish failed while the connection looked fine; a publish not written
+    /// and confirmed (or a channel not opened) within `--rabbitmq_timeout`; blocked by the
+    /// broker for longer than that; two heartbeats missed. And channels the broker closed
+    /// (each replaced by a new one on the same connection).
+    mq_reconnect_socket,
+    mq_reconnect_closed,
+    mq_reconnect_publish_error,
+    mq_reconnect_timeout,
+    mq_reconnect_blocked,
+    mq_reconnect_heartbeat,
+    mq_reconnect_channel,
+    /// Units still waiting for the broker when the exit deadline passed.
+    exit_unpublished,
     /// Sessions that lost units on the way to the broker (a dropped batch, a lost message):
     /// each got a synthetic COM_QUIT there; their units skipped until the next command.
     mq_lost_sessions,
@@ -178,6 +200,30 @@ pub struct Totals {
     pub queued_bytes: u64,
     /// The process's resident set now and at its peak (VmRSS, VmHWM).
     pub rss: (u64, u64),
+    pub broker: BrokerStatus,
+}
+
+/// Whether messages can go to the broker now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BrokerStatus {
+    /// Messages go to a recording only.
+    #[default]
+    None,
+    Up,
+    /// No live, unblocked connection for this long.
+    Down {
+        secs: u64,
+    },
+}
+
+impl std::fmt::Display for BrokerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerStatus::None => f.write_str("-"),
+            BrokerStatus::Up => f.write_str("up"),
+            BrokerStatus::Down { secs } => write!(f, "down:{secs}s"),
+        }
+    }
 }
 
 impl Totals {
@@ -199,6 +245,7 @@ impl Totals {
             + self.pipeline.queue_full
             + self.pipeline.mem_limit
             + self.pipeline.record_error_units
+            + self.pipeline.exit_unpublished
             + self.replies.get(Counter::RingFull)
             + self.replies.get(Counter::LoadFailed)
     }
@@ -272,6 +319,14 @@ impl Totals {
                 ("queued_bytes", self.queued_bytes),
                 ("rss_bytes", self.rss.0),
                 ("rss_peak_bytes", self.rss.1),
+                ("broker_up", u64::from(self.broker == BrokerStatus::Up)),
+                (
+                    "broker_down_seconds",
+                    match self.broker {
+                        BrokerStatus::Down { secs } => secs,
+                        _ => 0,
+                    },
+                ),
             ]
             .map(|(n, v)| (n, Kind::Gauge, v)),
         );
@@ -300,7 +355,7 @@ const REPLY_COUNTERS: [(Counter, &str); 13] = [
 const HEADER_EVERY: u64 = 20;
 
 /// The status columns: name and width, in the original's order, then this collector's.
-const COLUMNS: [(&str, usize); 23] = [
+const COLUMNS: [(&str, usize); 24] = [
     ("DateTime", 19),
     ("TotalPacket", 16),
     ("ValidPacket", 16),
@@ -324,6 +379,7 @@ const COLUMNS: [(&str, usize); 23] = [
     ("RssMB", 7),
     ("Prepared", 10),
     ("StmtLost", 10),
+    ("Broker", 10),
 ];
 
 /// Formats status lines; remembers the previous totals and how many lines it printed.
@@ -358,8 +414,8 @@ impl StatusLine {
         out
     }
 
-    /// The figures of the columns after DateTime: per-second rates over `elapsed`, gauges
-    /// as they are.
+    /// The figures of the columns between DateTime and Broker: per-second rates over
+    /// `elapsed`, gauges as they are.
     fn figures(&self, now: &Totals, elapsed: Duration) -> [u64; 22] {
         let secs = elapsed.as_secs_f64().max(0.001);
         let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
@@ -406,6 +462,8 @@ impl StatusLine {
         for (v, (_, width)) in self.figures(now, elapsed).iter().zip(&COLUMNS[1..]) {
             let _ = write!(out, "{v:>width$}");
         }
+        let (_, width) = COLUMNS[COLUMNS.len() - 1];
+        let _ = write!(out, "{:>width$}", now.broker.to_string());
         self.lines += 1;
         self.prev = now.clone();
         out
@@ -419,6 +477,7 @@ impl StatusLine {
         for (v, (name, _)) in self.figures(now, elapsed).iter().zip(&COLUMNS[1..]) {
             line.insert((*name).into(), (*v).into());
         }
+        line.insert("Broker".into(), now.broker.to_string().into());
         line.insert("totals".into(), Self::totals_json(now));
         self.lines += 1;
         self.prev = now.clone();
@@ -509,10 +568,18 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0         0         0"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0         0         0         -"
         );
+        // The Broker column: up, or down for how long.
+        t.broker = BrokerStatus::Down { secs: 12 };
+        assert!(s.next(&t, Duration::from_secs(10)).ends_with("  down:12s"));
+        t.broker = BrokerStatus::Up;
+        let json: serde_json::Value =
+            serde_json::from_str(&s.next_json(&t, Duration::from_secs(10))).unwrap();
+        assert_eq!(json["Broker"], "up");
+        assert_eq!(json["totals"]["broker_up"], 1);
         // The header comes back every 20 lines.
-        for _ in 0..19 {
+        for _ in 0..17 {
             assert_eq!(s.next(&t, Duration::from_secs(10)).lines().count(), 1);
         }
         assert_eq!(s.next(&t, Duration::from_secs(10)).lines().count(), 2);

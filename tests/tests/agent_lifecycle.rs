@@ -284,7 +284,9 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
             Duration::from_secs(2),
         );
     });
+    let next_log = next.log.clone();
     let stdout = next.stop();
+    let next_log = next_log.lock().unwrap().clone();
     let t = common::agent::totals(&stdout);
     assert!(
         t["TotalPacket"] >= 1,
@@ -305,7 +307,7 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
     let out = last.stop();
     assert!(
         !qdisc(),
-        "{}{out}",
+        "{}{out}\nthe agent before it:\n{next_log}",
         tc_show(&["qdisc", "show", "dev", &ns.host])
     );
 }

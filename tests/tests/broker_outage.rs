@@ -9,120 +9,16 @@ mod common;
 
 use std::{
     io::Write,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use collector::{encode::COM_QUIT, protocol::command};
+use collector::encode::COM_QUIT;
 use common::{
     Sink,
     agent::{Agent, status_rows, totals},
-    broker::TestExchange,
-    sh,
+    broker::{AppStopped, MemoryAlarm, TestExchange},
+    check_ended_at_losses, numbered_commands, numbered_query,
 };
-
-/// Starts the broker application again when dropped, also when the test fails.
-struct StoppedBroker;
-
-impl StoppedBroker {
-    fn stop() -> Self {
-        sh(&["rabbitmqctl", "-q", "stop_app"]);
-        Self
-    }
-}
-
-impl Drop for StoppedBroker {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "start_app"])
-            .status();
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "await_startup"])
-            .status();
-    }
-}
-
-/// RabbitMQ's memory alarm raised (it blocks every publishing connection) until dropped, also
-/// when the test fails; the high watermark is put back as it was.
-struct StalledBroker {
-    watermark: String,
-}
-
-impl StalledBroker {
-    fn stall() -> Self {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "eval",
-                "vm_memory_monitor:get_vm_memory_high_watermark().",
-            ])
-            .output()
-            .unwrap();
-        let watermark = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        assert!(watermark.parse::<f64>().is_ok(), "watermark: {watermark:?}");
-        sh(&[
-            "rabbitmqctl",
-            "-q",
-            "set_vm_memory_high_watermark",
-            "0.00001",
-        ]);
-        let start = Instant::now();
-        while !Self::alarmed() {
-            assert!(start.elapsed() < Duration::from_secs(20), "no memory alarm");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { watermark }
-    }
-
-    fn alarmed() -> bool {
-        let out = Command::new("rabbitmqctl")
-            .args(["-q", "eval", "rabbit_alarm:get_alarms()."])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).contains("memory")
-    }
-}
-
-impl Drop for StalledBroker {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "set_vm_memory_high_watermark", &self.watermark])
-            .status();
-        let start = Instant::now();
-        while Self::alarmed() && start.elapsed() < Duration::from_secs(20) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Query `n` of session `s`, as a COM_QUERY packet.
-fn query(s: usize, n: u32) -> Vec<u8> {
-    let sql = format!("SELECT {s}, {n}");
-    let mut p = ((sql.len() + 1) as u32).to_le_bytes()[..3].to_vec();
-    p.extend_from_slice(&[0, command::QUERY]);
-    p.extend_from_slice(sql.as_bytes());
-    p
-}
-
-/// The published stream of one session as (query number or None for a COM_QUIT).
-fn commands(stream: &[u8], s: usize) -> Vec<Option<u32>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < stream.len() {
-        let len = u32::from_le_bytes([stream[i], stream[i + 1], stream[i + 2], 0]) as usize;
-        let packet = &stream[i..i + 4 + len];
-        if packet == COM_QUIT {
-            out.push(None);
-        } else {
-            let sql = std::str::from_utf8(&packet[5..]).unwrap();
-            let (who, n) = sql["SELECT ".len()..].split_once(", ").unwrap();
-            assert_eq!(who.parse::<usize>().unwrap(), s);
-            out.push(Some(n.parse().unwrap()));
-        }
-        i += 4 + len;
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_survived_and_no_session_has_a_silent_hole() {
@@ -154,7 +50,7 @@ async fn a_broker_outage_is_survived_and_no_session_has_a_silent_hole() {
                     let t = start.elapsed();
                     let paused = s >= 4 && t > Duration::from_secs(3);
                     if !paused {
-                        c.write_all(&query(s, sent)).unwrap();
+                        c.write_all(&numbered_query(s, sent)).unwrap();
                         sent += 1;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -162,7 +58,7 @@ async fn a_broker_outage_is_survived_and_no_session_has_a_silent_hole() {
                 // Sessions 4-7 send after the outage too.
                 if s >= 4 {
                     for _ in 0..50 {
-                        c.write_all(&query(s, sent)).unwrap();
+                        c.write_all(&numbered_query(s, sent)).unwrap();
                         sent += 1;
                     }
                 }
@@ -172,9 +68,9 @@ async fn a_broker_outage_is_survived_and_no_session_has_a_silent_hole() {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let broker = StoppedBroker::stop();
+    let broker = tokio::task::block_in_place(AppStopped::stop);
     tokio::time::sleep(Duration::from_secs(20)).await;
-    drop(broker);
+    tokio::task::block_in_place(|| drop(broker));
     let clients: Vec<(usize, u16, u32)> =
         tokio::task::block_in_place(|| clients.into_iter().map(|c| c.join().unwrap()).collect());
     // Time to reconnect (backoff up to 16 s by now) and publish what waited.
@@ -196,37 +92,17 @@ async fn a_broker_outage_is_survived_and_no_session_has_a_silent_hole() {
             .iter()
             .flat_map(|u| u.data.clone())
             .collect();
-        let got = commands(&stream, s);
+        let got = numbered_commands(&stream, s);
         let complete: Vec<Option<u32>> = (0..sent).map(Some).chain([None]).collect();
         if s >= 4 {
             assert_eq!(got, complete, "session {s} lost nothing: complete");
             continue;
         }
-        // In order; a jump only right after a COM_QUIT of ours; ends with the client's quit.
-        let mut next = 0;
-        let mut after_quit = false;
-        for (i, c) in got.iter().enumerate() {
-            match c {
-                Some(n) => {
-                    assert!(
-                        *n == next || (after_quit && *n > next),
-                        "session {s}: query {n} at {i}, expected {next}: {got:?}"
-                    );
-                    next = n + 1;
-                    after_quit = false;
-                }
-                None if i + 1 == got.len() => {}
-                None => {
-                    quits_at_losses += 1;
-                    after_quit = true;
-                }
-            }
-        }
-        assert_eq!(next, sent, "session {s}: the last queries arrived");
-        assert_eq!(got.last(), Some(&None), "session {s} ends with its quit");
+        quits_at_losses += check_ended_at_losses(&got, sent, &format!("session {s}"));
     }
     assert!(quits_at_losses >= 1, "some session lost units: {stdout}");
-    assert_eq!(get("mq_lost_sessions"), quits_at_losses, "{stdout}");
+    // A COM_QUIT lost in flight is made again: as many as the losses, or more.
+    assert!(get("mq_lost_sessions") >= quits_at_losses, "{stdout}");
     drop(sink);
 }
 
@@ -251,14 +127,14 @@ async fn a_stalled_broker_keeps_rss_under_max_mem_mb() {
 
     // 4 connections writing 16 KiB packets as fast as they can for 6 s: gigabytes, while
     // the broker takes nothing.
-    let stalled = tokio::task::block_in_place(StalledBroker::stall);
+    let stalled = tokio::task::block_in_place(MemoryAlarm::raise);
     let addr = sink.addr;
     let sent: u64 = tokio::task::block_in_place(|| {
         let blasters: Vec<_> = (0..4)
             .map(|_| {
                 std::thread::spawn(move || {
                     let mut c = std::net::TcpStream::connect(addr).unwrap();
-                    let mut p = query(0, 0);
+                    let mut p = numbered_query(0, 0);
                     p.resize(16 << 10, b'x');
                     p[..3].copy_from_slice(&((16 << 10) as u32 - 4).to_le_bytes()[..3]);
                     let start = Instant::now();
@@ -274,11 +150,11 @@ async fn a_stalled_broker_keeps_rss_under_max_mem_mb() {
         blasters.into_iter().map(|b| b.join().unwrap()).sum()
     });
     let peak = agent.proc_status_bytes("VmHWM");
-    drop(stalled);
+    tokio::task::block_in_place(|| drop(stalled));
 
     // Publishing resumes by itself: a query sent now reaches the queue.
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.write_all(&query(1, 1)).unwrap();
+    c.write_all(&numbered_query(1, 1)).unwrap();
     let port = c.local_addr().unwrap().port();
     let start = Instant::now();
     let mut delivered = false;

@@ -232,8 +232,9 @@ pub fn wait_detached(interface: &str) {
     }
 }
 
-/// The status rows (not the header or log lines) of `stdout`, each as column → value. Rows
-/// start "YYYY-MM-DD hh:mm:ss"; log lines "YYYY-MM-DDThh".
+/// The status rows (not the header or log lines) of `stdout`, each as column → value (the
+/// numeric columns; Broker is text). Rows start "YYYY-MM-DD hh:mm:ss"; log lines
+/// "YYYY-MM-DDThh".
 pub fn status_rows(stdout: &str) -> Vec<std::collections::HashMap<String, u64>> {
     let header: Vec<&str> = stdout
         .lines()
@@ -250,6 +251,7 @@ pub fn status_rows(stdout: &str) -> Vec<std::collections::HashMap<String, u64>> 
                 .iter()
                 .skip(1)
                 .zip(values)
+                .filter(|(h, _)| **h != "Broker")
                 .map(|(h, v)| (h.to_string(), v.parse().unwrap()))
                 .collect()
         })

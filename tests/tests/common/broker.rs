@@ -3,13 +3,16 @@
 //! Every operation opens its own connection on a runtime of its own, so the fixture works the
 //! same from plain and from async tests.
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
+
+use futures_util::StreamExt as _;
 
 use lapin::{
     BasicProperties, Connection, ConnectionProperties, ExchangeKind,
     options::{
-        BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     },
     types::FieldTable,
 };
@@ -134,16 +137,50 @@ impl TestExchange {
             let conn = connect().await;
             let ch = conn.create_channel().await.unwrap();
             let mut out = Vec::new();
-            while let Some(m) = ch
-                .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-            {
-                out.push(Received {
-                    data: m.delivery.data,
-                    properties: m.delivery.properties,
-                    routing_key: m.delivery.routing_key.to_string(),
-                });
+            // A consumer streams them, far faster than a basic.get each (a test that takes a
+            // queue often must keep up on a loaded machine). It may hold no more unacked than
+            // the queue had, and is cancelled before the ack, so none is delivered that is not
+            // taken (a message given back could come again out of order).
+            loop {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let ready = ch
+                    .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .unwrap()
+                    .message_count();
+                if ready == 0 {
+                    break;
+                }
+                let n = ready.min(u16::MAX.into()) as u16;
+                ch.basic_qos(n, BasicQosOptions::default()).await.unwrap();
+                let mut consumer = ch
+                    .basic_consume(
+                        q.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .unwrap();
+                let mut last = None;
+                for _ in 0..n {
+                    let next = tokio::time::timeout(Duration::from_secs(30), consumer.next());
+                    let d = next.await.expect("a delivery").unwrap().unwrap();
+                    last = Some(d.delivery_tag);
+                    out.push(Received {
+                        data: d.data,
+                        properties: d.properties,
+                        routing_key: d.routing_key.to_string(),
+                    });
+                }
+                ch.basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await
+                    .unwrap();
+                let multiple = BasicAckOptions { multiple: true };
+                ch.basic_ack(last.expect("n > 0"), multiple).await.unwrap();
             }
             conn.close(200, "".into()).await.unwrap();
             out
@@ -171,5 +208,269 @@ impl Drop for TestExchange {
                 .await;
             let _ = conn.close(200, "".into()).await;
         });
+    }
+}
+
+/// Runs `rabbitmqctl -q ARGS`, returning its stdout, or None if it failed.
+pub fn rabbitmqctl(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether RabbitMQ's memory alarm is raised.
+pub fn memory_alarmed() -> bool {
+    rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."]).is_some_and(|o| o.contains("memory"))
+}
+
+/// Waits (at most `secs`) for `done`, panicking with `what` if it never holds.
+fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(secs),
+            "RabbitMQ: {what} within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Whether a client can log in to the broker now (the node runs and its application is up).
+pub fn broker_answers() -> bool {
+    on_own_runtime(async {
+        let connect = Connection::connect(AMQP_URI, ConnectionProperties::default());
+        match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close(200, "".into()).await;
+                true
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Puts the broker back as the tests expect it, whatever a fault left: the node started, its
+/// application running, the memory alarm's watermark at `watermark`. Never panics (it runs
+/// from drop).
+pub fn restore_broker(watermark: &str) {
+    use std::process::{Command, Stdio};
+    if rabbitmqctl(&["eval", "ok."]).is_none() {
+        let _ = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let start = std::time::Instant::now();
+        while rabbitmqctl(&["eval", "ok."]).is_none()
+            && start.elapsed() < std::time::Duration::from_secs(60)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    let _ = rabbitmqctl(&["start_app"]);
+    let _ = rabbitmqctl(&["await_startup"]);
+    let _ = rabbitmqctl(&["set_vm_memory_high_watermark", watermark]);
+    let start = std::time::Instant::now();
+    while memory_alarmed() && start.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// RabbitMQ's memory alarm raised (it blocks every publishing connection) until dropped, also
+/// when the test fails; the high watermark is put back as it was.
+pub struct MemoryAlarm {
+    watermark: String,
+}
+
+fn watermark() -> String {
+    let w = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+        .expect("rabbitmqctl answers (scripts/setup.sh starts RabbitMQ)")
+        .trim()
+        .to_owned();
+    assert!(w.parse::<f64>().is_ok(), "watermark: {w:?}");
+    w
+}
+
+impl MemoryAlarm {
+    pub fn raise() -> Self {
+        let this = Self {
+            watermark: watermark(),
+        };
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.00001"]).expect("watermark");
+        wait_for(20, "memory alarm raised", memory_alarmed);
+        this
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["set_vm_memory_high_watermark", &self.watermark]);
+        let start = std::time::Instant::now();
+        while memory_alarmed() && start.elapsed() < std::time::Duration::from_secs(20) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// RabbitMQ's application stopped (`rabbitmqctl stop_app`) until dropped, also when the test
+/// fails.
+pub struct AppStopped;
+
+impl AppStopped {
+    pub fn stop() -> Self {
+        rabbitmqctl(&["stop_app"]).expect("stop_app");
+        Self
+    }
+}
+
+impl Drop for AppStopped {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["start_app"]);
+        let _ = rabbitmqctl(&["await_startup"]);
+    }
+}
+
+/// A way the broker connection dies, as an operator or the network would cause it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `rabbitmqctl stop_app`, then `start_app`: the broker closes every connection.
+    StopApp,
+    /// The broker process killed (SIGKILL) and started again: the sockets are reset.
+    Kill,
+    /// `ss -K`: our side of every connection to the broker's port destroyed.
+    CutTcp,
+    /// `rabbitmqctl close_all_connections`.
+    CloseAll,
+    /// The memory alarm raised (the broker blocks publishing connections) for this long.
+    MemoryAlarm(std::time::Duration),
+    /// The broker process stopped (SIGSTOP) for this long: it says nothing, not even
+    /// heartbeats.
+    Freeze(std::time::Duration),
+    /// The exchange deleted: the broker closes the channel of the next publish to it (the
+    /// agent, with `--rabbitmq_declare`, declares it again).
+    DeleteExchange,
+}
+
+/// Whether the exchange exists now.
+pub fn exchange_exists(exchange: &str) -> bool {
+    let e = exchange.to_owned();
+    on_own_runtime(async move {
+        let conn = connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = ch
+            .exchange_declare(
+                e.as_str().into(),
+                ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = conn.close(200, "".into()).await;
+        exists
+    })
+}
+
+fn delete_exchange(exchange: &str) {
+    let e = exchange.to_owned();
+    on_own_runtime(async move {
+        let conn = connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+        conn.close(200, "".into()).await.unwrap();
+    })
+}
+
+/// Causes faults on the local broker; restores it on drop (also when a test fails half-way).
+pub struct BrokerFaults {
+    watermark: String,
+    /// The broker process, while frozen.
+    frozen: std::sync::Mutex<Option<nix::unistd::Pid>>,
+}
+
+fn broker_pid() -> nix::unistd::Pid {
+    let pid = rabbitmqctl(&["eval", "os:getpid()."]).expect("the broker's pid");
+    nix::unistd::Pid::from_raw(pid.trim().trim_matches('"').parse().expect("a pid"))
+}
+
+impl BrokerFaults {
+    pub fn new() -> Self {
+        Self {
+            watermark: watermark(),
+            frozen: Default::default(),
+        }
+    }
+
+    /// Causes `fault` and undoes it: when this returns, the broker takes connections again
+    /// (and `exchange` exists again).
+    pub fn cause(&self, fault: Fault, exchange: &str) {
+        match fault {
+            Fault::StopApp => {
+                let stopped = AppStopped::stop();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                drop(stopped);
+            }
+            Fault::Kill => {
+                let pid = broker_pid();
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+                wait_for(20, "the killed process gone", || {
+                    nix::sys::signal::kill(pid, None).is_err()
+                });
+                let _ = std::process::Command::new("rabbitmq-server")
+                    .arg("-detached")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            Fault::CutTcp => super::sh(&["ss", "-K", "dst", "127.0.0.1", "dport", "=", "5672"]),
+            Fault::CloseAll => {
+                rabbitmqctl(&["close_all_connections", "test fault"]).expect("close_all");
+            }
+            Fault::Freeze(hold) => {
+                use nix::sys::signal::{Signal, kill};
+                let pid = broker_pid();
+                *self.frozen.lock().unwrap() = Some(pid);
+                kill(pid, Signal::SIGSTOP).unwrap();
+                std::thread::sleep(hold);
+                kill(pid, Signal::SIGCONT).unwrap();
+                *self.frozen.lock().unwrap() = None;
+            }
+            Fault::DeleteExchange => {
+                delete_exchange(exchange);
+                wait_for(30, "the exchange declared again", || {
+                    exchange_exists(exchange)
+                });
+            }
+            Fault::MemoryAlarm(hold) => {
+                let alarm = MemoryAlarm::raise();
+                std::thread::sleep(hold);
+                drop(alarm);
+                wait_for(20, "memory alarm cleared", || !memory_alarmed());
+            }
+        }
+        wait_for(60, "taking connections again", || {
+            // Cheap until the port is open (a broker boots in seconds).
+            std::net::TcpStream::connect("127.0.0.1:5672").is_ok() && broker_answers()
+        });
+    }
+}
+
+impl Drop for BrokerFaults {
+    fn drop(&mut self) {
+        if let Some(pid) = self.frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+        restore_broker(&self.watermark);
     }
 }

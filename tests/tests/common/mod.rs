@@ -427,3 +427,66 @@ impl Drop for NetNs {
 pub fn delta(before: &Counters, after: &Counters, c: Counter) -> u64 {
     after.get(c) - before.get(c)
 }
+
+/// `SELECT s, n`: query `n` of test session `s`, as a COM_QUERY packet.
+pub fn numbered_query(s: usize, n: u32) -> Vec<u8> {
+    let sql = format!("SELECT {s}, {n}");
+    let mut p = ((sql.len() + 1) as u32).to_le_bytes()[..3].to_vec();
+    p.extend_from_slice(&[0, collector::protocol::command::QUERY]);
+    p.extend_from_slice(sql.as_bytes());
+    p
+}
+
+/// The published stream of test session `s` as its commands: the number of each
+/// [`numbered_query`], or None for a COM_QUIT.
+pub fn numbered_commands(stream: &[u8], s: usize) -> Vec<Option<u32>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < stream.len() {
+        let len = u32::from_le_bytes([stream[i], stream[i + 1], stream[i + 2], 0]) as usize;
+        let packet = &stream[i..i + 4 + len];
+        if packet == collector::encode::COM_QUIT {
+            out.push(None);
+        } else {
+            let sql = std::str::from_utf8(&packet[5..]).unwrap();
+            let (who, n) = sql["SELECT ".len()..].split_once(", ").unwrap();
+            assert_eq!(
+                who.parse::<usize>().unwrap(),
+                s,
+                "a unit of another session"
+            );
+            out.push(Some(n.parse().unwrap()));
+        }
+        i += 4 + len;
+    }
+    out
+}
+
+/// Checks the commands of a session that lost units on the way: in order, a jump only right
+/// after a COM_QUIT of the agent's, its last query `sent - 1`, its own COM_QUIT last. Returns
+/// how many COM_QUITs stood for losses.
+pub fn check_ended_at_losses(got: &[Option<u32>], sent: u32, what: &str) -> u64 {
+    let mut next = 0;
+    let mut after_quit = false;
+    let mut quits = 0;
+    for (i, c) in got.iter().enumerate() {
+        match c {
+            Some(n) => {
+                assert!(
+                    *n == next || (after_quit && *n > next),
+                    "{what}: query {n} at {i}, expected {next}"
+                );
+                next = n + 1;
+                after_quit = false;
+            }
+            None if i + 1 == got.len() => {}
+            None => {
+                quits += 1;
+                after_quit = true;
+            }
+        }
+    }
+    assert_eq!(next, sent, "{what}: its last query arrived");
+    assert_eq!(got.last(), Some(&None), "{what}: ends with its own quit");
+    quits
+}
