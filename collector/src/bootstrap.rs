@@ -3,7 +3,7 @@
 //! Sessions open before capture began never send their default database again, so the
 //! consumer gets a synthetic COM_INIT_DB unit for each; sessions that vanish get a synthetic
 //! COM_QUIT. This module reads the process list and maps its rows to the sessions the capture
-//! sees; [`crate::flow::Pipeline`] puts the units into each session's own publisher queue,
+//! sees; [`crate::pipeline::Pipeline`] puts the units into each session's own publisher queue,
 //! in order with the session's captured segments.
 //!
 //! MariaDB lists a client as `ip:port`, or as `name:port` when its address resolves (loopback
@@ -21,7 +21,7 @@ use foldhash::{HashMap, HashSet};
 use mysql_async::prelude::Queryable as _;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{flow::SessionKey, status::PipelineCounters};
+use crate::{status::PipelineCounters, types::SessionKey};
 
 #[derive(Clone, Debug)]
 pub struct MysqlConfig {

@@ -709,14 +709,6 @@ fn check_privileges() -> Result<(), CaptureError> {
 }
 
 /// The interface's index, or an error listing the interfaces that do exist.
-/// CLOCK_MONOTONIC in ns: the clock of the kernel program's record times
-/// (`bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 pub fn interface_index(name: &str) -> Result<u32, CaptureError> {
     nix::net::if_::if_nametoindex(name).map_err(|_| CaptureError::UnknownInterface {
         name: name.into(),

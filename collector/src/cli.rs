@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     capture::{AttachMode, CaptureConfig, Transport},
+    inspect::{InspectConfig, Source},
     publish::BrokerConfig,
 };
 
@@ -355,6 +356,27 @@ pub struct PublishFile {
 
     #[command(flatten)]
     pub rabbitmq: RabbitArgs,
+}
+
+impl Inspect {
+    pub fn config(&self) -> InspectConfig {
+        let source = if let Some(path) = &self.from_file {
+            Source::File(path.clone())
+        } else if let Some(queue) = &self.from_queue {
+            Source::Queue {
+                queue: queue.clone(),
+                broker: self.rabbitmq.config(),
+            }
+        } else {
+            let interface = self.interface.as_deref().expect("clap requires one source");
+            Source::Kernel(self.capture.config(interface))
+        };
+        InspectConfig {
+            source,
+            json: self.json,
+            full: self.full,
+        }
+    }
 }
 
 impl Run {

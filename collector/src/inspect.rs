@@ -8,6 +8,7 @@ use std::{
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
     net::IpAddr,
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -28,20 +29,19 @@ use tokio::{
 };
 
 use crate::{
-    capture::{self, Capture, Record, RecordSink},
-    cli::Inspect,
+    capture::{self, Capture, CaptureConfig, Record, RecordSink},
     encode,
-    flow::{FlowKey, Flows, Output, Segment, SessionKey},
     protocol::{self, HandshakeResponse, Packets, capability},
-    publish,
+    publish::{self, BrokerConfig},
     recording::Reader,
+    session::{Output, SEMI_SYNC_ACK},
     status::PipelineCounters,
+    tcp::{Flows, Segment},
+    types::{FlowKey, SessionKey},
 };
 
 /// A packet of this payload length is continued by the next one.
 const MAX_PAYLOAD: usize = 0xff_ffff;
-/// The magic byte of a semi-sync replica's ACK, where a command byte would be.
-const SEMI_SYNC_ACK: u8 = 0xef;
 /// Bytes a session may buffer for one (multi-packet) command before it is skipped.
 const MAX_COMMAND: usize = 64 << 20;
 
@@ -476,24 +476,44 @@ pub fn to_json(l: &Line) -> String {
     Value::Object(o).to_string()
 }
 
+/// Where `inspect` reads from.
+pub enum Source {
+    /// The kernel: the capture programs attached with this configuration.
+    Kernel(CaptureConfig),
+    /// MRTE messages consumed from a queue.
+    Queue { queue: String, broker: BrokerConfig },
+    /// A recording (its first file).
+    File(PathBuf),
+}
+
+/// What `inspect` does.
+pub struct InspectConfig {
+    pub source: Source,
+    /// One JSON object per line instead of text.
+    pub json: bool,
+    /// Whole SQL text and arguments, not cut to the terminal width.
+    pub full: bool,
+}
+
 /// `inspect`: from the kernel, a queue or a recording.
-pub async fn run(args: Inspect) -> anyhow::Result<()> {
-    let mut printer = Printer::new(args.json, args.full);
+pub async fn run(cfg: InspectConfig) -> anyhow::Result<()> {
+    let mut printer = Printer::new(cfg.json, cfg.full);
     let mut decoder = Decoder::default();
-    if let Some(path) = &args.from_file {
-        let mut reader = Reader::open(path)?;
-        let mut lines = Vec::new();
-        while let Some(m) = reader.next_message()? {
-            feed_message(&mut decoder, &m, &mut lines);
-            if !printer.print(&mut lines) {
-                break;
+    match &cfg.source {
+        Source::File(path) => {
+            let mut reader = Reader::open(path)?;
+            let mut lines = Vec::new();
+            while let Some(m) = reader.next_message()? {
+                feed_message(&mut decoder, &m, &mut lines);
+                if !printer.print(&mut lines) {
+                    break;
+                }
             }
         }
-    } else if let Some(queue) = &args.from_queue {
-        from_queue(&args, queue, &mut decoder, &mut printer).await?;
-    } else {
-        let interface = args.interface.as_deref().expect("clap requires one source");
-        live(&args, interface, &mut decoder, &mut printer).await?;
+        Source::Queue { queue, broker } => {
+            from_queue(broker, queue, &mut decoder, &mut printer).await?
+        }
+        Source::Kernel(capture) => live(capture, &mut decoder, &mut printer).await?,
     }
     tracing::info!(
         lines = printer.lines,
@@ -517,13 +537,12 @@ fn feed_message(decoder: &mut Decoder, message: &[u8], lines: &mut Vec<Line>) {
 }
 
 async fn from_queue(
-    args: &Inspect,
+    cfg: &BrokerConfig,
     queue: &str,
     decoder: &mut Decoder,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
-    let cfg = args.rabbitmq.config();
-    let conn = publish::login(&cfg).await?;
+    let conn = publish::login(cfg).await?;
     let channel = conn.create_channel().await.context("opening a channel")?;
     let mut consumer = channel
         .basic_consume(
@@ -628,17 +647,15 @@ impl RecordSink for Live<'_> {
 }
 
 async fn live(
-    args: &Inspect,
-    interface: &str,
+    cfg: &CaptureConfig,
     decoder: &mut Decoder,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
-    let cfg = args.capture.config(interface);
     cfg.check()?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let realtime = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
-    let mut capture = Capture::attach(&cfg)?;
+    let mut capture = Capture::attach(cfg)?;
     let mut sink = Live {
         // Replication stays in: the view shows replicas' dumps and semi-sync ACKs.
         flows: Flows::new(true),
@@ -647,9 +664,9 @@ async fn live(
         out: Vec::new(),
         lines: Vec::new(),
         now: Instant::now(),
-        realtime_offset: realtime - capture::monotonic_ns() as i64,
+        realtime_offset: realtime - crate::types::monotonic_ns() as i64,
     };
-    tracing::info!(%interface, ports = ?cfg.ports, "inspecting; Ctrl-C stops");
+    tracing::info!(interface = %cfg.interface, ports = ?cfg.ports, "inspecting; Ctrl-C stops");
     let result = async {
         let mut drain = capture.take_drain()?.expect("fresh capture has its ring");
         loop {
@@ -691,7 +708,7 @@ async fn live(
     let added_clsact = capture.added_clsact();
     capture.detach()?;
     if added_clsact {
-        capture::remove_clsact_if_unused(interface);
+        capture::remove_clsact_if_unused(&cfg.interface);
     }
     result
 }

@@ -1,12 +1,16 @@
 //! mrte-collector: eBPF capture of MySQL client traffic, published for replay in the MRTE
 //! format.
 //!
-//! Records flow capture → flow → publish (fan-out, encode, RabbitMQ); bootstrap feeds flow
-//! with what the MySQL process list says; status reports on all.
+//! Records flow one way: capture → tcp → session → publish (fan-out, encode, RabbitMQ or a
+//! recording); the bootstrap feeds the pipeline with what the MySQL process list says; status
+//! reports on all. docs/architecture.md draws the stages.
 //!
 //! - [`capture`]: loads and attaches the TC program, drains its ring buffer into [`capture::Record`]s.
-//! - [`flow`]: each session's byte stream exactly once and in order (retransmissions,
-//!   reordering, gaps), replication left out.
+//! - [`tcp`]: each connection's client byte stream exactly once and in order
+//!   (retransmissions, reordering, gaps, SYN/FIN/RST).
+//! - [`session`]: each connection's MySQL packets: replication left out, prepared statements
+//!   as text.
+//! - [`types`]: the session and connection keys, the record clock.
 //! - [`pipeline`]: the agent's record sink: own connection left out, segments held for the
 //!   bootstrap, flows, fan-out.
 //! - [`bootstrap`]: the MySQL process list: COM_INIT_DB for sessions open before capture,
@@ -29,7 +33,6 @@ pub mod bootstrap;
 pub mod capture;
 pub mod cli;
 pub mod encode;
-pub mod flow;
 pub mod inspect;
 pub mod instance;
 pub mod memory;
@@ -39,4 +42,7 @@ pub mod prepared;
 pub mod protocol;
 pub mod publish;
 pub mod recording;
+pub mod session;
 pub mod status;
+pub mod tcp;
+pub mod types;

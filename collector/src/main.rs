@@ -6,15 +6,16 @@ use collector::{
     bootstrap::{self, Mysql, MysqlConfig},
     capture::{self, Capture},
     cli::{Cli, Command, OnOff, Output, Run, StatusFormat},
-    flow::{Flows, SessionKey},
     inspect,
     instance::Instance,
     memory::{self, MemoryBudget, MemoryPlan},
     metrics,
     pipeline::Pipeline,
     publish::{self, BatchLimits, Broker, Fanout, PublisherShared},
-    recording::{self, Recorder},
+    recording::Recorder,
     status::{BrokerStatus, PipelineCounters, StatusLine, Totals, if_rx_dropped},
+    tcp::Flows,
+    types::SessionKey,
 };
 use collector_common::Counters;
 use tokio::{
@@ -47,8 +48,10 @@ fn main() -> ExitCode {
     let work = async {
         match cli.command {
             None => run(cli.run).await,
-            Some(Command::Inspect(args)) => inspect::run(args).await,
-            Some(Command::PublishFile(args)) => recording::publish_file(args).await,
+            Some(Command::Inspect(args)) => inspect::run(args.config()).await,
+            Some(Command::PublishFile(args)) => {
+                publish::publish_file(&args.path, &args.rabbitmq.config()).await
+            }
         }
     };
     let code = match runtime.block_on(work) {

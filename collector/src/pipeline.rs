@@ -15,11 +15,13 @@ use crate::{
     bootstrap::{Event, Pass, Session, Snapshot},
     capture::{Record, RecordKind, RecordSink},
     encode,
-    flow::{FlowKey, Flows, Output, Segment, SessionKey},
     memory::MemoryPlan,
     protocol::{changes_database, is_handshake_response},
     publish::Fanout,
+    session::Output,
     status::PipelineCounters,
+    tcp::{Flows, Segment},
+    types::{FlowKey, SessionKey},
 };
 
 /// Longest a segment is held back while a process-list read decides on its session.

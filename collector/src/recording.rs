@@ -7,20 +7,9 @@ use std::{
     io::{self, BufReader, BufWriter, Write as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use anyhow::Context as _;
-use lapin::{
-    BasicProperties, Confirmation,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
-
-use crate::{
-    cli::PublishFile,
-    encode,
-    publish::{Broker, message_properties},
-};
+use crate::encode;
 
 /// Largest message a recording may hold: what a batch can grow to (`--batch_bytes` at most
 /// 64 MiB, plus one segment).
@@ -259,81 +248,6 @@ fn read_full(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
-}
-
-/// A broker operation under the `--rabbitmq_timeout` deadline.
-async fn within<T>(
-    timeout: Duration,
-    f: impl Future<Output = lapin::Result<T>>,
-) -> anyhow::Result<T> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => anyhow::bail!("no answer within {timeout:?} (--rabbitmq_timeout)"),
-    }
-}
-
-/// `publish-file`: every message of the recording to the exchange, in the recorded order, on
-/// one channel (so every session's order is kept). The whole recording is checked before the
-/// first message goes out: a cut or damaged recording publishes nothing.
-pub async fn publish_file(args: PublishFile) -> anyhow::Result<()> {
-    let (mut messages, mut units, mut bytes) = (0u64, 0u64, 0u64);
-    let mut check = Reader::open(&args.path)?;
-    while let Some(m) = check.next_message()? {
-        messages += 1;
-        units += encode::decode_message(&m).map_or(0, |m| m.units.len() as u64);
-        bytes += m.len() as u64;
-    }
-    let files = check.files;
-    let cfg = args.rabbitmq.config();
-    let broker = Broker::connect(&cfg, Default::default()).await?;
-    let channel = broker.open_channel().await?;
-    if cfg.confirm {
-        within(
-            cfg.timeout,
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await
-        .context("turning on publisher confirms")?;
-    }
-    let props: BasicProperties = message_properties();
-    let mut reader = Reader::open(&args.path)?;
-    let mut confirms = Vec::new();
-    while let Some(m) = reader.next_message()? {
-        let publish = channel.basic_publish(
-            cfg.exchange.as_str().into(),
-            cfg.routing_key.as_str().into(),
-            BasicPublishOptions::default(),
-            &m,
-            props.clone(),
-        );
-        let confirm = within(cfg.timeout, publish)
-            .await
-            .with_context(|| format!("publishing to {}", broker.addr()))?;
-        if cfg.confirm {
-            confirms.push(confirm);
-        }
-    }
-    let mut nacked = 0;
-    for c in confirms {
-        if let Confirmation::Nack(_) = within(cfg.timeout, c)
-            .await
-            .context("waiting for the broker's confirms")?
-        {
-            nacked += 1;
-        }
-    }
-    broker.close().await;
-    if nacked > 0 {
-        anyhow::bail!("the broker nacked {nacked} of {messages} messages");
-    }
-    println!(
-        "published {messages} messages ({units} units, {bytes} bytes) from {files} file(s) of \
-         {} to exchange {:?} at {}",
-        args.path.display(),
-        cfg.exchange,
-        broker.addr()
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -548,7 +548,7 @@ impl Publisher {
     /// one), and its capture-to-publish latency.
     fn published(&self, batch: &Batch) {
         if batch.captured != 0 {
-            let ns = crate::capture::monotonic_ns().saturating_sub(batch.captured);
+            let ns = crate::types::monotonic_ns().saturating_sub(batch.captured);
             self.shared.latency.observe(ns as f64 / 1e9);
         }
         PipelineCounters::add(&self.shared.counters.published_msgs, 1);
