@@ -109,8 +109,12 @@ pub enum CaptureError {
         #[source]
         source: aya::maps::perf::PerfBufferError,
     },
-    #[error("BPF_PROG_TEST_RUN")]
-    TestRun(#[source] io::Error),
+    #[error("BPF_PROG_TEST_RUN of {name}")]
+    TestRun {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
     #[error("listing online CPUs ({0})")]
     Cpus(&'static str, #[source] io::Error),
 }
@@ -1025,59 +1029,24 @@ impl Capture {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRun, CaptureError> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
-        // `union bpf_attr`'s `test` member, up to `batch_size` (include/uapi/linux/bpf.h).
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestAttr {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-            ctx_size_in: u32,
-            ctx_size_out: u32,
-            ctx_in: u64,
-            ctx_out: u64,
-            flags: u32,
-            cpu: u32,
-            batch_size: u32,
-            _pad: u32,
-        }
-        let fd = self
-            .program(name)?
-            .fd()
-            .map_err(|source| CaptureError::Load { name, source })?;
+        use aya::programs::{TestRun as _, TestRunOptions};
         let mut out = vec![0u8; frame.len() + 256];
-        let mut attr = TestAttr {
-            prog_fd: fd.as_fd().as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            data_size_out: out.len() as u32,
-            data_out: out.as_mut_ptr() as u64,
-            repeat,
-            ..Default::default()
-        };
-        // SAFETY: attr is a valid bpf_attr prefix; the kernel reads `frame` and writes `attr`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestAttr,
-                std::mem::size_of::<TestAttr>(),
-            )
-        };
-        if ret < 0 {
-            return Err(CaptureError::TestRun(io::Error::last_os_error()));
-        }
-        out.truncate(attr.data_size_out as usize);
+        let result = self
+            .program(name)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|source| CaptureError::TestRun {
+                name,
+                source: Box::new(source),
+            })?;
+        out.truncate(result.data_size_out as usize);
         Ok(TestRun {
-            retval: attr.retval as i32,
-            duration_ns: attr.duration,
+            retval: result.return_value as i32,
+            duration_ns: result.duration.as_nanos() as u32,
             frame_out: out,
         })
     }

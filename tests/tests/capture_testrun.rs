@@ -18,9 +18,12 @@ const CONTINUE: i32 = -1;
 const REFUSED: [&str; 2] = ["IPv4 header cut", "IPv6 header cut"];
 
 fn refused(run: Result<collector::capture::TestRun, collector::capture::CaptureError>) -> bool {
+    use aya::programs::ProgramError;
     matches!(
         run,
-        Err(collector::capture::CaptureError::TestRun(e)) if e.raw_os_error() == Some(libc::EINVAL)
+        Err(collector::capture::CaptureError::TestRun { source, .. })
+            if matches!(&*source, ProgramError::SyscallError(e)
+                if e.io_error.raw_os_error() == Some(libc::EINVAL))
     )
 }
 
