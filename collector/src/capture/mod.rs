@@ -1,41 +1,37 @@
-//! Capture: loads the TC programs (ingress; egress when prepared statements are followed),
-//! attaches them, and drains their ring buffer into typed [`Record`]s handed to a
-//! [`RecordSink`].
+//! Capture, the source stage: loads the TC programs (ingress; egress when prepared statements
+//! are followed) and attaches them (this file); [`drain`] reads their ring buffer into typed
+//! [`Record`]s handed to a [`RecordSink`]; `iface` and `qdisc` are the interface helpers
+//! (privileges, index, address, framing; the clsact qdisc over rtnetlink).
 //!
 //! Attach is TCX-first: a TCX link is owned by the agent's file descriptor, so the kernel
 //! detaches it by itself if the agent dies. Kernels without TCX get a clsact qdisc and a netlink
 //! filter, both removed on drop (the qdisc only if this agent added it).
 
-use std::{
-    io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::OwnedFd,
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{io, os::fd::OwnedFd, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, MapData, MapError, PerCpuArray, RingBuf,
-        perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
-    },
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf, perf::PerfEventArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError, qdisc_add_clsact},
     },
 };
-use bytes::{Bytes, BytesMut};
 pub use collector_common::Transport;
 use collector_common::{
     COUNTER_COUNT, COUNTERS_EGRESS, COUNTERS_INGRESS, Counter, Counters, DEFAULT_RING_BYTES,
-    FAMILY_V4, KIND_CLIENT, KIND_PREPARE_REPLY, LinkKind, MAX_PORTS, RecordHeader,
+    LinkKind, MAX_PORTS,
 };
-use tokio::io::{Interest, unix::AsyncFd};
+
+pub mod drain;
+mod iface;
+mod qdisc;
+
+use drain::RawSource;
+pub use drain::{Drain, DrainStats, Record, RecordKind, RecordSink, SharedDrainStats, decode};
+use iface::{check_privileges, link_kind, page_size};
+pub use iface::{interface_index, interface_ipv4};
+pub use qdisc::{has_clsact, remove_clsact_if_unused};
 
 /// The kernel program, embedded at build time (see `build.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MRTE_EBPF_OBJECT"));
@@ -174,96 +170,6 @@ impl CaptureConfig {
             transport: Transport::RingClasses,
             wakeup_interval: DEFAULT_WAKEUP_INTERVAL,
             prepared: false,
-        }
-    }
-}
-
-/// What a [`Record`] carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecordKind {
-    /// A piece of a client's TCP stream (ingress).
-    Client,
-    /// The first bytes of a server's reply to a COM_STMT_PREPARE (egress): `src`/`sport` are
-    /// the server's. `awaiting`: PREPAREs of the connection unanswered when it left, this one
-    /// included (1 = the latest).
-    PrepareReply { awaiting: u8 },
-}
-
-/// One captured piece of a client's TCP stream, or of a server's reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub kind: RecordKind,
-    /// CLOCK_MONOTONIC nanoseconds when the kernel saw the segment.
-    pub ts_ns: u64,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub sport: u16,
-    pub dport: u16,
-    /// TCP sequence number of `data[0]`.
-    pub seq: u32,
-    pub tcp_flags: u8,
-    /// Payload length of the whole segment this record came from.
-    pub segment_len: u32,
-    /// Where `data` starts within that segment's payload.
-    pub offset: u32,
-    pub ifindex: u32,
-    pub data: Bytes,
-}
-
-impl Record {
-    /// The client's address and port: the source of client data, the destination of a reply.
-    pub fn client(&self) -> (IpAddr, u16) {
-        match self.kind {
-            RecordKind::Client => (self.src, self.sport),
-            RecordKind::PrepareReply { .. } => (self.dst, self.dport),
-        }
-    }
-
-    pub fn is_client(&self) -> bool {
-        self.kind == RecordKind::Client
-    }
-}
-
-/// Where drained records go: the later pipeline stages implement this.
-pub trait RecordSink {
-    fn push(&mut self, record: Record);
-    /// Called before each drain hands over its first record.
-    fn begin(&mut self) {}
-}
-
-/// What the drain handed over. `malformed` (an item shorter than its header says) should
-/// never move; `lost` is what the perf transport reports as dropped.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DrainStats {
-    pub records: u64,
-    pub bytes: u64,
-    pub malformed: u64,
-    pub lost: u64,
-}
-
-/// [`DrainStats`] readable from other tasks (the status line); published after each drain.
-#[derive(Debug, Default)]
-pub struct SharedDrainStats {
-    records: AtomicU64,
-    bytes: AtomicU64,
-    malformed: AtomicU64,
-    lost: AtomicU64,
-}
-
-impl SharedDrainStats {
-    fn publish(&self, s: &DrainStats) {
-        self.records.store(s.records, Ordering::Relaxed);
-        self.bytes.store(s.bytes, Ordering::Relaxed);
-        self.malformed.store(s.malformed, Ordering::Relaxed);
-        self.lost.store(s.lost, Ordering::Relaxed);
-    }
-
-    pub fn load(&self) -> DrainStats {
-        DrainStats {
-            records: self.records.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            malformed: self.malformed.load(Ordering::Relaxed),
-            lost: self.lost.load(Ordering::Relaxed),
         }
     }
 }
@@ -619,381 +525,6 @@ fn attach_program(
     }
 }
 
-/// Whether a line of `tc filter show` is a filter, not the header line of a (priority,
-/// protocol) group (`filter protocol all pref 7 bpf chain 0`), which the kernel may still list
-/// for a moment after its last filter went.
-fn is_filter_line(line: &str) -> bool {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let header = words.len() >= 2
-        && words[words.len() - 2] == "chain"
-        && words[words.len() - 1].parse::<u32>().is_ok();
-    !words.is_empty() && !header
-}
-
-/// Runs `tc` with `args`: its output, or `None` (logged) if it could not run or failed.
-fn tc(interface: &str, args: &[&str]) -> Option<String> {
-    match Command::new("tc").args(args).output() {
-        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
-        Ok(o) => {
-            tracing::warn!(
-                interface,
-                "tc {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            tracing::warn!(interface, "could not run tc: {e}");
-            None
-        }
-    }
-}
-
-/// Whether the interface has a clsact qdisc (`None`: `tc` failed, logged).
-pub fn has_clsact(interface: &str) -> Option<bool> {
-    tc(interface, &["qdisc", "show", "dev", interface]).map(|out| out.contains("clsact"))
-}
-
-/// Removes the interface's clsact qdisc unless a filter (anyone's) is still on it: `Some(true)`
-/// removed, `Some(false)` in use and left, `None` not there (or `tc` failed: logged). aya adds a
-/// clsact qdisc but has no call to remove one; iproute2's `tc` does.
-pub fn remove_clsact_if_unused(interface: &str) -> Option<bool> {
-    let tc = |args: &[&str]| tc(interface, args);
-    if !has_clsact(interface)? {
-        return None;
-    }
-    for side in ["ingress", "egress"] {
-        if tc(&["filter", "show", "dev", interface, side])?
-            .lines()
-            .any(is_filter_line)
-        {
-            tracing::info!(
-                interface,
-                "left the clsact qdisc we added: another filter uses it"
-            );
-            return Some(false);
-        }
-    }
-    tc(&["qdisc", "del", "dev", interface, "clsact"])?;
-    tracing::info!(interface, "removed the clsact qdisc we added");
-    Some(true)
-}
-
-/// Reads the effective capability set: loading needs CAP_BPF (or CAP_SYS_ADMIN) and attaching
-/// needs CAP_NET_ADMIN; checking first gives a clearer message than the kernel's EPERM.
-fn check_privileges() -> Result<(), CaptureError> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let Some(eff) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-    else {
-        // No /proc: let the kernel decide.
-        return Ok(());
-    };
-    let has = |cap: u32| eff & (1u64 << cap) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF");
-    }
-    if !has(CAP_NET_ADMIN) {
-        missing.push("CAP_NET_ADMIN");
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(CaptureError::NotPrivileged {
-            missing: missing.join(" and "),
-        })
-    }
-}
-
-/// The interface's index, or an error listing the interfaces that do exist.
-pub fn interface_index(name: &str) -> Result<u32, CaptureError> {
-    nix::net::if_::if_nametoindex(name).map_err(|_| CaptureError::UnknownInterface {
-        name: name.into(),
-        available: nix::net::if_::if_nameindex()
-            .map(|list| {
-                list.iter()
-                    .map(|i| i.name().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default(),
-    })
-}
-
-/// The interface's first IPv4 address: LOCAL_IP in every MRTE message.
-pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr, CaptureError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| CaptureError::Addresses(e.into()))?;
-    addrs
-        .filter(|a| a.interface_name == name)
-        .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
-        .ok_or_else(|| CaptureError::NoIpv4 { name: name.into() })
-}
-
-/// The framing the program must parse, from the interface's ARPHRD type.
-fn link_kind(name: &str) -> Result<LinkKind, CaptureError> {
-    const ARPHRD_ETHER: u32 = 1;
-    const ARPHRD_PPP: u32 = 512;
-    const ARPHRD_RAWIP: u32 = 519;
-    const ARPHRD_LOOPBACK: u32 = 772;
-    const ARPHRD_NONE: u32 = 65534;
-    let arphrd = std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .unwrap_or(ARPHRD_ETHER);
-    match arphrd {
-        ARPHRD_ETHER | ARPHRD_LOOPBACK => Ok(LinkKind::Ethernet),
-        ARPHRD_NONE | ARPHRD_RAWIP | ARPHRD_PPP => Ok(LinkKind::RawIp),
-        arphrd => Err(CaptureError::UnsupportedLink {
-            name: name.into(),
-            arphrd,
-        }),
-    }
-}
-
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u32 }
-}
-
-/// The record buffer as the loader hands it over.
-enum RawSource {
-    Ring(RingBuf<MapData>),
-    Perf(Vec<PerfEventArrayBuffer<MapData>>),
-}
-
-/// The record buffer registered with tokio: wakes on epoll, never sleep-polls.
-enum Source {
-    Ring(AsyncFd<RingBuf<MapData>>),
-    Perf(Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>),
-}
-
-/// Drains the record buffer into a [`RecordSink`].
-pub struct Drain {
-    source: Source,
-    /// The kernel skips wake-ups for records within its wake-up interval; after a drain that
-    /// found records, look once more this long after it (none while idle).
-    recheck_after: Duration,
-    recheck_at: Option<tokio::time::Instant>,
-    /// Arena the records' payloads are copied into; split off per record so that one
-    /// allocation serves many records.
-    arena: BytesMut,
-    pub stats: DrainStats,
-    shared: Arc<SharedDrainStats>,
-}
-
-const ARENA_CHUNK: usize = 1 << 20;
-
-fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, CaptureError> {
-    // SAFETY: the map (or perf buffer) owns its fd for as long as the AsyncFd owns it.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|e| CaptureError::Ring(e.into()))
-}
-
-impl Drain {
-    fn new(source: RawSource, recheck_after: Duration) -> Result<Self, CaptureError> {
-        let source = match source {
-            RawSource::Ring(ring) => Source::Ring(register(ring)?),
-            RawSource::Perf(bufs) => {
-                Source::Perf(bufs.into_iter().map(register).collect::<Result<_, _>>()?)
-            }
-        };
-        Ok(Self {
-            source,
-            recheck_after,
-            recheck_at: None,
-            arena: BytesMut::with_capacity(ARENA_CHUNK),
-            stats: DrainStats::default(),
-            shared: Arc::default(),
-        })
-    }
-
-    /// The drain's counters, for another task to read.
-    pub fn shared_stats(&self) -> Arc<SharedDrainStats> {
-        self.shared.clone()
-    }
-
-    /// Waits until the buffer has records (or a re-check is due), then hands all of them to
-    /// `sink`.
-    pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
-        match &self.source {
-            Source::Ring(ring) => {
-                let recheck = self.recheck_at;
-                tokio::select! {
-                    guard = ring.readable() => {
-                        // Cleared before draining: data arriving meanwhile wakes us again.
-                        guard.map_err(CaptureError::Ring)?.clear_ready();
-                    }
-                    _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)),
-                        if recheck.is_some() =>
-                    {
-                        // Only the re-check itself, finding nothing, ends the re-checking: a
-                        // wake-up for records already drained must not cancel it while records
-                        // submitted without a wake-up may still follow.
-                        self.recheck_at = None;
-                    }
-                }
-            }
-            Source::Perf(bufs) => {
-                let ready = bufs.iter().map(|b| Box::pin(b.readable()));
-                let (guard, _, _) = futures_util::future::select_all(ready).await;
-                guard.map_err(CaptureError::Ring)?.clear_ready();
-            }
-        }
-        let n = self.drain_now(sink);
-        if n > 0 && !self.recheck_after.is_zero() {
-            self.recheck_at = Some(tokio::time::Instant::now() + self.recheck_after);
-        }
-        Ok(n)
-    }
-
-    /// Hands over whatever is in the buffer now, without waiting.
-    pub fn drain_now(&mut self, sink: &mut impl RecordSink) -> usize {
-        sink.begin();
-        let n = match &mut self.source {
-            Source::Ring(ring) => {
-                drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
-            }
-            Source::Perf(bufs) => bufs
-                .iter_mut()
-                .map(|b| drain_perf(b.get_mut(), &mut self.arena, &mut self.stats, sink))
-                .sum(),
-        };
-        self.shared.publish(&self.stats);
-        n
-    }
-
-    /// Drains until `shutdown` completes, then once more for what arrived meanwhile.
-    pub async fn run(
-        &mut self,
-        sink: &mut impl RecordSink,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), CaptureError> {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                r = self.drain_once(sink) => { r?; }
-                _ = &mut shutdown => break,
-            }
-        }
-        self.drain_now(sink);
-        Ok(())
-    }
-}
-
-fn deliver(
-    item: &[u8],
-    arena: &mut BytesMut,
-    stats: &mut DrainStats,
-    sink: &mut impl RecordSink,
-) -> usize {
-    match decode(item, arena) {
-        Some(rec) => {
-            stats.records += 1;
-            stats.bytes += rec.data.len() as u64;
-            sink.push(rec);
-            1
-        }
-        None => {
-            stats.malformed += 1;
-            0
-        }
-    }
-}
-
-fn drain_ring(
-    ring: &mut RingBuf<MapData>,
-    arena: &mut BytesMut,
-    stats: &mut DrainStats,
-    sink: &mut impl RecordSink,
-) -> usize {
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        n += deliver(&item, arena, stats, sink);
-    }
-    n
-}
-
-fn drain_perf(
-    buf: &mut PerfEventArrayBuffer<MapData>,
-    arena: &mut BytesMut,
-    stats: &mut DrainStats,
-    sink: &mut impl RecordSink,
-) -> usize {
-    let mut n = 0;
-    let mut joined = Vec::new();
-    buf.for_each(|ev| match ev {
-        PerfEvent::Sample { head, tail: [] } => {
-            n += deliver(head, arena, stats, sink);
-        }
-        PerfEvent::Sample { head, tail } => {
-            // A sample that wraps around the end of the buffer.
-            joined.clear();
-            joined.extend_from_slice(head);
-            joined.extend_from_slice(tail);
-            n += deliver(&joined, arena, stats, sink);
-        }
-        PerfEvent::Lost { count } => stats.lost += count,
-    });
-    n
-}
-
-/// Decodes one ring buffer item (header + payload) into a [`Record`].
-pub fn decode(item: &[u8], arena: &mut BytesMut) -> Option<Record> {
-    const H: usize = std::mem::size_of::<RecordHeader>();
-    if item.len() < H {
-        return None;
-    }
-    // SAFETY: RecordHeader is Pod, and `item` has at least H bytes.
-    let hdr: RecordHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    let start = H + hdr.data_skip as usize;
-    let payload = item.get(start..start + hdr.cap_len as usize)?;
-    if arena.capacity() - arena.len() < payload.len() {
-        *arena = BytesMut::with_capacity(ARENA_CHUNK.max(payload.len()));
-    }
-    arena.extend_from_slice(payload);
-    let data = arena.split().freeze();
-    let (src, dst) = if hdr.family == FAMILY_V4 {
-        (v4(&hdr.saddr), v4(&hdr.daddr))
-    } else {
-        (
-            IpAddr::V6(Ipv6Addr::from(hdr.saddr)),
-            IpAddr::V6(Ipv6Addr::from(hdr.daddr)),
-        )
-    };
-    let kind = match hdr.kind {
-        KIND_CLIENT => RecordKind::Client,
-        KIND_PREPARE_REPLY => RecordKind::PrepareReply {
-            awaiting: hdr.awaiting,
-        },
-        _ => return None,
-    };
-    Some(Record {
-        kind,
-        ts_ns: hdr.ts_ns,
-        src,
-        dst,
-        sport: hdr.sport,
-        dport: hdr.dport,
-        seq: hdr.seq,
-        tcp_flags: hdr.tcp_flags,
-        segment_len: hdr.payload_len,
-        offset: hdr.offset,
-        ifindex: hdr.ifindex,
-        data,
-    })
-}
-
-fn v4(a: &[u8; 16]) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
-}
-
 /// Turns on the kernel's BPF run-time statistics while the returned fd lives.
 pub fn enable_bpf_stats() -> Result<OwnedFd, aya::sys::SyscallError> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -1049,22 +580,5 @@ impl Capture {
             duration_ns: result.duration.as_nanos() as u32,
             frame_out: out,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filter_lines_and_group_headers() {
-        assert!(!is_filter_line("filter protocol all pref 7 bpf chain 0 "));
-        assert!(!is_filter_line(""));
-        assert!(is_filter_line(
-            "filter protocol all pref 7 bpf chain 0 handle 0x1 not_in_hw bytecode '1,6 0 0 0'"
-        ));
-        assert!(is_filter_line(
-            "filter protocol all pref 49152 u32 chain 0 fh 800: ht divisor 1"
-        ));
     }
 }
