@@ -7,9 +7,11 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    agent::AgentConfig,
+    bootstrap::MysqlConfig,
     capture::{AttachMode, CaptureConfig, Transport},
     inspect::{InspectConfig, Source},
-    publish::BrokerConfig,
+    publish::{BatchLimits, BrokerConfig},
 };
 
 #[derive(Debug, Clone, Parser)]
@@ -193,8 +195,8 @@ pub struct CaptureArgs {
 
     /// How to attach: tcx (kernel 6.6+, detached by the kernel if the agent dies), netlink
     /// (clsact qdisc + filter), or auto (tcx where the kernel has it).
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto, help_heading = "Capture")]
-    pub attach_mode: AttachMode,
+    #[arg(long, value_enum, default_value_t = AttachModeArg::Auto, help_heading = "Capture")]
+    pub attach_mode: AttachModeArg,
 
     /// How records reach user space: ring (BPF ring buffer, record sized to the payload),
     /// ring_fixed (ring buffer, every record 16 KiB) or perf (per-CPU perf buffers, the skb
@@ -224,7 +226,7 @@ impl CaptureArgs {
             ports: self.port.clone(),
             snap_len: self.snapshot_len,
             ring_bytes: self.ring_buffer_mb << 20,
-            attach_mode: self.attach_mode,
+            attach_mode: self.attach_mode.into(),
             transport: self.transport.into(),
             wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
             prepared: false,
@@ -380,6 +382,54 @@ impl Inspect {
 }
 
 impl Run {
+    /// The agent's configuration; flags that contradict each other are an error here.
+    pub fn config(&self) -> anyhow::Result<AgentConfig> {
+        let mut capture = self.capture.config(self.interface());
+        capture.prepared = self.prepared_statements == OnOff::On;
+        let (to_broker, to_file) = self.outputs();
+        if self
+            .output
+            .iter()
+            .filter(|o| matches!(o, Output::File(_)))
+            .count()
+            > 1
+        {
+            anyhow::bail!("--output: one file:PATH at most");
+        }
+        Ok(AgentConfig {
+            capture,
+            max_mem_mb: self.max_mem_mb,
+            ring_buffer_mb: self.capture.ring_buffer_mb.into(),
+            broker: to_broker.then(|| self.rabbitmq.config()),
+            recording: to_file.map(|path| (path.clone(), self.output_file_mb)),
+            metrics_addr: self.metrics_addr.clone(),
+            local_ip: self.local_ip,
+            snapshot_len: self.capture.snapshot_len,
+            mysql: MysqlConfig {
+                host: self.mysql_host.clone(),
+                port: self.mysql_port(),
+                user: self.mysql_user.clone(),
+                password: self.mysql_password.clone(),
+                server_ports: self.capture.port.clone(),
+                connect_timeout: Duration::from_secs(self.mysql_connect_timeout),
+                second_pass: Duration::from_millis(self.bootstrap_second_pass_ms),
+                gc_interval: Duration::from_secs(self.gc_interval),
+            },
+            mysql_optional: self.mysql_optional,
+            publishers: self.thread_count.into(),
+            queue_size: self.queue_size.map(u64::from),
+            batch: BatchLimits {
+                segments: self.batch_segments,
+                bytes: self.batch_bytes as usize,
+                max_wait: Duration::from_millis(self.read_timeout),
+            },
+            include_replication: self.include_replication,
+            bpf_stats: self.bpf_stats,
+            status_interval: Duration::from_secs(self.status_interval),
+            status_json: self.status_format == StatusFormat::Json,
+        })
+    }
+
     pub fn interface(&self) -> &str {
         self.interface
             .as_deref()
@@ -413,6 +463,24 @@ pub enum Output {
 pub enum StatusFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum AttachModeArg {
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+impl From<AttachModeArg> for AttachMode {
+    fn from(m: AttachModeArg) -> Self {
+        match m {
+            AttachModeArg::Auto => AttachMode::Auto,
+            AttachModeArg::Tcx => AttachMode::Tcx,
+            AttachModeArg::Netlink => AttachMode::Netlink,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -28,7 +28,9 @@
 //! - [`metrics`]: the Prometheus endpoint (`--metrics_addr`).
 //! - [`inspect`]: the `inspect` view: each session's commands, from the kernel, a queue or a
 //!   recording.
-//! - [`cli`]: command-line flags.
+//! - [`agent`]: every stage wired together: checks, start, the run loop, the orderly exit.
+//! - [`cli`]: command-line flags, turned into each module's configuration.
+pub mod agent;
 pub mod bootstrap;
 pub mod capture;
 pub mod cli;

@@ -3,13 +3,23 @@
 
 use std::{
     fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+    os::fd::OwnedFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
+use anyhow::Context as _;
+use aya::programs::ProgramInfo;
 use collector_common::{Counter, Counters};
 
-use crate::capture::DrainStats;
+use crate::{
+    capture::{self, Capture, DrainStats, SharedDrainStats},
+    memory::{self, MemoryBudget},
+    tcp::Flows,
+};
 
 /// Declares the user-side counters once: the shared atomics the pipeline bumps, and the plain
 /// snapshot the status line subtracts.
@@ -201,6 +211,106 @@ pub struct Totals {
     /// The process's resident set now and at its peak (VmRSS, VmHWM).
     pub rss: (u64, u64),
     pub broker: BrokerStatus,
+}
+
+/// Assembles [`Totals`] from what each stage shares: the drain's and the pipeline's
+/// counters, the queue budget, the interface's drop counter (since start).
+pub struct TotalsReader {
+    interface: String,
+    if_dropped_base: u64,
+    drain: Arc<SharedDrainStats>,
+    counters: Arc<PipelineCounters>,
+    budget: Arc<MemoryBudget>,
+}
+
+impl TotalsReader {
+    pub fn new(
+        interface: &str,
+        drain: Arc<SharedDrainStats>,
+        counters: Arc<PipelineCounters>,
+        budget: Arc<MemoryBudget>,
+    ) -> Self {
+        Self {
+            interface: interface.into(),
+            if_dropped_base: if_rx_dropped(interface),
+            drain,
+            counters,
+            budget,
+        }
+    }
+
+    /// The totals now: `kernel` holds the ingress and egress programs' counters, `waiting`
+    /// the batches in the publisher queues.
+    pub fn read(
+        &self,
+        (kernel, replies): (Counters, Counters),
+        waiting: u64,
+        flows: &Flows,
+        broker: BrokerStatus,
+    ) -> Totals {
+        Totals {
+            kernel,
+            replies,
+            drain: self.drain.load(),
+            pipeline: self.counters.load(),
+            if_dropped: if_rx_dropped(&self.interface).saturating_sub(self.if_dropped_base),
+            waiting,
+            flows: flows.len() as u64,
+            reorder_bytes: flows.pending_bytes() as u64,
+            queued_bytes: self.budget.used(),
+            rss: memory::rss(),
+            broker,
+        }
+    }
+}
+
+/// With `--bpf_stats`: the kernel's run-time statistics on while it lives, and the programs'
+/// run counts and time at start, for their cost per packet in the exit summary.
+pub struct KernelCost {
+    _stats: OwnedFd,
+    ingress: Option<ProgramInfo>,
+    egress: Option<ProgramInfo>,
+}
+
+impl KernelCost {
+    pub fn start(capture: &Capture, prepared: bool) -> anyhow::Result<Self> {
+        let stats = capture::enable_bpf_stats().context("enabling BPF run-time statistics")?;
+        Ok(Self {
+            _stats: stats,
+            ingress: capture.program_info().ok(),
+            egress: prepared
+                .then(|| capture.program_info_of(capture::REPLIES_PROGRAM_NAME).ok())
+                .flatten(),
+        })
+    }
+
+    /// Runs and average ns per run of each program since [`Self::start`], by summary name.
+    pub fn since(self, capture: &Capture) -> Vec<(&'static str, u64)> {
+        let mut cost = Vec::new();
+        for (before, name, [runs_name, ns_name]) in [
+            (
+                self.ingress,
+                capture::PROGRAM_NAME,
+                ["kernel_runs", "kernel_ns_per_packet"],
+            ),
+            (
+                self.egress,
+                capture::REPLIES_PROGRAM_NAME,
+                ["reply_kernel_runs", "reply_kernel_ns_per_packet"],
+            ),
+        ] {
+            let (Some(a), Ok(b)) = (before, capture.program_info_of(name)) else {
+                continue;
+            };
+            let runs = b.run_count() - a.run_count();
+            let ns = (b.run_time() - a.run_time()).as_nanos();
+            if runs > 0 {
+                cost.push((runs_name, runs));
+                cost.push((ns_name, (ns as f64 / runs as f64).round() as u64));
+            }
+        }
+        cost
+    }
 }
 
 /// Whether messages can go to the broker now.

@@ -116,7 +116,7 @@ pub enum CaptureError {
 }
 
 /// How to attach. `Auto` is TCX where the kernel has it (6.6+), netlink otherwise.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachMode {
     #[default]
     Auto,
