@@ -215,46 +215,6 @@ fn hex(b: &[u8]) -> String {
         })
 }
 
-/// The name of a command byte.
-pub fn command_name(c: u8) -> Option<&'static str> {
-    Some(match c {
-        0x00 => "COM_SLEEP",
-        0x01 => "COM_QUIT",
-        0x02 => "COM_INIT_DB",
-        0x03 => "COM_QUERY",
-        0x04 => "COM_FIELD_LIST",
-        0x05 => "COM_CREATE_DB",
-        0x06 => "COM_DROP_DB",
-        0x07 => "COM_REFRESH",
-        0x08 => "COM_SHUTDOWN",
-        0x09 => "COM_STATISTICS",
-        0x0a => "COM_PROCESS_INFO",
-        0x0b => "COM_CONNECT",
-        0x0c => "COM_PROCESS_KILL",
-        0x0d => "COM_DEBUG",
-        0x0e => "COM_PING",
-        0x0f => "COM_TIME",
-        0x10 => "COM_DELAYED_INSERT",
-        0x11 => "COM_CHANGE_USER",
-        0x12 => "COM_BINLOG_DUMP",
-        0x13 => "COM_TABLE_DUMP",
-        0x14 => "COM_CONNECT_OUT",
-        0x15 => "COM_REGISTER_SLAVE",
-        0x16 => "COM_STMT_PREPARE",
-        0x17 => "COM_STMT_EXECUTE",
-        0x18 => "COM_STMT_SEND_LONG_DATA",
-        0x19 => "COM_STMT_CLOSE",
-        0x1a => "COM_STMT_RESET",
-        0x1b => "COM_SET_OPTION",
-        0x1c => "COM_STMT_FETCH",
-        0x1d => "COM_DAEMON",
-        0x1e => "COM_BINLOG_DUMP_GTID",
-        0x1f => "COM_RESET_CONNECTION",
-        0xfa => "COM_STMT_BULK_EXECUTE",
-        _ => return None,
-    })
-}
-
 /// Describes one whole packet (`first`: the session's first one seen).
 fn describe(seq: u8, p: &[u8], first: bool) -> Described {
     let mut f = Map::new();
@@ -298,7 +258,7 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
         f.insert("binlog_pos".into(), pos.into());
         return Described::Command("SEMI_SYNC_ACK".into(), format!("{file}:{pos}"), f);
     }
-    let Some(name) = command_name(cmd) else {
+    let Some(name) = protocol::command::name(cmd) else {
         f.insert("command_byte".into(), cmd.into());
         return Described::Command(
             format!("COM_0x{cmd:02X}"),

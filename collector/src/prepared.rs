@@ -14,6 +14,8 @@ use std::{collections::VecDeque, fmt::Write as _};
 
 use foldhash::HashMap;
 
+use crate::protocol::{self, command};
+
 /// Column types of the binary protocol.
 pub mod types {
     pub const DECIMAL: u8 = 0x00;
@@ -241,13 +243,8 @@ impl<'a> Reader<'a> {
     }
 
     fn lenenc(&mut self, what: &'static str) -> Result<&'a [u8], RenderError> {
-        let len = match self.take(1, what)?[0] {
-            n @ 0..=0xfa => n as u64,
-            0xfc => self.le(2, what)?,
-            0xfd => self.le(3, what)?,
-            0xfe => self.le(8, what)?,
-            _ => return Err(RenderError::Truncated { what }),
-        };
+        let (len, rest) = protocol::lenenc(self.0).ok_or(RenderError::Truncated { what })?;
+        self.0 = rest;
         self.take(usize::try_from(len).unwrap_or(usize::MAX), what)
     }
 
@@ -502,26 +499,6 @@ fn quoted(t: &[u8], out: &mut Vec<u8>) {
     out.push(b'\'');
 }
 
-/// Command bytes of the prepared-statement commands.
-pub mod command {
-    pub const PREPARE: u8 = 0x16;
-    pub const EXECUTE: u8 = 0x17;
-    pub const SEND_LONG_DATA: u8 = 0x18;
-    pub const CLOSE: u8 = 0x19;
-    pub const RESET: u8 = 0x1a;
-    pub const FETCH: u8 = 0x1c;
-    /// MariaDB's array binding (many rows in one command).
-    pub const BULK_EXECUTE: u8 = 0xfa;
-
-    /// The commands a connection's [`super::Statements`] takes out of the stream.
-    pub fn is_statement(cmd: u8) -> bool {
-        matches!(
-            cmd,
-            PREPARE | EXECUTE | SEND_LONG_DATA | CLOSE | RESET | FETCH | BULK_EXECUTE
-        )
-    }
-}
-
 /// Most statements one connection keeps (the server's own default `max_prepared_stmt_count`
 /// is 16382 for all connections together).
 pub const MAX_STATEMENTS: usize = 16382;
@@ -670,7 +647,7 @@ impl Statements {
     /// byte): `Ok(Some(sql))` for an execute rendered as text, `Ok(None)` for one that only
     /// changes the statement, an error for what cannot be published.
     pub fn command(&mut self, cmd: u8, body: &[u8]) -> Result<Option<Vec<u8>>, StatementError> {
-        if cmd == command::BULK_EXECUTE {
+        if cmd == command::STMT_BULK_EXECUTE {
             return Err(StatementError::Bulk);
         }
         let id = body
@@ -678,7 +655,7 @@ impl Statements {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .ok_or(StatementError::Short { len: body.len() })?;
         match cmd {
-            command::EXECUTE => {
+            command::STMT_EXECUTE => {
                 let s = self.statement(id)?;
                 match s.execute(body) {
                     Ok(sql) => Ok(Some(sql)),
@@ -687,7 +664,7 @@ impl Statements {
             }
             // Of a statement not known, these change nothing that could be published: its
             // executes are what is counted.
-            command::SEND_LONG_DATA => {
+            command::STMT_SEND_LONG_DATA => {
                 let param = body
                     .get(4..6)
                     .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
@@ -697,13 +674,13 @@ impl Statements {
                 }
                 Ok(None)
             }
-            command::RESET => {
+            command::STMT_RESET => {
                 if let Ok(s) = self.statement(id) {
                     s.reset();
                 }
                 Ok(None)
             }
-            command::CLOSE => {
+            command::STMT_CLOSE => {
                 let id = if id == LAST_PREPARED {
                     self.latest.unwrap_or(id)
                 } else {
@@ -712,7 +689,7 @@ impl Statements {
                 self.known.remove(&id);
                 Ok(None)
             }
-            command::FETCH => Err(StatementError::Fetch),
+            command::STMT_FETCH => Err(StatementError::Fetch),
             _ => Ok(None),
         }
     }

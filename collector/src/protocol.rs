@@ -4,14 +4,83 @@
 
 /// Command bytes, the first payload byte of a packet with sequence number 0.
 pub mod command {
-    pub const QUIT: u8 = 0x01;
-    pub const INIT_DB: u8 = 0x02;
-    pub const QUERY: u8 = 0x03;
-    pub const PING: u8 = 0x0e;
-    pub const CHANGE_USER: u8 = 0x11;
-    pub const BINLOG_DUMP: u8 = 0x12;
-    pub const REGISTER_SLAVE: u8 = 0x15;
-    pub const BINLOG_DUMP_GTID: u8 = 0x1e;
+    use mysql_common::constants::Command as C;
+
+    pub const QUIT: u8 = C::COM_QUIT as u8;
+    pub const INIT_DB: u8 = C::COM_INIT_DB as u8;
+    pub const QUERY: u8 = C::COM_QUERY as u8;
+    pub const PING: u8 = C::COM_PING as u8;
+    pub const CHANGE_USER: u8 = C::COM_CHANGE_USER as u8;
+    pub const BINLOG_DUMP: u8 = C::COM_BINLOG_DUMP as u8;
+    pub const REGISTER_SLAVE: u8 = C::COM_REGISTER_SLAVE as u8;
+    pub const BINLOG_DUMP_GTID: u8 = C::COM_BINLOG_DUMP_GTID as u8;
+    pub const STMT_PREPARE: u8 = C::COM_STMT_PREPARE as u8;
+    pub const STMT_EXECUTE: u8 = C::COM_STMT_EXECUTE as u8;
+    pub const STMT_SEND_LONG_DATA: u8 = C::COM_STMT_SEND_LONG_DATA as u8;
+    pub const STMT_CLOSE: u8 = C::COM_STMT_CLOSE as u8;
+    pub const STMT_RESET: u8 = C::COM_STMT_RESET as u8;
+    pub const STMT_FETCH: u8 = C::COM_STMT_FETCH as u8;
+    /// MariaDB's array binding (many rows in one command).
+    pub const STMT_BULK_EXECUTE: u8 = C::COM_STMT_BULK_EXECUTE as u8;
+
+    /// The commands a connection's prepared statements take out of the stream.
+    pub fn is_statement(cmd: u8) -> bool {
+        matches!(
+            cmd,
+            STMT_PREPARE
+                | STMT_EXECUTE
+                | STMT_SEND_LONG_DATA
+                | STMT_CLOSE
+                | STMT_RESET
+                | STMT_FETCH
+                | STMT_BULK_EXECUTE
+        )
+    }
+
+    /// Every command's name, by its byte (0x08, which mysql_common calls deprecated, by the
+    /// name servers and their docs give it).
+    const NAMES: [&str; 0x20] = [
+        "COM_SLEEP",
+        "COM_QUIT",
+        "COM_INIT_DB",
+        "COM_QUERY",
+        "COM_FIELD_LIST",
+        "COM_CREATE_DB",
+        "COM_DROP_DB",
+        "COM_REFRESH",
+        "COM_SHUTDOWN",
+        "COM_STATISTICS",
+        "COM_PROCESS_INFO",
+        "COM_CONNECT",
+        "COM_PROCESS_KILL",
+        "COM_DEBUG",
+        "COM_PING",
+        "COM_TIME",
+        "COM_DELAYED_INSERT",
+        "COM_CHANGE_USER",
+        "COM_BINLOG_DUMP",
+        "COM_TABLE_DUMP",
+        "COM_CONNECT_OUT",
+        "COM_REGISTER_SLAVE",
+        "COM_STMT_PREPARE",
+        "COM_STMT_EXECUTE",
+        "COM_STMT_SEND_LONG_DATA",
+        "COM_STMT_CLOSE",
+        "COM_STMT_RESET",
+        "COM_SET_OPTION",
+        "COM_STMT_FETCH",
+        "COM_DAEMON",
+        "COM_BINLOG_DUMP_GTID",
+        "COM_RESET_CONNECTION",
+    ];
+
+    /// The name of a command byte.
+    pub fn name(cmd: u8) -> Option<&'static str> {
+        match cmd {
+            STMT_BULK_EXECUTE => Some("COM_STMT_BULK_EXECUTE"),
+            _ => NAMES.get(usize::from(cmd)).copied(),
+        }
+    }
 }
 
 /// Capability flags the parsers look at.
@@ -113,8 +182,8 @@ pub fn nul_terminated(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&bytes[..end], &bytes[end + 1..]))
 }
 
-/// A length-encoded integer.
-fn lenenc(bytes: &[u8]) -> Option<(u64, &[u8])> {
+/// A length-encoded integer, and the bytes after it.
+pub fn lenenc(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let (&first, rest) = bytes.split_first()?;
     let width = match first {
         0..=0xfa => return Some((first as u64, rest)),
@@ -228,6 +297,20 @@ pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_command_has_its_name() {
+        assert_eq!(command::name(command::QUERY), Some("COM_QUERY"));
+        assert_eq!(command::name(0x08), Some("COM_SHUTDOWN"));
+        assert_eq!(command::name(0x1f), Some("COM_RESET_CONNECTION"));
+        assert_eq!(
+            command::name(command::STMT_BULK_EXECUTE),
+            Some("COM_STMT_BULK_EXECUTE")
+        );
+        assert_eq!(command::name(0x20), None);
+        assert!(command::is_statement(command::STMT_FETCH));
+        assert!(!command::is_statement(command::QUERY));
+    }
 
     #[test]
     fn command_packets_split_at_16_mib() {

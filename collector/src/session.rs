@@ -14,11 +14,12 @@ use bytes::Bytes;
 use foldhash::HashSet;
 
 use crate::{
-    prepared::{
-        MAX_COMMAND, Reply, StatementError, Statements,
-        command::{self as stmt, is_statement},
+    prepared::{MAX_COMMAND, Reply, StatementError, Statements},
+    protocol::{
+        self, HEADER,
+        command::{self, is_statement},
+        starts_command,
     },
-    protocol::{self, HEADER, command, starts_command},
     status::PipelineCounters,
     types::SessionKey,
 };
@@ -412,12 +413,12 @@ impl Follower {
                 command = format_args!("0x{cmd:02x}"),
                 "a prepared-statement command passed {MAX_COMMAND} bytes: not kept"
             );
-            if cmd == stmt::PREPARE {
+            if cmd == command::STMT_PREPARE {
                 statements.prepare(None);
             }
             return;
         }
-        if cmd == stmt::PREPARE {
+        if cmd == command::STMT_PREPARE {
             PipelineCounters::add(&c.stmt_prepares, 1);
             statements.prepare(Some(&body[1..]));
             return;

@@ -53,14 +53,16 @@ fn reassemble(messages: &[Received], local_ip: Ipv4Addr) -> (Streams, u64) {
 /// COM_QUERY it stands for. The test's only statement takes one integer, and each session
 /// executes it with `q` = 2, 5, 8, 11 (every third query).
 fn with_executes_as_text(sent: &[u8]) -> Vec<u8> {
-    use collector::{prepared::command as stmt, protocol};
+    use collector::protocol::{self, command};
     let mut packets = protocol::Packets::default();
     packets.push(sent);
     let (mut out, mut sql, mut q) = (Vec::with_capacity(sent.len()), String::new(), 2);
     while let Some(p) = packets.next_packet() {
         match (p.seq, p.payload.as_slice().first()) {
-            (0, Some(&stmt::PREPARE)) => sql = String::from_utf8(p.payload[1..].to_vec()).unwrap(),
-            (0, Some(&stmt::EXECUTE)) => {
+            (0, Some(&command::STMT_PREPARE)) => {
+                sql = String::from_utf8(p.payload[1..].to_vec()).unwrap()
+            }
+            (0, Some(&command::STMT_EXECUTE)) => {
                 let text = sql.replace('?', &q.to_string());
                 out.extend(protocol::command_packets(
                     protocol::command::QUERY,
