@@ -13,6 +13,7 @@
 use std::{collections::VecDeque, fmt::Write as _};
 
 use foldhash::HashMap;
+use mysql_common::{io::ParseBuf, packets::StmtPacket};
 
 use crate::protocol::{self, command};
 
@@ -592,9 +593,13 @@ impl Statements {
         if status == Some(0xff) {
             return (Reply::Failed, lost);
         }
-        // COM_STMT_PREPARE_OK: length 12, sequence 1, status 0, id, columns, parameters.
-        let ok = head.len() >= 16 && head[..5] == [12, 0, 0, 1, 0];
-        let Some(mut statement) = statement.filter(|_| ok) else {
+        // COM_STMT_PREPARE_OK: a 12-byte packet, sequence 1 (status 0, id, columns,
+        // parameters, a filler, warnings: mysql_common reads it).
+        let ok = head.len() >= 16 && head[..4] == [12, 0, 0, 1];
+        let prepare_ok = ok
+            .then(|| ParseBuf(&head[4..16]).parse::<StmtPacket>(()).ok())
+            .flatten();
+        let Some((mut statement, prepare_ok)) = statement.zip(prepare_ok) else {
             return (
                 Reply::Unmatched {
                     why: "not a COM_STMT_PREPARE_OK, or its statement was too large",
@@ -602,8 +607,8 @@ impl Statements {
                 lost,
             );
         };
-        let id = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
-        let params = u16::from_le_bytes([head[11], head[12]]) as usize;
+        let id = prepare_ok.statement_id();
+        let params = usize::from(prepare_ok.num_params());
         if params != statement.params {
             return (
                 Reply::Unmatched {
