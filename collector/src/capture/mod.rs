@@ -399,6 +399,27 @@ impl Capture {
         self.added_clsact
     }
 
+    fn detach_one(
+        &mut self,
+        link: Option<SchedClassifierLinkId>,
+        name: &'static str,
+        side: &'static str,
+        what: &str,
+    ) -> Result<(), CaptureError> {
+        let Some(link) = link else {
+            return Ok(());
+        };
+        let prog = classifier(&mut self.ebpf, name)?;
+        prog.detach(link).map_err(|source| CaptureError::Attach {
+            interface: self.interface.clone(),
+            side,
+            mode: self.mode,
+            source: Box::new(source),
+        })?;
+        tracing::info!(interface = %self.interface, "{what} detached");
+        Ok(())
+    }
+
     /// Detaches the program (and removes a clsact qdisc this agent added, unless another
     /// filter is on it).
     pub fn detach(mut self) -> Result<(), CaptureError> {
@@ -406,26 +427,11 @@ impl Capture {
     }
 
     fn detach_inner(&mut self) -> Result<(), CaptureError> {
-        if let Some(link) = self.replies_link.take() {
-            let prog = classifier(&mut self.ebpf, REPLIES_PROGRAM_NAME)?;
-            prog.detach(link).map_err(|source| CaptureError::Attach {
-                interface: self.interface.clone(),
-                side: "egress",
-                mode: self.mode,
-                source: Box::new(source),
-            })?;
-            tracing::info!(interface = %self.interface, "reply program detached");
-        }
-        if let Some(link) = self.link.take() {
-            let prog = classifier(&mut self.ebpf, PROGRAM_NAME)?;
-            prog.detach(link).map_err(|source| CaptureError::Attach {
-                interface: self.interface.clone(),
-                side: "ingress",
-                mode: self.mode,
-                source: Box::new(source),
-            })?;
-            tracing::info!(interface = %self.interface, "capture program detached");
-        }
+        // The reply program first: it was attached first.
+        let replies = self.replies_link.take();
+        self.detach_one(replies, REPLIES_PROGRAM_NAME, "egress", "reply program")?;
+        let capture = self.link.take();
+        self.detach_one(capture, PROGRAM_NAME, "ingress", "capture program")?;
         if self.added_clsact {
             self.added_clsact = false;
             remove_clsact_if_unused(&self.interface);
