@@ -90,7 +90,7 @@ pipeline_counters! {
     unencodable,
     /// Units handed to the publishers' queues in batches (dropped there or not): each is
     /// later published or counted lost (`queue_full`, `mem_limit`, `mq_error_units`,
-    /// `mq_in_flight_units`, `mq_lost_skipped`, `exit_unpublished`).
+    /// `mq_in_flight_units`, `mq_unroutable_units`, `mq_lost_skipped`, `exit_unpublished`).
     batched_units,
     /// Segments dropped because their publisher's queue held `--queue_size` batches.
     queue_full,
@@ -107,14 +107,17 @@ pipeline_counters! {
     recorded_bytes,
     record_errors,
     record_error_units,
-    /// Failed or overdue broker operations, nacks and failed reconnection attempts
-    /// (MQError); the units of nacked messages.
+    /// Failed or overdue broker operations, nacks, returned (unroutable) messages and failed
+    /// reconnection attempts (MQError); the units of nacked messages.
     mq_errors,
     mq_error_units,
     /// Units of messages in flight (handed to lapin, not confirmed) when their channel or
     /// connection died: they may or may not have reached the broker, and their sessions were
     /// ended.
     mq_in_flight_units,
+    /// Units of messages the broker routed to no queue (published `mandatory` with
+    /// confirms): no queue bound to the exchange. Their sessions were ended.
+    mq_unroutable_units,
     /// Connections to the broker opened again after one was given up.
     mq_reconnects,
     /// Connections given up, by cause: the socket reset or closed; the broker closed the

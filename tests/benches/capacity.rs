@@ -51,7 +51,7 @@ use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 const COM_QUIT: [u8; 5] = [1, 0, 0, 0, 1];
 
 /// Drop and loss counters of the agent's exit summary, any of which moving means a loss.
-const DROPS: [&str; 9] = [
+const DROPS: [&str; 10] = [
     "ring_full",
     "truncated",
     "lost",
@@ -59,6 +59,7 @@ const DROPS: [&str; 9] = [
     "queue_full",
     "mem_limit",
     "mq_error_units",
+    "mq_unroutable_units",
     "gap_bytes",
     "hold_overflow",
 ];

@@ -297,6 +297,7 @@ async fn survive(fault: Fault, rounds: usize, load: bool, causes: &[&str]) {
         get("published_units")
             + get("mq_error_units")
             + unknown
+            + get("mq_unroutable_units")
             + get("mq_lost_skipped")
             + get("queue_full")
             + get("mem_limit")
@@ -397,6 +398,127 @@ async fn broker_frozen_while_idle_is_noticed_by_the_heartbeat() {
     // Two heartbeat intervals (--rabbitmq_timeout each) and a margin.
     let hold = Duration::from_secs(2 * TIMEOUT_SECS + 2);
     survive(Fault::Freeze(hold), 5, false, &["mq_reconnect_heartbeat"]).await;
+}
+
+/// No queue bound to the exchange (not yet, or its binding gone with a deleted exchange):
+/// every message comes back (published mandatory), counts as unroutable, and its session
+/// ends. Once a queue is bound, the session goes on from its next command after a COM_QUIT,
+/// and a session opened then is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_no_queue_takes_are_counted_and_their_sessions_end() {
+    const QUERIES: u32 = 50;
+    let mq = TestExchange::unbound("unrouted");
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap()).await;
+    let args = [
+        "--interface=lo".to_owned(),
+        format!("--port={}", sink.addr.port()),
+        format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--read_timeout=20".into(),
+        "--status_interval=1".into(),
+        "--status_format=json".into(),
+        "--mysql_optional".into(),
+        "--mysql_port=1".into(),
+    ];
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = agent.take_stdout_lines();
+    agent.wait_attached();
+    let send = |c: &mut std::net::TcpStream, s: usize, from: u32| {
+        for n in from..from + QUERIES {
+            c.write_all(&numbered_query(s, n)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let mut early = tokio::task::block_in_place(|| {
+        let mut c = std::net::TcpStream::connect(sink.addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        send(&mut c, 0, 0);
+        c
+    });
+    let start = Instant::now();
+    while !agent
+        .log
+        .lock()
+        .unwrap()
+        .contains("routed a message to no queue")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no message came back within 30 s; log:\n{}",
+            agent.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mq.bind();
+    let late = tokio::task::block_in_place(|| {
+        send(&mut early, 0, QUERIES);
+        early.write_all(&COM_QUIT).unwrap();
+        let mut c = std::net::TcpStream::connect(sink.addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        send(&mut c, 1, 0);
+        c.write_all(&COM_QUIT).unwrap();
+        c
+    });
+    let ports = [
+        early.local_addr().unwrap().port(),
+        late.local_addr().unwrap().port(),
+    ];
+    let mut taken = Taken::default();
+    let start = Instant::now();
+    while !ports.iter().all(|&p| taken.ends_with_quit(p)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the sessions were not published within 30 s after the queue was bound; log:\n{}",
+            agent.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::task::block_in_place(|| taken.take(&mq));
+    }
+    let log = agent.log.clone();
+    tokio::task::block_in_place(|| drop(agent.stop()));
+    tokio::task::block_in_place(|| taken.take(&mq));
+    let lines = stdout.lock().unwrap().clone();
+    let summary: serde_json::Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["summary"] == true)
+        .unwrap_or_else(|| panic!("no exit summary; log:\n{}", log.lock().unwrap()));
+    let t = &summary["totals"];
+    let get = |k: &str| {
+        t[k].as_u64()
+            .unwrap_or_else(|| panic!("no {k} in the summary: {summary}"))
+    };
+
+    // The early session: nothing of before the binding but our COM_QUIT, first; then its
+    // queries from a command on, in order, and its own quit.
+    let got = numbered_commands(&taken.streams[&ports[0]], 0);
+    assert_eq!(
+        got[0], None,
+        "the early session starts with our COM_QUIT: {got:?}"
+    );
+    assert!(
+        check_ended_at_losses(&got, 2 * QUERIES, "early session") >= 1,
+        "{got:?}"
+    );
+    let whole: Vec<Option<u32>> = (0..QUERIES).map(Some).chain([None]).collect();
+    assert_eq!(
+        numbered_commands(&taken.streams[&ports[1]], 1),
+        whole,
+        "the session opened after the binding"
+    );
+    let unroutable = get("mq_unroutable_units");
+    assert!(unroutable > 0, "{summary}");
+    assert!(get("mq_errors") > 0, "{summary}");
+    assert_eq!(taken.units, get("published_units"), "{summary}");
+    assert_eq!(
+        get("batched_units") + get("mq_lost_sessions"),
+        get("published_units") + unroutable + get("mq_lost_skipped"),
+        "{summary}"
+    );
+    eprintln!(
+        "{unroutable} units unroutable, {} COM_QUITs made, {} skipped until a command",
+        get("mq_lost_sessions"),
+        get("mq_lost_skipped")
+    );
 }
 
 /// The fixture these tests read the queue with (a consumer, not a basic.get per message)

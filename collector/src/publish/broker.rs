@@ -339,6 +339,10 @@ pub struct Link {
     dead: watch::Sender<Option<Down>>,
     /// Taken when the connection opened, so that no event is missed.
     events: Mutex<Option<futures_util::stream::BoxStream<'static, Event>>>,
+    /// Held while the exchange is checked again: publishers replacing their channels after a
+    /// deleted exchange wait until one of them has declared it *and* bound the queue (a
+    /// message published in between is routed nowhere).
+    recheck: tokio::sync::Mutex<()>,
 }
 
 impl Link {
@@ -348,6 +352,7 @@ impl Link {
             conn,
             dead: watch::channel(None).0,
             events: Mutex::new(Some(events)),
+            recheck: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -423,6 +428,7 @@ impl Link {
     /// Checks the exchange again (with `declare`, creates it again), within the deadline:
     /// before a channel the broker closed is replaced.
     pub async fn check_exchange(&self, cfg: &BrokerConfig) -> Result<(), PublishError> {
+        let _one_at_a_time = self.recheck.lock().await;
         within(
             cfg,
             "checking the exchange",

@@ -63,6 +63,7 @@ pub fn start_publishers(
             broken: HashSet::default(),
             record_errors: Throttled::default(),
             errors: Throttled::default(),
+            unroutable: Unroutable::default(),
         };
         let give_up = give_up.subscribe();
         tasks.push(tokio::spawn(match shared.broker.clone() {
@@ -146,17 +147,35 @@ impl InFlight {
 /// What the oldest message in flight did next.
 enum Step {
     Written(lapin::Result<PublisherConfirm>),
-    /// Acked (true) or nacked.
-    Confirmed(lapin::Result<bool>),
+    Confirmed(lapin::Result<Confirmed>),
+}
+
+/// The broker's answer to a message published with confirms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Confirmed {
+    /// In every queue the exchange routes to.
+    Acked,
+    Nacked,
+    /// Returned (published `mandatory`): no queue was bound to the exchange, so no consumer
+    /// has it.
+    Unroutable,
+}
+
+impl From<Confirmation> for Confirmed {
+    fn from(c: Confirmation) -> Self {
+        match c {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Confirmed::Acked,
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Confirmed::Unroutable,
+            Confirmation::Nack(None) => Confirmed::Nacked,
+        }
+    }
 }
 
 async fn next_step(front: Option<&mut InFlight>) -> Step {
     let f = front.expect("something in flight");
     match (&mut f.write, &mut f.confirm) {
         (Some(write), _) => Step::Written(write.await),
-        (None, Some(confirm)) => {
-            Step::Confirmed(confirm.await.map(|c| !matches!(c, Confirmation::Nack(_))))
-        }
+        (None, Some(confirm)) => Step::Confirmed(confirm.await.map(Confirmed::from)),
         (None, None) => unreachable!("a message in flight is written or confirmed"),
     }
 }
@@ -182,6 +201,43 @@ struct Publisher {
     broken: HashSet<(Ipv4Addr, u16)>,
     record_errors: Throttled,
     errors: Throttled,
+    unroutable: Unroutable,
+}
+
+/// Messages the broker returned because no queue took them (a queue not bound yet, or
+/// its binding gone with a deleted exchange): publishing pauses, 100 ms doubling to 5 s,
+/// until one is routed. Without the pause the COM_QUITs for the lost sessions, also
+/// returned, would be published again at once, round after round.
+#[derive(Default)]
+struct Unroutable {
+    returns: u32,
+    until: Option<Instant>,
+}
+
+impl Unroutable {
+    /// One more message returned: how long publishing pauses.
+    fn returned(&mut self) -> Duration {
+        let wait =
+            (Duration::from_millis(100) * (1 << self.returns.min(6))).min(Duration::from_secs(5));
+        self.returns += 1;
+        self.until = Some(Instant::now() + wait);
+        wait
+    }
+
+    fn routed(&mut self) {
+        self.returns = 0;
+        self.until = None;
+    }
+
+    fn held(&self) -> bool {
+        self.until.is_some_and(|t| t > Instant::now())
+    }
+
+    async fn wait(&self) {
+        if let Some(t) = self.until {
+            tokio::time::sleep_until(t).await;
+        }
+    }
 }
 
 /// Batches taken from the queue, not yet handed to lapin, oldest first; and whether the
@@ -330,9 +386,12 @@ impl Publisher {
         let mut published = false;
         let end = loop {
             // A blocked connection is not read by the broker: what lapin holds then is lost
-            // if the block outlasts the deadline, so batches wait here instead.
+            // if the block outlasts the deadline, so batches wait here instead. So do they
+            // while no queue takes what is published (see `unroutable`).
             let blocked = link.conn.status().blocked();
+            let held = self.unroutable.held();
             while !blocked
+                && !held
                 && in_flight.len() < MAX_IN_FLIGHT
                 && let Some(mut batch) = pending.batches.pop_front()
             {
@@ -350,7 +409,7 @@ impl Publisher {
             if pending.closing && pending.batches.is_empty() && in_flight.is_empty() {
                 break End::Finished;
             }
-            let room = in_flight.len() < MAX_IN_FLIGHT && !blocked;
+            let room = in_flight.len() < MAX_IN_FLIGHT && !blocked && !held;
             // The oldest message is the first due.
             let due = in_flight.front().map(|f| f.deadline);
             tokio::select! {
@@ -365,17 +424,37 @@ impl Publisher {
                         f.write = None;
                         f.confirm = Some(confirm);
                     }
-                    Step::Written(Ok(_)) | Step::Confirmed(Ok(true)) => {
+                    Step::Written(Ok(_)) | Step::Confirmed(Ok(Confirmed::Acked)) => {
                         let batch = in_flight.pop_front().expect("front").into_batch();
                         self.done(batch);
+                        self.unroutable.routed();
                         published = true;
                     }
-                    Step::Confirmed(Ok(false)) => {
+                    Step::Confirmed(Ok(Confirmed::Nacked)) => {
                         let batch = in_flight.pop_front().expect("front").into_batch();
                         self.error("the broker nacked a message");
                         let c = self.shared.counters.clone();
                         let quits = self.lose(vec![batch], &c.mq_error_units);
                         pending.batches.push_front(quits);
+                    }
+                    Step::Confirmed(Ok(Confirmed::Unroutable)) => {
+                        let batch = in_flight.pop_front().expect("front").into_batch();
+                        self.error(&format!(
+                            "the broker routed a message to no queue: is a queue bound to \
+                             exchange {:?}?",
+                            cfg.exchange
+                        ));
+                        let wait = self.unroutable.returned();
+                        if batch.synthetic {
+                            // No queue has it (nor anything after it): published again once
+                            // a queue takes messages, before anything else.
+                            pending.batches.push_front(batch);
+                        } else {
+                            let c = self.shared.counters.clone();
+                            let quits = self.lose(vec![batch], &c.mq_unroutable_units);
+                            pending.batches.push_front(quits);
+                        }
+                        tracing::debug!(publisher = self.index, "publishing held for {wait:?}");
                     }
                     Step::Written(Err(e)) | Step::Confirmed(Err(e)) => {
                         // Done with: settled below as lost.
@@ -397,6 +476,7 @@ impl Publisher {
                 }
                 // lapin tells no one of the unblock: looked at again.
                 _ = tokio::time::sleep(BLOCKED_POLL), if blocked => {}
+                _ = self.unroutable.wait(), if held => {}
                 batch = rx.recv(), if !pending.closing && pending.batches.is_empty() && room => {
                     match batch {
                         Some(batch) => pending.batches.push_back(batch),
@@ -480,15 +560,15 @@ impl Publisher {
             cfg.exchange.as_str().into(),
             cfg.routing_key.as_str().into(),
         );
+        // Mandatory with confirms: a message no queue takes comes back with its confirm and
+        // is counted (without confirms lapin would keep returned messages until asked).
+        let options = BasicPublishOptions {
+            mandatory: cfg.confirm,
+            ..Default::default()
+        };
         let mut write: Write = Box::pin(async move {
-            ch.basic_publish(
-                exchange,
-                routing_key,
-                BasicPublishOptions::default(),
-                &data,
-                message_properties(),
-            )
-            .await
+            ch.basic_publish(exchange, routing_key, options, &data, message_properties())
+                .await
         });
         // Poll once now (queues the frames); the rest is awaited in order.
         if let std::task::Poll::Ready(out) =

@@ -63,9 +63,40 @@ impl TestExchange {
         Self::declared(tag, true)
     }
 
+    /// A fresh fanout exchange and a queue not bound to it yet ([`Self::bind`]).
+    pub fn unbound(tag: &str) -> Self {
+        let this = Self::named(tag);
+        this.declare(false, false);
+        this
+    }
+
     fn declared(tag: &str, durable: bool) -> Self {
         let this = Self::named(tag);
-        let (e, q) = (this.exchange.clone(), this.queue.clone());
+        this.declare(durable, true);
+        this
+    }
+
+    /// Binds the queue to the exchange.
+    pub fn bind(&self) {
+        let (e, q) = (self.exchange.clone(), self.queue.clone());
+        on_own_runtime(async move {
+            let conn = connect().await;
+            let ch = conn.create_channel().await.unwrap();
+            ch.queue_bind(
+                q.as_str().into(),
+                e.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+            conn.close(200, "".into()).await.unwrap();
+        });
+    }
+
+    fn declare(&self, durable: bool, bound: bool) {
+        let (e, q) = (self.exchange.clone(), self.queue.clone());
         on_own_runtime(async move {
             let conn = connect().await;
             let ch = conn.create_channel().await.unwrap();
@@ -97,18 +128,11 @@ impl TestExchange {
             )
             .await
             .unwrap();
-            ch.queue_bind(
-                q.as_str().into(),
-                e.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
             conn.close(200, "".into()).await.unwrap();
         });
-        this
+        if bound {
+            self.bind();
+        }
     }
 
     /// Names only, for an exchange and queue that the agent creates (removed on drop too).
