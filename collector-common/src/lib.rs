@@ -147,70 +147,120 @@ pub const AWAITING_ENTRIES: u32 = 16384;
 pub const COUNTERS_INGRESS: u32 = 0;
 pub const COUNTERS_EGRESS: u32 = 1;
 
-/// Why a packet was counted. One per-CPU `u64` per reason, in the `COUNTERS` map (one entry,
-/// a `[u64; COUNTER_COUNT]`), indexed by this value.
-#[repr(u32)]
+/// What a kernel counter counts, for the status line and the metrics' `reason` families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
+pub enum CounterClass {
+    /// Packets the program saw or handed on.
+    Seen,
+    /// Packets left out by design (not the captured traffic, nothing to hand over).
+    Skipped,
+    /// Records and bytes handed over.
+    Volume,
+    /// Traffic that should have been handed over and was not (wholly).
+    Dropped,
+    /// Malformed or unparseable packets.
+    ParseError,
+}
+
+/// Defines [`Counter`] once: each counter's doc, its index (the order), its stable name (status
+/// output and metrics), its class, and the name the egress program's totals give it (`None`:
+/// the egress program does not count it, or only in a sum).
+macro_rules! counters {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal, $class:ident, $egress:expr;)*) => {
+        /// Why a packet was counted. One per-CPU `u64` per reason, in the `COUNTERS` map (one
+        /// entry per program, a `[u64; COUNTER_COUNT]`), indexed by this value.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $variant,)*
+        }
+
+        pub const COUNTER_COUNT: usize = [$(Counter::$variant),*].len();
+
+        impl Counter {
+            pub const ALL: [Counter; COUNTER_COUNT] = [$(Counter::$variant),*];
+
+            /// Stable snake_case name, used in status output and metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)*
+                }
+            }
+
+            pub const fn class(self) -> CounterClass {
+                match self {
+                    $(Counter::$variant => CounterClass::$class,)*
+                }
+            }
+
+            /// The name in the egress program's totals, if it counts this one on its own.
+            pub const fn egress_name(self) -> Option<&'static str> {
+                match self {
+                    $(Counter::$variant => $egress,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
     /// Every packet the program ran on.
-    Packets = 0,
+    Packets = "packets", Seen, Some("reply_packets");
     /// L3 neither IPv4 nor IPv6 (ARP, LLDP, ...).
-    NotIp,
+    NotIp = "not_ip", Skipped, Some("reply_not_ip");
     /// IP, but not TCP.
-    NotTcp,
+    NotTcp = "not_tcp", Skipped, Some("reply_not_tcp");
     /// TCP to a port that is not captured.
-    OtherPort,
-    /// TCP segments to a captured port (TotalPacket).
-    TcpToPort,
+    OtherPort = "other_port", Skipped, Some("reply_other_port");
+    /// TCP segments to a captured port (TotalPacket); egress: from it.
+    TcpToPort = "tcp_to_port", Seen, Some("reply_from_port");
     /// Of those, segments with payload (ValidPacket).
-    WithPayload,
+    WithPayload = "with_payload", Seen, None;
     /// Payload-less segments without SYN, FIN or RST (pure ACKs, window updates), dropped in
     /// the kernel.
-    NoPayload,
+    NoPayload = "no_payload", Skipped, Some("reply_no_payload");
     /// Payload-less SYN, FIN and RST segments, handed over as header-only records (`cap_len`
     /// 0) so that user space starts and ends flows at once.
-    Control,
+    Control = "control", Seen, None;
     /// Records submitted to the ring buffer.
-    Records,
+    Records = "records", Volume, Some("reply_records");
     /// Payload bytes submitted to the ring buffer.
-    Bytes,
+    Bytes = "bytes", Volume, Some("reply_bytes");
     /// Segments not (or not wholly) handed over because the ring buffer was full.
-    RingFull,
+    RingFull = "ring_full", Dropped, Some("reply_ring_full");
     /// Segments cut by the snapshot length.
-    Truncated,
+    Truncated = "truncated", Dropped, None;
     /// IP fragments: not TCP segments, skipped.
-    Fragment,
+    Fragment = "fragment", Skipped, Some("reply_fragment");
     /// `bpf_skb_load_bytes` failed on a payload that the headers said was there.
-    LoadFailed,
+    LoadFailed = "load_failed", Dropped, Some("reply_load_failed");
     /// IP length 0 (GSO / BIG TCP): payload length taken from the skb length instead.
-    GsoLength,
+    GsoLength = "gso_length", Seen, None;
     /// Ingress: COM_STMT_PREPAREs (a segment starting with one) that marked their connection
     /// as awaiting the reply; marks the `AWAITING` map could not take.
-    PrepareMarked,
-    AwaitFull,
+    PrepareMarked = "prepare_marked", Seen, None;
+    AwaitFull = "await_full", Dropped, None;
     /// Egress: server segments of a connection awaiting a COM_STMT_PREPARE reply; those that
     /// did not start a reply packet (a retransmission, the rest of an earlier reply), left
     /// to the next.
-    Awaited,
-    NotReply,
+    Awaited = "awaited", Seen, Some("reply_awaited");
+    NotReply = "not_reply", Skipped, Some("reply_not_reply");
     /// Parse failures, one per kind.
-    EthShort,
-    VlanShort,
-    VlanTooDeep,
-    Ipv4Short,
-    Ipv4BadIhl,
-    Ipv4BadLength,
-    Ipv6Short,
-    Ipv6BadLength,
-    Ipv6ExtShort,
-    Ipv6ExtTooDeep,
-    TcpShort,
-    TcpBadOffset,
+    EthShort = "eth_short", ParseError, None;
+    VlanShort = "vlan_short", ParseError, None;
+    VlanTooDeep = "vlan_too_deep", ParseError, None;
+    Ipv4Short = "ipv4_short", ParseError, None;
+    Ipv4BadIhl = "ipv4_bad_ihl", ParseError, None;
+    Ipv4BadLength = "ipv4_bad_length", ParseError, None;
+    Ipv6Short = "ipv6_short", ParseError, None;
+    Ipv6BadLength = "ipv6_bad_length", ParseError, None;
+    Ipv6ExtShort = "ipv6_ext_short", ParseError, None;
+    Ipv6ExtTooDeep = "ipv6_ext_too_deep", ParseError, None;
+    TcpShort = "tcp_short", ParseError, None;
+    TcpBadOffset = "tcp_bad_offset", ParseError, None;
     /// Headers not in the skb's linear data (the program reads headers directly).
-    HeaderNonlinear,
+    HeaderNonlinear = "header_nonlinear", ParseError, None;
 }
-
-pub const COUNTER_COUNT: usize = Counter::HeaderNonlinear as usize + 1;
 
 /// The per-CPU counter block (one map entry).
 #[repr(C)]
@@ -224,82 +274,9 @@ impl Default for Counters {
 }
 
 impl Counter {
-    pub const ALL: [Counter; COUNTER_COUNT] = [
-        Counter::Packets,
-        Counter::NotIp,
-        Counter::NotTcp,
-        Counter::OtherPort,
-        Counter::TcpToPort,
-        Counter::WithPayload,
-        Counter::NoPayload,
-        Counter::Control,
-        Counter::Records,
-        Counter::Bytes,
-        Counter::RingFull,
-        Counter::Truncated,
-        Counter::Fragment,
-        Counter::LoadFailed,
-        Counter::GsoLength,
-        Counter::PrepareMarked,
-        Counter::AwaitFull,
-        Counter::Awaited,
-        Counter::NotReply,
-        Counter::EthShort,
-        Counter::VlanShort,
-        Counter::VlanTooDeep,
-        Counter::Ipv4Short,
-        Counter::Ipv4BadIhl,
-        Counter::Ipv4BadLength,
-        Counter::Ipv6Short,
-        Counter::Ipv6BadLength,
-        Counter::Ipv6ExtShort,
-        Counter::Ipv6ExtTooDeep,
-        Counter::TcpShort,
-        Counter::TcpBadOffset,
-        Counter::HeaderNonlinear,
-    ];
-
-    /// Stable snake_case name, used in status output and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::Packets => "packets",
-            Counter::NotIp => "not_ip",
-            Counter::NotTcp => "not_tcp",
-            Counter::OtherPort => "other_port",
-            Counter::TcpToPort => "tcp_to_port",
-            Counter::WithPayload => "with_payload",
-            Counter::NoPayload => "no_payload",
-            Counter::Control => "control",
-            Counter::Records => "records",
-            Counter::Bytes => "bytes",
-            Counter::RingFull => "ring_full",
-            Counter::Truncated => "truncated",
-            Counter::Fragment => "fragment",
-            Counter::LoadFailed => "load_failed",
-            Counter::GsoLength => "gso_length",
-            Counter::PrepareMarked => "prepare_marked",
-            Counter::AwaitFull => "await_full",
-            Counter::Awaited => "awaited",
-            Counter::NotReply => "not_reply",
-            Counter::EthShort => "eth_short",
-            Counter::VlanShort => "vlan_short",
-            Counter::VlanTooDeep => "vlan_too_deep",
-            Counter::Ipv4Short => "ipv4_short",
-            Counter::Ipv4BadIhl => "ipv4_bad_ihl",
-            Counter::Ipv4BadLength => "ipv4_bad_length",
-            Counter::Ipv6Short => "ipv6_short",
-            Counter::Ipv6BadLength => "ipv6_bad_length",
-            Counter::Ipv6ExtShort => "ipv6_ext_short",
-            Counter::Ipv6ExtTooDeep => "ipv6_ext_too_deep",
-            Counter::TcpShort => "tcp_short",
-            Counter::TcpBadOffset => "tcp_bad_offset",
-            Counter::HeaderNonlinear => "header_nonlinear",
-        }
-    }
-
     /// True for the counters that mean "a malformed or unparseable packet".
     pub const fn is_parse_error(self) -> bool {
-        (self as u32) >= (Counter::EthShort as u32)
+        matches!(self.class(), CounterClass::ParseError)
     }
 }
 
@@ -321,3 +298,26 @@ mod user {
 
 const _: () = assert!(core::mem::size_of::<RecordHeader>() == 72);
 const _: () = assert!(core::mem::size_of::<RecordHeader>().is_multiple_of(8));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_in_order_and_named_once() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            assert!(
+                c.name()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            );
+        }
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            for b in &Counter::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+                assert!(a.egress_name().is_none() || a.egress_name() != b.egress_name());
+            }
+        }
+    }
+}

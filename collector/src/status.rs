@@ -24,7 +24,9 @@ use crate::{
 /// Declares the user-side counters once: the shared atomics the pipeline bumps, and the plain
 /// snapshot the status line subtracts.
 macro_rules! pipeline_counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    (@family) => { None };
+    (@family $family:ident) => { Some(stringify!($family)) };
+    ($($(#[$doc:meta])* $name:ident $(in $family:ident)?),* $(,)?) => {
         /// Counters of the user-side pipeline (flow handling, fan-out, publishers), shared
         /// between the tasks that bump them and the status line.
         #[derive(Debug, Default)]
@@ -49,6 +51,19 @@ macro_rules! pipeline_counters {
             pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> {
                 [$((stringify!($name), self.$name)),*].into_iter()
             }
+
+            /// Every counter with its name and, for those that are one reason among others,
+            /// the metric family that has them as its `reason` label.
+            pub fn in_families(
+                &self,
+            ) -> impl Iterator<Item = (&'static str, Option<&'static str>, u64)> {
+                [$((
+                    stringify!($name),
+                    pipeline_counters!(@family $($family)?),
+                    self.$name,
+                )),*]
+                .into_iter()
+            }
         }
     };
 }
@@ -63,8 +78,8 @@ pipeline_counters! {
     seq_gaps,
     /// Gaps given up after `GAP_TIMEOUT` (30 s), and because the bytes waiting behind gaps
     /// passed 8 MiB in a flow or 64 MiB in all: the session got a COM_QUIT there.
-    gap_timeouts,
-    gap_overflow,
+    gap_timeouts in gaps_lost,
+    gap_overflow in gaps_lost,
     /// Bytes never published because of given-up gaps: the missing ones, those skipped until
     /// the next command, and those still waiting behind a gap when the flow was freed.
     gap_bytes,
@@ -74,8 +89,8 @@ pipeline_counters! {
     /// Connections opened by a SYN the capture saw (their stream is exact from the first byte),
     /// and flows ended by the client's FIN (once every byte before it arrived) or RST.
     syn_opened,
-    fin_closed,
-    rst_closed,
+    fin_closed in flows_closed,
+    rst_closed in flows_closed,
     /// Synthetic COM_QUIT units for connections that ended (FIN/RST) without the client's own.
     close_quits,
     /// Replica sessions recognised by their COM_REGISTER_SLAVE / COM_BINLOG_DUMP(_GTID), and
@@ -93,9 +108,9 @@ pipeline_counters! {
     /// `mq_in_flight_units`, `mq_unroutable_units`, `mq_lost_skipped`, `exit_unpublished`).
     batched_units,
     /// Segments dropped because their publisher's queue held `--queue_size` batches.
-    queue_full,
+    queue_full in lost_units,
     /// Segments dropped because the queued bytes would pass `--max_mem_mb`.
-    mem_limit,
+    mem_limit in lost_units,
     /// Messages handed to the broker (to the recording when it is the only output), and the
     /// units and bytes in them.
     published_msgs,
@@ -106,18 +121,18 @@ pipeline_counters! {
     recorded_msgs,
     recorded_bytes,
     record_errors,
-    record_error_units,
+    record_error_units in lost_units,
     /// Failed or overdue broker operations, nacks, returned (unroutable) messages and failed
     /// reconnection attempts (MQError); the units of nacked messages.
     mq_errors,
-    mq_error_units,
+    mq_error_units in lost_units,
     /// Units of messages in flight (handed to lapin, not confirmed) when their channel or
     /// connection died: they may or may not have reached the broker, and their sessions were
     /// ended.
-    mq_in_flight_units,
+    mq_in_flight_units in lost_units,
     /// Units of messages the broker routed to no queue (published `mandatory` with
     /// confirms): no queue bound to the exchange. Their sessions were ended.
-    mq_unroutable_units,
+    mq_unroutable_units in lost_units,
     /// Connections to the broker opened again after one was given up.
     mq_reconnects,
     /// Connections given up, by cause: the socket reset or closed; the broker closed the
@@ -125,19 +140,19 @@ pipeline_counters! {
     /// and confirmed (or a channel not opened) within `--rabbitmq_timeout`; blocked by the
     /// broker for longer than that; two heartbeats missed. And channels the broker closed
     /// (each replaced by a new one on the same connection).
-    mq_reconnect_socket,
-    mq_reconnect_closed,
-    mq_reconnect_publish_error,
-    mq_reconnect_timeout,
-    mq_reconnect_blocked,
-    mq_reconnect_heartbeat,
-    mq_reconnect_channel,
+    mq_reconnect_socket in mq_given_up,
+    mq_reconnect_closed in mq_given_up,
+    mq_reconnect_publish_error in mq_given_up,
+    mq_reconnect_timeout in mq_given_up,
+    mq_reconnect_blocked in mq_given_up,
+    mq_reconnect_heartbeat in mq_given_up,
+    mq_reconnect_channel in mq_given_up,
     /// Units still waiting for the broker when the exit deadline passed.
-    exit_unpublished,
+    exit_unpublished in lost_units,
     /// Sessions that lost units on the way to the broker (a dropped batch, a lost message):
     /// each got a synthetic COM_QUIT there; their units skipped until the next command.
     mq_lost_sessions,
-    mq_lost_skipped,
+    mq_lost_skipped in lost_units,
     /// Synthetic COM_INIT_DB units sent for sessions open before capture (bootstrap).
     bootstrap_units,
     /// Sessions not bootstrapped because they changed database while the process list was
@@ -172,12 +187,12 @@ pipeline_counters! {
     stmt_prepare_failed,
     /// EXECUTEs of a statement whose id is not known: prepared before capture began, or its
     /// reply lost or unmatched. Not published.
-    stmt_unknown,
+    stmt_unknown in stmt_lost,
     /// EXECUTEs of known statements that could not be rendered (a parameter type or value
     /// with no literal, cut long data), and MariaDB's COM_STMT_BULK_EXECUTE. Not published.
-    stmt_unrenderable,
+    stmt_unrenderable in stmt_lost,
     /// Commands over 64 MiB, not kept (their statements unknown). Not published.
-    stmt_too_large,
+    stmt_too_large in stmt_lost,
     /// COM_STMT_FETCHes left out: the rendered execute returned every row at once.
     stmt_fetches,
     /// Reply heads that could not be paired with a PREPARE (or did not match it), and
@@ -406,9 +421,9 @@ impl Totals {
             ("lost", self.drain.lost),
             ("malformed", self.drain.malformed),
         ];
-        let replies = REPLY_COUNTERS
+        let replies = Counter::ALL
             .iter()
-            .map(|&(c, name)| (name, self.replies.get(c)))
+            .filter_map(|&c| Some((c.egress_name()?, self.replies.get(c))))
             .chain(std::iter::once((
                 "reply_parse_errors",
                 Counter::ALL
@@ -447,53 +462,88 @@ impl Totals {
     }
 }
 
-/// What the egress program counts, under the names the totals give them (its parse errors
-/// are summed into `reply_parse_errors`).
-const REPLY_COUNTERS: [(Counter, &str); 13] = [
-    (Counter::Packets, "reply_packets"),
-    (Counter::NotIp, "reply_not_ip"),
-    (Counter::NotTcp, "reply_not_tcp"),
-    (Counter::Fragment, "reply_fragment"),
-    (Counter::OtherPort, "reply_other_port"),
-    (Counter::TcpToPort, "reply_from_port"),
-    (Counter::Awaited, "reply_awaited"),
-    (Counter::NoPayload, "reply_no_payload"),
-    (Counter::NotReply, "reply_not_reply"),
-    (Counter::Records, "reply_records"),
-    (Counter::Bytes, "reply_bytes"),
-    (Counter::RingFull, "reply_ring_full"),
-    (Counter::LoadFailed, "reply_load_failed"),
-];
-
 const HEADER_EVERY: u64 = 20;
 
-/// The status columns: name and width, in the original's order, then this collector's.
-const COLUMNS: [(&str, usize); 24] = [
-    ("DateTime", 19),
-    ("TotalPacket", 16),
-    ("ValidPacket", 16),
-    ("PacketDropped", 17),
-    ("PacketIfDropped", 19),
-    ("WaitingQueueCnt", 21),
-    ("MQError", 16),
-    ("CaptureKB", 12),
-    ("NoPayload", 11),
-    ("Truncated", 11),
-    ("ParseError", 11),
-    ("Retransmit", 11),
-    ("Unencodable", 12),
-    ("Messages", 10),
-    ("MySQLError", 12),
-    ("Flows", 8),
-    ("ReorderKB", 10),
-    ("GapLost", 8),
-    ("Closed", 8),
-    ("QueuedKB", 10),
-    ("RssMB", 7),
-    ("Prepared", 10),
-    ("StmtLost", 10),
-    ("Broker", 10),
+/// A status column between DateTime and Broker: its name, its width, and its figure from
+/// the totals now and at the previous line, `secs` apart.
+struct Column {
+    name: &'static str,
+    width: usize,
+    figure: fn(&Totals, &Totals, f64) -> u64,
+}
+
+fn per_sec(now: u64, prev: u64, secs: f64) -> u64 {
+    (now.saturating_sub(prev) as f64 / secs).round() as u64
+}
+
+/// A column of the per-second rate of an expression on the totals.
+macro_rules! rate {
+    ($name:literal, $width:literal, |$t:ident| $e:expr) => {
+        Column {
+            name: $name,
+            width: $width,
+            figure: |now, prev, secs| {
+                let f = |$t: &Totals| $e;
+                per_sec(f(now), f(prev), secs)
+            },
+        }
+    };
+}
+
+/// A column of a gauge, as it is now.
+macro_rules! gauge {
+    ($name:literal, $width:literal, |$t:ident| $e:expr) => {
+        Column {
+            name: $name,
+            width: $width,
+            figure: |now, _, _| {
+                let $t = now;
+                $e
+            },
+        }
+    };
+}
+
+/// The status columns, in the original's order, then this collector's: each defined here
+/// only (the text line, its header and the JSON line all read this table).
+const COLUMNS: [Column; 22] = [
+    rate!("TotalPacket", 16, |t| t.total_packets()),
+    rate!("ValidPacket", 16, |t| t.valid_packets()),
+    rate!("PacketDropped", 17, |t| t.dropped()),
+    rate!("PacketIfDropped", 19, |t| t.if_dropped),
+    gauge!("WaitingQueueCnt", 21, |t| t.waiting),
+    rate!("MQError", 16, |t| t.mq_errors()),
+    Column {
+        name: "CaptureKB",
+        width: 12,
+        figure: |now, prev, secs| {
+            per_sec(
+                now.kernel.get(Counter::Bytes),
+                prev.kernel.get(Counter::Bytes),
+                secs,
+            ) / 1024
+        },
+    },
+    rate!("NoPayload", 11, |t| t.kernel.get(Counter::NoPayload)),
+    rate!("Truncated", 11, |t| t.kernel.get(Counter::Truncated)),
+    rate!("ParseError", 11, |t| t.parse_errors()),
+    rate!("Retransmit", 11, |t| t.pipeline.retransmitted),
+    rate!("Unencodable", 12, |t| t.pipeline.unencodable),
+    rate!("Messages", 10, |t| t.pipeline.published_msgs),
+    rate!("MySQLError", 12, |t| t.pipeline.mysql_errors),
+    gauge!("Flows", 8, |t| t.flows),
+    gauge!("ReorderKB", 10, |t| t.reorder_bytes / 1024),
+    rate!("GapLost", 8, |t| t.gaps_lost()),
+    rate!("Closed", 8, |t| t.closed()),
+    gauge!("QueuedKB", 10, |t| t.queued_bytes / 1024),
+    gauge!("RssMB", 7, |t| t.rss.0 >> 20),
+    rate!("Prepared", 10, |t| t.pipeline.stmt_rendered),
+    rate!("StmtLost", 10, |t| t.statements_lost()),
 ];
+
+/// The first and last columns, which are not figures.
+const DATE_TIME: (&str, usize) = ("DateTime", 19);
+const BROKER: (&str, usize) = ("Broker", 10);
 
 /// Formats status lines; remembers the previous totals and how many lines it printed.
 pub struct StatusLine {
@@ -516,48 +566,25 @@ impl StatusLine {
     }
 
     pub fn header() -> String {
-        let mut out = String::new();
-        for (i, (name, width)) in COLUMNS.iter().enumerate() {
-            if i == 0 {
-                let _ = write!(out, "{name:<width$}");
-            } else {
-                let _ = write!(out, "{name:>width$}");
-            }
+        let mut out = format!("{:<w$}", DATE_TIME.0, w = DATE_TIME.1);
+        for c in &COLUMNS {
+            let _ = write!(out, "{:>w$}", c.name, w = c.width);
         }
+        let _ = write!(out, "{:>w$}", BROKER.0, w = BROKER.1);
         out
     }
 
     /// The figures of the columns between DateTime and Broker: per-second rates over
     /// `elapsed`, gauges as they are.
-    fn figures(&self, now: &Totals, elapsed: Duration) -> [u64; 22] {
+    fn figures<'a>(
+        &'a self,
+        now: &'a Totals,
+        elapsed: Duration,
+    ) -> impl Iterator<Item = (&'static Column, u64)> + 'a {
         let secs = elapsed.as_secs_f64().max(0.001);
-        let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
-        let p = &self.prev;
-        let k = |c: Counter| rate(now.kernel.get(c), p.kernel.get(c));
-        [
-            rate(now.total_packets(), p.total_packets()),
-            rate(now.valid_packets(), p.valid_packets()),
-            rate(now.dropped(), p.dropped()),
-            rate(now.if_dropped, p.if_dropped),
-            now.waiting,
-            rate(now.mq_errors(), p.mq_errors()),
-            k(Counter::Bytes) / 1024,
-            k(Counter::NoPayload),
-            k(Counter::Truncated),
-            rate(now.parse_errors(), p.parse_errors()),
-            rate(now.pipeline.retransmitted, p.pipeline.retransmitted),
-            rate(now.pipeline.unencodable, p.pipeline.unencodable),
-            rate(now.pipeline.published_msgs, p.pipeline.published_msgs),
-            rate(now.pipeline.mysql_errors, p.pipeline.mysql_errors),
-            now.flows,
-            now.reorder_bytes / 1024,
-            rate(now.gaps_lost(), p.gaps_lost()),
-            rate(now.closed(), p.closed()),
-            now.queued_bytes / 1024,
-            now.rss.0 >> 20,
-            rate(now.pipeline.stmt_rendered, p.pipeline.stmt_rendered),
-            rate(now.statements_lost(), p.statements_lost()),
-        ]
+        COLUMNS
+            .iter()
+            .map(move |c| (c, (c.figure)(now, &self.prev, secs)))
     }
 
     /// The next line (preceded by the header every 20 lines), rates over `elapsed`.
@@ -572,11 +599,10 @@ impl StatusLine {
             "{:<19}",
             chrono::Local::now().format("%Y-%m-%d %H:%M:%S")
         );
-        for (v, (_, width)) in self.figures(now, elapsed).iter().zip(&COLUMNS[1..]) {
-            let _ = write!(out, "{v:>width$}");
+        for (c, v) in self.figures(now, elapsed) {
+            let _ = write!(out, "{v:>w$}", w = c.width);
         }
-        let (_, width) = COLUMNS[COLUMNS.len() - 1];
-        let _ = write!(out, "{:>width$}", now.broker.to_string());
+        let _ = write!(out, "{:>w$}", now.broker.to_string(), w = BROKER.1);
         self.lines += 1;
         self.prev = now.clone();
         out
@@ -587,8 +613,8 @@ impl StatusLine {
     pub fn next_json(&mut self, now: &Totals, elapsed: Duration) -> String {
         let mut line = serde_json::Map::new();
         line.insert("time".into(), chrono::Local::now().to_rfc3339().into());
-        for (v, (name, _)) in self.figures(now, elapsed).iter().zip(&COLUMNS[1..]) {
-            line.insert((*name).into(), (*v).into());
+        for (c, v) in self.figures(now, elapsed) {
+            line.insert(c.name.into(), v.into());
         }
         line.insert("Broker".into(), now.broker.to_string().into());
         line.insert("totals".into(), Self::totals_json(now));

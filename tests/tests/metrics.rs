@@ -1,5 +1,6 @@
 //! `--metrics_addr` and `--status_format json`: the endpoint's text parses as Prometheus text,
-//! every counter in it equals the same total in the JSON status line that follows the scrape,
+//! every total in the JSON status line that follows the scrape equals its counter sample (by
+//! name, or by program and reason label),
 //! and the capture-to-publish histogram counted the messages published.
 
 mod common;
@@ -30,14 +31,26 @@ fn get(addr: &str, path: &str) -> (String, String) {
     (head.to_owned(), body.to_owned())
 }
 
-/// Every sample as name → value (histograms: `_count`, `_sum` and buckets by `le`).
+/// A sample's key: its name, then its labels sorted, as `name{a="x",b="y"}` (no braces
+/// without labels).
+fn key(metric: &str, labels: &HashMap<String, String>) -> String {
+    if labels.is_empty() {
+        return metric.to_owned();
+    }
+    let mut l: Vec<_> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    l.sort();
+    format!("{metric}{{{}}}", l.join(","))
+}
+
+/// Every sample as key → value (histograms: `_count`, `_sum` and buckets by `le`).
 fn samples(text: &str) -> HashMap<String, f64> {
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let mut out = HashMap::new();
     for s in scrape.samples {
         match s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
-                out.insert(s.metric, v);
+                let k = key(&s.metric, &s.labels);
+                assert!(out.insert(k.clone(), v).is_none(), "{k} twice");
             }
             Value::Histogram(buckets) => {
                 for b in buckets {
@@ -63,6 +76,40 @@ fn samples(text: &str) -> HashMap<String, f64> {
         assert!(name.starts_with("mrte_collector_"), "{l}");
     }
     out
+}
+
+/// The counter sample of the total `name` (`reply_...`: the egress program's), if there is
+/// one: `<name>_total`, or a sample whose `reason` is the name (with the program's label, if
+/// it has one), or the kernel's records and bytes of that program. Never more than one.
+fn counter_sample(scraped: &HashMap<String, f64>, name: &str) -> Option<f64> {
+    let (program, base) = match name.strip_prefix("reply_") {
+        Some(base) => ("egress", base),
+        None => ("ingress", name),
+    };
+    let p = format!("program=\"{program}\"");
+    let reason = format!("reason=\"{base}\"");
+    let found: Vec<f64> = scraped
+        .iter()
+        .filter(|(k, _)| {
+            let Some((metric, labels)) = k.trim_end_matches('}').split_once('{') else {
+                return program == "ingress" && **k == format!("mrte_collector_{name}_total");
+            };
+            let labels: Vec<&str> = labels.split(',').collect();
+            let program_ok = labels.contains(&p.as_str())
+                || (program == "ingress" && !labels.iter().any(|l| l.starts_with("program=")));
+            program_ok
+                && (labels.contains(&reason.as_str())
+                    || (labels.len() == 1
+                        && [
+                            format!("mrte_collector_{base}_total"),
+                            format!("mrte_collector_kernel_{base}_total"),
+                        ]
+                        .contains(&metric.to_owned())))
+        })
+        .map(|(_, v)| *v)
+        .collect();
+    assert!(found.len() <= 1, "{name}: {} samples", found.len());
+    found.first().copied()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +191,7 @@ async fn metrics_parse_and_match_the_status_totals() {
         if ["packets", "not_ip", "not_tcp", "other_port"].contains(&base) {
             continue;
         }
-        if let Some(&m) = scraped.get(&format!("mrte_collector_{name}_total")) {
+        if let Some(m) = counter_sample(&scraped, name) {
             assert_eq!(m as u64, v, "{name}: metrics {m}, status {v}");
             compared += 1;
         } else {
@@ -156,6 +203,17 @@ async fn metrics_parse_and_match_the_status_totals() {
         }
     }
     assert!(compared > 50, "{compared} counters compared");
+    // Labelled families: the kernel's per program and reason, losses by reason.
+    assert!(
+        scraped.contains_key(
+            "mrte_collector_kernel_packets_total{program=\"ingress\",reason=\"ring_full\"}"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        scraped["mrte_collector_lost_units_total{reason=\"queue_full\"}"],
+        0.0
+    );
     assert_eq!(scraped["mrte_collector_packets_dropped_total"], 0.0);
 
     // The histogram: one observation per message of captured segments, buckets cumulative.
