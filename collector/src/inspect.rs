@@ -22,6 +22,7 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions},
     types::FieldTable,
 };
+use mysql_common::constants::CapabilityFlags;
 use serde_json::{Map, Value};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -31,7 +32,7 @@ use tokio::{
 use crate::{
     capture::{self, Capture, CaptureConfig, Record, RecordSink},
     encode,
-    protocol::{self, HandshakeResponse, Packets, capability},
+    protocol::{self, HandshakeResponse, Packets},
     publish::{self, BrokerConfig},
     recording::Reader,
     session::{Output, SEMI_SYNC_ACK},
@@ -204,7 +205,7 @@ fn le(b: &[u8], at: usize, width: usize) -> Option<u64> {
 
 /// The bytes up to a NUL, or all of them.
 fn up_to_nul(b: &[u8]) -> &[u8] {
-    protocol::nul_terminated(b).map_or(b, |(s, _)| s)
+    b.split(|&x| x == 0).next().unwrap_or(b)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -220,7 +221,7 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
     let mut f = Map::new();
     if seq == 1 && first && p.len() >= 32 {
         let caps = le(p, 0, 4).unwrap_or(0) as u32;
-        if p.len() == 32 && caps & capability::SSL != 0 {
+        if p.len() == 32 && caps & CapabilityFlags::CLIENT_SSL.bits() != 0 {
             return Described::Opaque(
                 "TLS_REQUEST".into(),
                 "the session is encrypted from here".into(),
@@ -237,7 +238,7 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
             f.insert("user".into(), user.into());
             f.insert("database".into(), db.into());
             f.insert("capabilities".into(), h.capabilities.into());
-            if h.capabilities & CLIENT_COMPRESS != 0 {
+            if h.capabilities & CapabilityFlags::CLIENT_COMPRESS.bits() != 0 {
                 args.push_str(" (compressed protocol: the session cannot be read further)");
                 return Described::Opaque("HANDSHAKE_RESPONSE".into(), args, f);
             }
@@ -345,8 +346,6 @@ fn describe(seq: u8, p: &[u8], first: bool) -> Described {
     };
     Described::Command(name.into(), args, f)
 }
-
-const CLIENT_COMPRESS: u32 = 0x20;
 
 /// Writes lines as text (cut to `width`, if any) or JSON.
 pub struct Printer {
@@ -731,10 +730,11 @@ mod tests {
 
     #[test]
     fn the_handshake_names_user_and_database_and_tls_ends_the_view() {
-        let mut hs =
-            (capability::PROTOCOL_41 | capability::SECURE_CONNECTION | capability::CONNECT_WITH_DB)
-                .to_le_bytes()
-                .to_vec();
+        let mut hs = (CapabilityFlags::CLIENT_PROTOCOL_41.bits()
+            | CapabilityFlags::CLIENT_SECURE_CONNECTION.bits()
+            | CapabilityFlags::CLIENT_CONNECT_WITH_DB.bits())
+        .to_le_bytes()
+        .to_vec();
         hs.extend_from_slice(&[0, 0, 0, 1, 45]);
         hs.extend_from_slice(&[0; 23]);
         hs.extend_from_slice(b"app\0\x02xy");
@@ -754,7 +754,8 @@ mod tests {
         );
         assert_eq!(d.other_packets, 1);
 
-        let tls = (capability::PROTOCOL_41 | capability::SSL).to_le_bytes();
+        let tls = (CapabilityFlags::CLIENT_PROTOCOL_41.bits() | CapabilityFlags::CLIENT_SSL.bits())
+            .to_le_bytes();
         let mut req = tls.to_vec();
         req.extend_from_slice(&[0; 28]);
         let other = (client().0, 40001);

@@ -13,43 +13,52 @@
 use std::{collections::VecDeque, fmt::Write as _};
 
 use foldhash::HashMap;
-use mysql_common::{io::ParseBuf, packets::StmtPacket};
+use mysql_common::{
+    constants::{ColumnFlags, ColumnType},
+    io::ParseBuf,
+    packets::StmtPacket,
+    value::{BinValue, Value, ValueDeserializer},
+};
 
-use crate::protocol::{self, command};
-
-/// Column types of the binary protocol.
-pub mod types {
-    pub const DECIMAL: u8 = 0x00;
-    pub const TINY: u8 = 0x01;
-    pub const SHORT: u8 = 0x02;
-    pub const LONG: u8 = 0x03;
-    pub const FLOAT: u8 = 0x04;
-    pub const DOUBLE: u8 = 0x05;
-    pub const NULL: u8 = 0x06;
-    pub const TIMESTAMP: u8 = 0x07;
-    pub const LONGLONG: u8 = 0x08;
-    pub const INT24: u8 = 0x09;
-    pub const DATE: u8 = 0x0a;
-    pub const TIME: u8 = 0x0b;
-    pub const DATETIME: u8 = 0x0c;
-    pub const YEAR: u8 = 0x0d;
-    pub const VARCHAR: u8 = 0x0f;
-    pub const BIT: u8 = 0x10;
-    pub const JSON: u8 = 0xf5;
-    pub const NEWDECIMAL: u8 = 0xf6;
-    pub const ENUM: u8 = 0xf7;
-    pub const SET: u8 = 0xf8;
-    pub const TINY_BLOB: u8 = 0xf9;
-    pub const MEDIUM_BLOB: u8 = 0xfa;
-    pub const LONG_BLOB: u8 = 0xfb;
-    pub const BLOB: u8 = 0xfc;
-    pub const VAR_STRING: u8 = 0xfd;
-    pub const STRING: u8 = 0xfe;
-    pub const GEOMETRY: u8 = 0xff;
-}
+use crate::protocol::command;
 
 /// The flag byte after a parameter's type: the value is unsigned.
 const UNSIGNED: u8 = 0x80;
+
+/// The parameter types whose binary encoding is known here (mysql_common decodes them; any
+/// other is refused before it is asked to).
+const BINARY_TYPES: [ColumnType; 27] = {
+    use ColumnType::*;
+    [
+        MYSQL_TYPE_DECIMAL,
+        MYSQL_TYPE_TINY,
+        MYSQL_TYPE_SHORT,
+        MYSQL_TYPE_LONG,
+        MYSQL_TYPE_FLOAT,
+        MYSQL_TYPE_DOUBLE,
+        MYSQL_TYPE_NULL,
+        MYSQL_TYPE_TIMESTAMP,
+        MYSQL_TYPE_LONGLONG,
+        MYSQL_TYPE_INT24,
+        MYSQL_TYPE_DATE,
+        MYSQL_TYPE_TIME,
+        MYSQL_TYPE_DATETIME,
+        MYSQL_TYPE_YEAR,
+        MYSQL_TYPE_VARCHAR,
+        MYSQL_TYPE_BIT,
+        MYSQL_TYPE_JSON,
+        MYSQL_TYPE_NEWDECIMAL,
+        MYSQL_TYPE_ENUM,
+        MYSQL_TYPE_SET,
+        MYSQL_TYPE_TINY_BLOB,
+        MYSQL_TYPE_MEDIUM_BLOB,
+        MYSQL_TYPE_LONG_BLOB,
+        MYSQL_TYPE_BLOB,
+        MYSQL_TYPE_VAR_STRING,
+        MYSQL_TYPE_STRING,
+        MYSQL_TYPE_GEOMETRY,
+    ]
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RenderError {
@@ -105,14 +114,73 @@ pub enum Param {
 }
 
 impl Param {
-    /// A value sent as bytes (long data) of type `ty`.
+    /// A value sent as bytes (long data, or a length-encoded value) of type `ty`.
     fn of_bytes(ty: u8, data: Vec<u8>) -> Self {
-        use types::*;
-        match ty {
-            DECIMAL | NEWDECIMAL => Param::Decimal(String::from_utf8_lossy(&data).into_owned()),
-            VARCHAR | VAR_STRING | STRING | ENUM | SET | JSON => Param::Text(data),
+        use ColumnType::*;
+        match ColumnType::try_from(ty) {
+            Ok(MYSQL_TYPE_DECIMAL | MYSQL_TYPE_NEWDECIMAL) => {
+                Param::Decimal(String::from_utf8_lossy(&data).into_owned())
+            }
+            Ok(
+                MYSQL_TYPE_VARCHAR
+                | MYSQL_TYPE_VAR_STRING
+                | MYSQL_TYPE_STRING
+                | MYSQL_TYPE_ENUM
+                | MYSQL_TYPE_SET
+                | MYSQL_TYPE_JSON,
+            ) => Param::Text(data),
             _ => Param::Bytes(data),
         }
+    }
+
+    /// Parameter `index`'s value of type `ty` (with `flags`), decoded by mysql_common.
+    fn decode(
+        buf: &mut ParseBuf<'_>,
+        index: usize,
+        ty: u8,
+        flags: u8,
+    ) -> Result<Self, RenderError> {
+        let col = ColumnType::try_from(ty)
+            .ok()
+            .filter(|t| BINARY_TYPES.contains(t))
+            .ok_or(RenderError::UnknownType { index, ty })?;
+        let flags = if flags & UNSIGNED != 0 {
+            ColumnFlags::UNSIGNED_FLAG
+        } else {
+            ColumnFlags::empty()
+        };
+        let value = buf
+            .parse::<ValueDeserializer<BinValue>>((col, flags))
+            .map_err(|_| RenderError::Truncated {
+                what: "a parameter value",
+            })?;
+        Ok(match value.0 {
+            Value::NULL => Param::Null,
+            Value::Bytes(b) => Param::of_bytes(ty, b),
+            Value::Int(v) => Param::Int(v),
+            Value::UInt(v) => Param::UInt(v),
+            Value::Float(v) => Param::Float(v),
+            Value::Double(v) => Param::Double(v),
+            Value::Date(year, month, day, ..) if col == ColumnType::MYSQL_TYPE_DATE => {
+                Param::Date { year, month, day }
+            }
+            Value::Date(year, month, day, hour, minute, second, micro) => Param::DateTime {
+                year,
+                month,
+                day,
+                hour,
+                minute,
+                second,
+                micro,
+            },
+            Value::Time(negative, days, hours, minute, second, micro) => Param::Time {
+                negative,
+                hours: u64::from(days) * 24 + u64::from(hours),
+                minute,
+                second,
+                micro,
+            },
+        })
     }
 }
 
@@ -193,24 +261,33 @@ impl Statement {
     /// The parameters of an execute, those sent as long data included.
     fn decode(&mut self, body: &[u8]) -> Result<Vec<Param>, RenderError> {
         let n = self.params;
+        let mut buf = ParseBuf(body);
+        let truncated = |what| RenderError::Truncated { what };
         // Statement id (4), flags (1), iteration count (4).
-        let mut r = Reader(
-            body.get(9..)
-                .ok_or(RenderError::Truncated { what: "the header" })?,
-        );
+        if !buf.checked_skip(9) {
+            return Err(truncated("the header"));
+        }
         if n == 0 {
             return Ok(Vec::new());
         }
-        let nulls = r.take(n.div_ceil(8), "the NULL bitmap")?;
-        if r.take(1, "the new-params-bound flag")?[0] == 1 {
-            let raw = r.take(2 * n, "the parameter types")?;
+        let nulls = buf
+            .checked_eat(n.div_ceil(8))
+            .ok_or(truncated("the NULL bitmap"))?;
+        if buf
+            .checked_eat_u8()
+            .ok_or(truncated("the new-params-bound flag"))?
+            == 1
+        {
+            let raw = buf
+                .checked_eat(2 * n)
+                .ok_or(truncated("the parameter types"))?;
             self.types = Some(raw.chunks(2).map(|t| (t[0], t[1])).collect());
         }
         let types = self.types.as_ref().ok_or(RenderError::NoTypes)?;
         let mut out = Vec::with_capacity(n);
         for (i, &(ty, flags)) in types.iter().enumerate() {
             let null = nulls[i / 8] & (1 << (i % 8)) != 0;
-            if null || ty == types::NULL {
+            if null || ty == ColumnType::MYSQL_TYPE_NULL as u8 {
                 out.push(Param::Null);
                 continue;
             }
@@ -219,102 +296,9 @@ impl Statement {
                 out.push(Param::of_bytes(ty, data));
                 continue;
             }
-            out.push(r.param(i, ty, flags & UNSIGNED != 0)?);
+            out.push(Param::decode(&mut buf, i, ty, flags)?);
         }
         Ok(out)
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], RenderError> {
-        if self.0.len() < n {
-            return Err(RenderError::Truncated { what });
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn le(&mut self, n: usize, what: &'static str) -> Result<u64, RenderError> {
-        let mut v = [0u8; 8];
-        v[..n].copy_from_slice(self.take(n, what)?);
-        Ok(u64::from_le_bytes(v))
-    }
-
-    fn lenenc(&mut self, what: &'static str) -> Result<&'a [u8], RenderError> {
-        let (len, rest) = protocol::lenenc(self.0).ok_or(RenderError::Truncated { what })?;
-        self.0 = rest;
-        self.take(usize::try_from(len).unwrap_or(usize::MAX), what)
-    }
-
-    fn param(&mut self, index: usize, ty: u8, unsigned: bool) -> Result<Param, RenderError> {
-        use types::*;
-        const V: &str = "a parameter value";
-        let int = |v: u64, bits: u32| {
-            if unsigned {
-                Param::UInt(v)
-            } else {
-                // Sign-extend from `bits`.
-                let shift = 64 - bits;
-                Param::Int(((v << shift) as i64) >> shift)
-            }
-        };
-        Ok(match ty {
-            TINY => int(self.le(1, V)?, 8),
-            SHORT | YEAR => int(self.le(2, V)?, 16),
-            LONG | INT24 => int(self.le(4, V)?, 32),
-            LONGLONG => int(self.le(8, V)?, 64),
-            FLOAT => Param::Float(f32::from_bits(self.le(4, V)? as u32)),
-            DOUBLE => Param::Double(f64::from_bits(self.le(8, V)?)),
-            DECIMAL | NEWDECIMAL | VARCHAR | VAR_STRING | STRING | ENUM | SET | JSON
-            | TINY_BLOB | MEDIUM_BLOB | LONG_BLOB | BLOB | BIT | GEOMETRY => {
-                Param::of_bytes(ty, self.lenenc(V)?.to_vec())
-            }
-            DATE | DATETIME | TIMESTAMP => {
-                let len = self.take(1, V)?[0] as usize;
-                let b = self.take(len, V)?;
-                let at = |i: usize| b.get(i).copied().unwrap_or(0);
-                let year = u16::from_le_bytes([at(0), at(1)]);
-                let micro = if len >= 11 {
-                    u32::from_le_bytes([b[7], b[8], b[9], b[10]])
-                } else {
-                    0
-                };
-                if ty == DATE {
-                    Param::Date {
-                        year,
-                        month: at(2),
-                        day: at(3),
-                    }
-                } else {
-                    Param::DateTime {
-                        year,
-                        month: at(2),
-                        day: at(3),
-                        hour: at(4),
-                        minute: at(5),
-                        second: at(6),
-                        micro,
-                    }
-                }
-            }
-            TIME => {
-                let len = self.take(1, V)?[0] as usize;
-                let b = self.take(len, V)?;
-                let at = |i: usize| b.get(i).copied().unwrap_or(0);
-                let days = u32::from_le_bytes([at(1), at(2), at(3), at(4)]);
-                Param::Time {
-                    negative: at(0) == 1,
-                    hours: u64::from(days) * 24 + u64::from(at(5)),
-                    minute: at(6),
-                    second: at(7),
-                    micro: u32::from_le_bytes([at(8), at(9), at(10), at(11)]),
-                }
-            }
-            _ => return Err(RenderError::UnknownType { index, ty }),
-        })
     }
 }
 
@@ -744,7 +728,18 @@ mod tests {
 
     #[test]
     fn every_type_becomes_its_literal() {
-        use types::*;
+        const TINY: u8 = ColumnType::MYSQL_TYPE_TINY as u8;
+        const SHORT: u8 = ColumnType::MYSQL_TYPE_SHORT as u8;
+        const LONG: u8 = ColumnType::MYSQL_TYPE_LONG as u8;
+        const LONGLONG: u8 = ColumnType::MYSQL_TYPE_LONGLONG as u8;
+        const FLOAT: u8 = ColumnType::MYSQL_TYPE_FLOAT as u8;
+        const DOUBLE: u8 = ColumnType::MYSQL_TYPE_DOUBLE as u8;
+        const NEWDECIMAL: u8 = ColumnType::MYSQL_TYPE_NEWDECIMAL as u8;
+        const VAR_STRING: u8 = ColumnType::MYSQL_TYPE_VAR_STRING as u8;
+        const BLOB: u8 = ColumnType::MYSQL_TYPE_BLOB as u8;
+        const DATE: u8 = ColumnType::MYSQL_TYPE_DATE as u8;
+        const DATETIME: u8 = ColumnType::MYSQL_TYPE_DATETIME as u8;
+        const TIME: u8 = ColumnType::MYSQL_TYPE_TIME as u8;
         let sql = b"INSERT INTO t VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
         let mut st = Statement::new(sql.to_vec(), 14);
         let types = [
@@ -802,7 +797,10 @@ mod tests {
         st.long_data(1, b"c");
         let body = execute(
             &[0],
-            Some(&[(types::LONG, 0), (types::BLOB, 0)]),
+            Some(&[
+                (ColumnType::MYSQL_TYPE_LONG as u8, 0),
+                (ColumnType::MYSQL_TYPE_BLOB as u8, 0),
+            ]),
             &7i32.to_le_bytes(),
         );
         assert_eq!(
@@ -830,16 +828,37 @@ mod tests {
             st.execute(&execute(&[0], Some(&[(0x42, 0)]), &[1])),
             Err(RenderError::UnknownType { index: 0, ty: 0x42 })
         );
+        // Types mysql_common knows but does not decode as parameters (it would panic):
+        // refused first.
+        for ty in [
+            ColumnType::MYSQL_TYPE_TIMESTAMP2,
+            ColumnType::MYSQL_TYPE_DATETIME2,
+            ColumnType::MYSQL_TYPE_TIME2,
+            ColumnType::MYSQL_TYPE_TYPED_ARRAY,
+            ColumnType::MYSQL_TYPE_NEWDATE,
+            ColumnType::MYSQL_TYPE_VECTOR,
+            ColumnType::MYSQL_TYPE_UNKNOWN,
+        ] {
+            let ty = ty as u8;
+            assert_eq!(
+                st.execute(&execute(&[0], Some(&[(ty, 0)]), &[1, 0, 0, 0])),
+                Err(RenderError::UnknownType { index: 0, ty })
+            );
+        }
         assert!(matches!(
             st.execute(&execute(
                 &[0],
-                Some(&[(types::DOUBLE, 0)]),
+                Some(&[(ColumnType::MYSQL_TYPE_DOUBLE as u8, 0)]),
                 &f64::NAN.to_le_bytes()
             )),
             Err(RenderError::NoLiteral { .. })
         ));
         assert!(matches!(
-            st.execute(&execute(&[0], Some(&[(types::LONG, 0)]), &[1, 2])),
+            st.execute(&execute(
+                &[0],
+                Some(&[(ColumnType::MYSQL_TYPE_LONG as u8, 0)]),
+                &[1, 2]
+            )),
             Err(RenderError::Truncated { .. })
         ));
         let mut two = Statement::new(b"SELECT ?".to_vec(), 2);

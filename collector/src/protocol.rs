@@ -2,6 +2,8 @@
 //! its stream) must understand: packet framing, command bytes, and the client's handshake
 //! response, which names the session's initial database.
 
+use mysql_common::{constants::CapabilityFlags, io::ParseBuf, packets};
+
 /// Command bytes, the first payload byte of a packet with sequence number 0.
 pub mod command {
     use mysql_common::constants::Command as C;
@@ -83,15 +85,6 @@ pub mod command {
     }
 }
 
-/// Capability flags the parsers look at.
-pub mod capability {
-    pub const CONNECT_WITH_DB: u32 = 0x8;
-    pub const PROTOCOL_41: u32 = 0x200;
-    pub const SSL: u32 = 0x800;
-    pub const SECURE_CONNECTION: u32 = 0x8000;
-    pub const PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 0x0020_0000;
-}
-
 /// Bytes of a packet header: 3-byte little-endian payload length, then the sequence number.
 pub const HEADER: usize = 4;
 
@@ -144,57 +137,21 @@ pub struct HandshakeResponse {
 }
 
 impl HandshakeResponse {
-    /// Parses the payload of a protocol-41 handshake response. None for anything else,
-    /// including the short TLS request, after which the rest of the session is encrypted.
+    /// Parses the payload of a protocol-41 handshake response (with mysql_common). None for
+    /// anything else, including the short TLS request, after which the rest of the session
+    /// is encrypted.
     pub fn parse(payload: &[u8]) -> Option<Self> {
         let capabilities = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?);
-        if capabilities & capability::PROTOCOL_41 == 0 || payload.len() <= 32 {
+        if capabilities & CapabilityFlags::CLIENT_PROTOCOL_41.bits() == 0 || payload.len() <= 32 {
             return None;
         }
-        // Capabilities, max packet size, character set, 23 filler bytes.
-        let rest = &payload[32..];
-        let (user, rest) = nul_terminated(rest)?;
-        let rest = if capabilities & capability::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
-            let (len, rest) = lenenc(rest)?;
-            rest.get(usize::try_from(len).ok()?..)?
-        } else if capabilities & capability::SECURE_CONNECTION != 0 {
-            let (&len, rest) = rest.split_first()?;
-            rest.get(len as usize..)?
-        } else {
-            nul_terminated(rest)?.1
-        };
-        let database = if capabilities & capability::CONNECT_WITH_DB != 0 {
-            Some(nul_terminated(rest)?.0.to_vec())
-        } else {
-            None
-        };
+        let h: packets::HandshakeResponse<'_> = ParseBuf(payload).parse(()).ok()?;
         Some(Self {
             capabilities,
-            user: user.to_vec(),
-            database,
+            user: h.user().to_vec(),
+            database: h.db_name().map(<[u8]>::to_vec),
         })
     }
-}
-
-/// The bytes before the first NUL, and those after it; None without a NUL.
-pub fn nul_terminated(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = bytes.iter().position(|&b| b == 0)?;
-    Some((&bytes[..end], &bytes[end + 1..]))
-}
-
-/// A length-encoded integer, and the bytes after it.
-pub fn lenenc(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let (&first, rest) = bytes.split_first()?;
-    let width = match first {
-        0..=0xfa => return Some((first as u64, rest)),
-        0xfc => 2,
-        0xfd => 3,
-        0xfe => 8,
-        _ => return None,
-    };
-    let mut le = [0u8; 8];
-    le[..width].copy_from_slice(rest.get(..width)?);
-    Some((u64::from_le_bytes(le), &rest[width..]))
 }
 
 /// Whether a segment starts with a command packet: sequence 0 and a command byte.
@@ -258,7 +215,7 @@ pub fn is_handshake_response(data: &[u8]) -> bool {
     }
     let len = u32::from_le_bytes([data[0], data[1], data[2], 0]);
     let caps = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
-    len >= 32 && caps & capability::PROTOCOL_41 != 0
+    len >= 32 && caps & CapabilityFlags::CLIENT_PROTOCOL_41.bits() != 0
 }
 
 /// Whether a segment starts with a command that changes the default database: COM_INIT_DB,
@@ -378,15 +335,21 @@ mod tests {
 
     #[test]
     fn handshake_response_names_the_database() {
-        let base = capability::PROTOCOL_41 | capability::SECURE_CONNECTION;
-        let with_db = handshake(base | capability::CONNECT_WITH_DB, &[7; 20], Some(b"shop"));
+        let base = CapabilityFlags::CLIENT_PROTOCOL_41.bits()
+            | CapabilityFlags::CLIENT_SECURE_CONNECTION.bits();
+        let with_db = handshake(
+            base | CapabilityFlags::CLIENT_CONNECT_WITH_DB.bits(),
+            &[7; 20],
+            Some(b"shop"),
+        );
         let h = HandshakeResponse::parse(&with_db).unwrap();
         assert_eq!(h.user, b"mrte");
         assert_eq!(h.database.as_deref(), Some(&b"shop"[..]));
         assert!(is_handshake_response(&packet(1, &with_db)));
 
         let lenenc = handshake(
-            base | capability::PLUGIN_AUTH_LENENC_CLIENT_DATA | capability::CONNECT_WITH_DB,
+            base | CapabilityFlags::CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA.bits()
+                | CapabilityFlags::CLIENT_CONNECT_WITH_DB.bits(),
             &[0; 20],
             Some(b"x"),
         );
