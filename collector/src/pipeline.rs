@@ -1,7 +1,7 @@
 //! The agent's record sink: leaves out the collector's own MySQL connection, holds segments
 //! back while the bootstrap ([`crate::bootstrap`]) reads the process list, so that a session's
 //! synthetic COM_INIT_DB goes into its publisher queue before any of its captured segments,
-//! passes each session's segments through its flow ([`crate::flow`]), and hands what comes out
+//! passes each session's segments through its flow ([`crate::tcp`]), and hands what comes out
 //! to the MRTE fan-out.
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
@@ -53,6 +53,45 @@ impl Hold {
     fn holds(&self, key: &SessionKey) -> bool {
         self.all || (!self.pending.is_empty() && self.pending.contains(key))
     }
+}
+
+/// What the held segments tell about their sessions, for a process-list pass.
+struct Held {
+    /// Sessions with held segments.
+    seen: HashSet<SessionKey>,
+    /// Those whose first held payload is the handshake response: the consumer learns their
+    /// database from it.
+    started: HashSet<SessionKey>,
+    /// Those that changed database in what is held: this read may show the new one.
+    changed: HashSet<SessionKey>,
+}
+
+impl Held {
+    fn of(records: &[Record]) -> Self {
+        let mut held = Held {
+            seen: HashSet::default(),
+            started: HashSet::default(),
+            changed: HashSet::default(),
+        };
+        for r in records.iter().filter(|r| r.is_client()) {
+            let key = (r.src, r.sport);
+            if changes_database(&r.data) {
+                held.changed.insert(key);
+            }
+            if !r.data.is_empty() && held.seen.insert(key) && is_handshake_response(&r.data) {
+                held.started.insert(key);
+            }
+        }
+        held
+    }
+}
+
+/// What one pass decides a session's COM_INIT_DB by.
+struct InitDb<'a> {
+    pass: Pass,
+    held: &'a Held,
+    /// The read just before attaching (first pass only).
+    before: &'a HashMap<SessionKey, Session>,
 }
 
 /// The record sink of the agent: the collector's own connection left out, segments held
@@ -167,17 +206,7 @@ impl Pipeline {
     }
 
     fn apply(&mut self, pass: Pass, mut snap: Snapshot) {
-        let c = self.counters.clone();
-        self.place_unresolved(&mut snap);
-        // Replicas whose COM_BINLOG_DUMP was before capture: their flows learn it here.
-        let new_replicas = self.flows.set_replicas(
-            std::mem::take(&mut snap.replication),
-            std::mem::take(&mut snap.replication_ids),
-        );
-        PipelineCounters::add(&c.replication_skipped, new_replicas as u64);
-        if snap.own.is_some() {
-            self.own = snap.own;
-        }
+        self.learn(&mut snap);
         // The read made just before attaching: it knows the database each session had when
         // capture began, which is what a session that changes database or ends before the
         // first read after attaching needs.
@@ -185,86 +214,113 @@ impl Pipeline {
             Pass::First => self.before.take().unwrap_or_default(),
             _ => HashMap::default(),
         };
-        // Sessions that changed database in what is held: this read may show the new one.
-        let changed: HashSet<SessionKey> = self
-            .hold
-            .records
-            .iter()
-            .filter(|r| r.is_client() && changes_database(&r.data))
-            .map(|r| (r.src, r.sport))
-            .collect();
-        // Sessions whose handshake was captured (their first payload is the handshake
-        // response): the consumer learns their database from it.
-        let mut first_seen = HashSet::default();
-        let started: HashSet<SessionKey> = self
-            .hold
-            .records
-            .iter()
-            .filter(|r| r.is_client() && !r.data.is_empty())
-            .filter(|r| first_seen.insert((r.src, r.sport)) && is_handshake_response(&r.data))
-            .map(|r| (r.src, r.sport))
-            .collect();
-        let init_db = |this: &mut Self, key: SessionKey, s: &Session| {
-            if pass != Pass::Again && started.contains(&key) {
-                return;
-            }
-            let db = if changed.contains(&key) {
-                match before.get(&key).filter(|b| b.id == s.id) {
-                    Some(b) => &b.db,
-                    None => {
-                        PipelineCounters::add(&c.bootstrap_db_changed, 1);
-                        return;
-                    }
-                }
-            } else {
-                &s.db
-            };
-            if let Some(db) = db
-                && this.inject(key, &encode::com_init_db(db.as_bytes()))
-            {
-                PipelineCounters::add(&c.bootstrap_units, 1);
-            }
+        let held = Held::of(&self.hold.records);
+        let plan = InitDb {
+            pass,
+            held: &held,
+            before: &before,
         };
-        // Sessions gone since the last read end on the consumer's side too, after their
-        // segments; so do sessions known from before attaching, captured, and gone already.
+        // Sessions known from before attaching, captured, and gone already end on the
+        // consumer's side too, after their segments.
         let mut gone = Vec::new();
         for (key, b) in &before {
-            // `first_seen` holds every session with held segments.
-            if first_seen.contains(key)
+            if held.seen.contains(key)
                 && !snap.sessions.contains_key(key)
-                && !started.contains(key)
+                && !held.started.contains(key)
             {
-                init_db(self, *key, b);
+                self.init_db(&plan, *key, b);
                 gone.push(*key);
             }
         }
-        match pass {
+        self.bootstrap(&plan, &snap);
+        gone.extend(self.gone_since_last_read(&snap));
+        self.hold.all = false;
+        self.release();
+        let c = self.counters.clone();
+        for key in gone {
+            if self.inject(key, &encode::COM_QUIT) {
+                PipelineCounters::add(&c.gc_quits, 1);
+            }
+            self.flows.forget(&key, &c);
+        }
+    }
+
+    /// What a read tells beyond the sessions: hosts to place among the captured sessions,
+    /// replicas whose COM_BINLOG_DUMP was before capture (their flows learn it here), the
+    /// collector's own connection.
+    fn learn(&mut self, snap: &mut Snapshot) {
+        self.place_unresolved(snap);
+        let new_replicas = self.flows.set_replicas(
+            std::mem::take(&mut snap.replication),
+            std::mem::take(&mut snap.replication_ids),
+        );
+        PipelineCounters::add(&self.counters.replication_skipped, new_replicas as u64);
+        if snap.own.is_some() {
+            self.own = snap.own;
+        }
+    }
+
+    /// The COM_INIT_DBs of a pass: sessions mid-handshake at the first pass wait (held) for
+    /// the second.
+    fn bootstrap(&mut self, plan: &InitDb, snap: &Snapshot) {
+        match plan.pass {
             Pass::First | Pass::Again => {
                 for (key, s) in &snap.sessions {
-                    if s.handshaking && pass == Pass::First {
+                    if s.handshaking && plan.pass == Pass::First {
                         // Its database is known once it has authenticated, unless its
                         // handshake was captured.
-                        if !started.contains(key) {
+                        if !plan.held.started.contains(key) {
                             self.hold.pending.insert(*key);
                         }
                     } else if !self.hold.pending.contains(key) {
-                        init_db(self, *key, s);
+                        self.init_db(plan, *key, s);
                     }
                 }
             }
             Pass::Second => {
                 for key in std::mem::take(&mut self.hold.pending) {
                     if let Some(s) = snap.sessions.get(&key) {
-                        init_db(self, key, s);
+                        self.init_db(plan, key, s);
                     }
                 }
             }
             Pass::Gc => {}
         }
+    }
+
+    /// A session's COM_INIT_DB, unless the consumer learns its database otherwise (its
+    /// handshake was captured) or which one it had is not known (it changed database in
+    /// what is held, and the read before attaching does not tell).
+    fn init_db(&mut self, plan: &InitDb, key: SessionKey, s: &Session) {
+        if plan.pass != Pass::Again && plan.held.started.contains(&key) {
+            return;
+        }
+        let db = if plan.held.changed.contains(&key) {
+            match plan.before.get(&key).filter(|b| b.id == s.id) {
+                Some(b) => &b.db,
+                None => {
+                    PipelineCounters::add(&self.counters.bootstrap_db_changed, 1);
+                    return;
+                }
+            }
+        } else {
+            &s.db
+        };
+        if let Some(db) = db
+            && self.inject(key, &encode::com_init_db(db.as_bytes()))
+        {
+            PipelineCounters::add(&self.counters.bootstrap_units, 1);
+        }
+    }
+
+    /// Sessions of the last read that this one no longer lists (or lists with another id:
+    /// a new session on the address, which gets no COM_QUIT); remembers this read's.
+    fn gone_since_last_read(&mut self, snap: &Snapshot) -> Vec<SessionKey> {
+        let mut gone = Vec::new();
         for (key, id) in std::mem::take(&mut self.known) {
             match snap.sessions.get(&key) {
                 None => gone.push(key),
-                Some(s) if s.id != id => PipelineCounters::add(&c.gc_port_reused, 1),
+                Some(s) if s.id != id => PipelineCounters::add(&self.counters.gc_port_reused, 1),
                 Some(_) => {}
             }
         }
@@ -284,14 +340,7 @@ impl Pipeline {
             .filter(|(k, _)| !self.ended.contains_key(k))
             .map(|(k, s)| (*k, s.id))
             .collect();
-        self.hold.all = false;
-        self.release();
-        for key in gone {
-            if self.inject(key, &encode::COM_QUIT) {
-                PipelineCounters::add(&c.gc_quits, 1);
-            }
-            self.flows.forget(&key, &c);
-        }
+        gone
     }
 
     /// Rows the socket table could not place (sessions that closed between the process-list

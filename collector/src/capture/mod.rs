@@ -195,39 +195,8 @@ impl Capture {
     /// to the interface's ingress (and the replies program to its egress, with `prepared`).
     pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let (ifindex, link_kind) = cfg.check()?;
-        let link_kind = link_kind as u8;
-        let transport = cfg.transport as u8;
-        let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
-        let wake_at = cfg.ring_bytes as u64 / 4;
-        let perf = cfg.transport == Transport::PerfSkb;
-        let mut ebpf = EbpfLoader::new()
-            .override_global("LINK_KIND", &link_kind, true)
-            .override_global("SNAP_LEN", &cfg.snap_len, true)
-            .override_global("TRANSPORT", &transport, true)
-            .override_global("WAKE_INTERVAL_NS", &wake_ns, true)
-            .override_global("WAKE_AT_BYTES", &wake_at, true)
-            .override_global("PREPARED", &u8::from(cfg.prepared), true)
-            // The unused transport's map is kept at its minimum size.
-            .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
-            .load(EBPF_OBJECT)?;
-
-        let mut ports: Array<_, u8> =
-            Array::try_from(ebpf.map_mut("PORTS").ok_or(CaptureError::Missing {
-                what: "map",
-                name: "PORTS",
-            })?)
-            .map_err(|source| CaptureError::Map {
-                name: "PORTS",
-                source,
-            })?;
-        for &port in &cfg.ports {
-            ports
-                .set(port as u32, 1, 0)
-                .map_err(|source| CaptureError::Map {
-                    name: "PORTS",
-                    source,
-                })?;
-        }
+        let mut ebpf = load(cfg, link_kind)?;
+        set_ports(&mut ebpf, &cfg.ports)?;
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(|source| {
                 CaptureError::Map {
@@ -235,95 +204,22 @@ impl Capture {
                     source,
                 }
             })?;
-        let source = if perf {
-            let mut array = PerfEventArray::try_from(take_map(&mut ebpf, "PERF_RECORDS")?)
-                .map_err(|source| CaptureError::Map {
-                    name: "PERF_RECORDS",
-                    source,
-                })?;
-            // Per-CPU buffers sharing ring_bytes, each a power of two in pages.
-            let cpus = aya::util::online_cpus().map_err(|(what, e)| CaptureError::Cpus(what, e))?;
-            let pages = ((cfg.ring_bytes / page_size()) as usize / cpus.len().max(1))
-                .max(1)
-                .next_power_of_two();
-            let mut bufs = Vec::new();
-            for cpu in cpus {
-                bufs.push(
-                    array
-                        .open(cpu, Some(pages))
-                        .map_err(|source| CaptureError::PerfOpen { cpu, source })?,
-                );
-            }
-            RawSource::Perf(bufs)
-        } else {
-            RawSource::Ring(RingBuf::try_from(take_map(&mut ebpf, "RECORDS")?).map_err(
-                |source| CaptureError::Map {
-                    name: "RECORDS",
-                    source,
-                },
-            )?)
-        };
-
-        // The reply program goes first: once the ingress program marks a connection, the
-        // reply it awaits must not pass before anything is there to see it.
-        let mut replies = None;
-        if cfg.prepared {
-            let prog = classifier(&mut ebpf, REPLIES_PROGRAM_NAME)?;
-            prog.load().map_err(|source| CaptureError::Load {
-                name: REPLIES_PROGRAM_NAME,
-                source,
-            })?;
-            let (link, mode, added) =
-                attach_program(prog, &cfg.interface, cfg.attach_mode, TcAttachType::Egress)?;
-            replies = Some((link, mode, added));
-        }
-        let ingress = classifier(&mut ebpf, PROGRAM_NAME).and_then(|prog| {
-            prog.load().map_err(|source| CaptureError::Load {
-                name: PROGRAM_NAME,
-                source,
-            })?;
-            // The same attach mode as the reply program's.
-            let mode = match replies {
-                Some((_, "tcx", _)) => AttachMode::Tcx,
-                Some(_) => AttachMode::Netlink,
-                None => cfg.attach_mode,
-            };
-            attach_program(prog, &cfg.interface, mode, TcAttachType::Ingress)
-        });
-        let (link, mode, added_clsact) = match ingress {
-            Ok((link, mode, added)) => (link, mode, added || replies.as_ref().is_some_and(|r| r.2)),
-            Err(e) => {
-                if let Some((link, _, added)) = replies {
-                    if let Ok(prog) = classifier(&mut ebpf, REPLIES_PROGRAM_NAME) {
-                        let _ = prog.detach(link);
-                    }
-                    if added {
-                        remove_clsact_if_unused(&cfg.interface);
-                    }
-                }
-                return Err(e);
-            }
-        };
-        if replies.is_some() {
-            tracing::info!(
-                interface = %cfg.interface,
-                "prepared-statement reply program attached to egress"
-            );
-        }
+        let source = open_source(&mut ebpf, cfg)?;
+        let attached = attach_programs(&mut ebpf, cfg)?;
         tracing::info!(
-            interface = %cfg.interface, ifindex, mode, ports = ?cfg.ports,
+            interface = %cfg.interface, ifindex, mode = attached.mode, ports = ?cfg.ports,
             "capture program attached to ingress"
         );
         Ok(Self {
             ebpf,
-            link: Some(link),
-            replies_link: replies.map(|r| r.0),
+            link: Some(attached.ingress),
+            replies_link: attached.egress,
             source: Some(source),
             counters,
             interface: cfg.interface.clone(),
             ifindex,
-            added_clsact,
-            mode,
+            added_clsact: attached.added_clsact,
+            mode: attached.mode,
             recheck_after: cfg.wakeup_interval * 2,
         })
     }
@@ -444,6 +340,145 @@ impl Drop for Capture {
     fn drop(&mut self) {
         if let Err(e) = self.detach_inner() {
             tracing::warn!("detaching on drop: {e}");
+        }
+    }
+}
+
+/// The programs attached: their links, the attach mode, and whether a clsact qdisc was added.
+struct Attached {
+    ingress: SchedClassifierLinkId,
+    egress: Option<SchedClassifierLinkId>,
+    mode: &'static str,
+    added_clsact: bool,
+}
+
+/// Loads the object with the load-time constants of `cfg` (the verifier prunes what they
+/// turn off).
+fn load(cfg: &CaptureConfig, link_kind: LinkKind) -> Result<Ebpf, CaptureError> {
+    let link_kind = link_kind as u8;
+    let transport = cfg.transport as u8;
+    let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
+    let wake_at = cfg.ring_bytes as u64 / 4;
+    let perf = cfg.transport == Transport::PerfSkb;
+    Ok(EbpfLoader::new()
+        .override_global("LINK_KIND", &link_kind, true)
+        .override_global("SNAP_LEN", &cfg.snap_len, true)
+        .override_global("TRANSPORT", &transport, true)
+        .override_global("WAKE_INTERVAL_NS", &wake_ns, true)
+        .override_global("WAKE_AT_BYTES", &wake_at, true)
+        .override_global("PREPARED", &u8::from(cfg.prepared), true)
+        // The unused transport's map is kept at its minimum size.
+        .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
+        .load(EBPF_OBJECT)?)
+}
+
+/// Marks the captured ports in the `PORTS` array.
+fn set_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), CaptureError> {
+    let map_err = |source| CaptureError::Map {
+        name: "PORTS",
+        source,
+    };
+    let mut array: Array<_, u8> =
+        Array::try_from(ebpf.map_mut("PORTS").ok_or(CaptureError::Missing {
+            what: "map",
+            name: "PORTS",
+        })?)
+        .map_err(map_err)?;
+    for &port in ports {
+        array.set(port as u32, 1, 0).map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// The buffer records arrive in: the ring buffer, or per-CPU perf buffers sharing
+/// `ring_bytes` (each a power of two in pages).
+fn open_source(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<RawSource, CaptureError> {
+    if cfg.transport != Transport::PerfSkb {
+        let ring =
+            RingBuf::try_from(take_map(ebpf, "RECORDS")?).map_err(|source| CaptureError::Map {
+                name: "RECORDS",
+                source,
+            })?;
+        return Ok(RawSource::Ring(ring));
+    }
+    let mut array =
+        PerfEventArray::try_from(take_map(ebpf, "PERF_RECORDS")?).map_err(|source| {
+            CaptureError::Map {
+                name: "PERF_RECORDS",
+                source,
+            }
+        })?;
+    let cpus = aya::util::online_cpus().map_err(|(what, e)| CaptureError::Cpus(what, e))?;
+    let pages = ((cfg.ring_bytes / page_size()) as usize / cpus.len().max(1))
+        .max(1)
+        .next_power_of_two();
+    let mut bufs = Vec::new();
+    for cpu in cpus {
+        bufs.push(
+            array
+                .open(cpu, Some(pages))
+                .map_err(|source| CaptureError::PerfOpen { cpu, source })?,
+        );
+    }
+    Ok(RawSource::Perf(bufs))
+}
+
+/// Loads and attaches the programs: the reply program first (once the ingress program marks
+/// a connection, the reply it awaits must not pass before anything is there to see it), the
+/// ingress program in the same mode. If the ingress attach fails, the reply program is
+/// detached again (and a clsact it added removed).
+fn attach_programs(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<Attached, CaptureError> {
+    let mut egress = None;
+    if cfg.prepared {
+        let prog = classifier(ebpf, REPLIES_PROGRAM_NAME)?;
+        prog.load().map_err(|source| CaptureError::Load {
+            name: REPLIES_PROGRAM_NAME,
+            source,
+        })?;
+        egress = Some(attach_program(
+            prog,
+            &cfg.interface,
+            cfg.attach_mode,
+            TcAttachType::Egress,
+        )?);
+    }
+    let ingress = classifier(ebpf, PROGRAM_NAME).and_then(|prog| {
+        prog.load().map_err(|source| CaptureError::Load {
+            name: PROGRAM_NAME,
+            source,
+        })?;
+        let mode = match egress {
+            Some((_, "tcx", _)) => AttachMode::Tcx,
+            Some(_) => AttachMode::Netlink,
+            None => cfg.attach_mode,
+        };
+        attach_program(prog, &cfg.interface, mode, TcAttachType::Ingress)
+    });
+    match ingress {
+        Ok((link, mode, added)) => {
+            if egress.is_some() {
+                tracing::info!(
+                    interface = %cfg.interface,
+                    "prepared-statement reply program attached to egress"
+                );
+            }
+            Ok(Attached {
+                ingress: link,
+                added_clsact: added || egress.as_ref().is_some_and(|r| r.2),
+                egress: egress.map(|r| r.0),
+                mode,
+            })
+        }
+        Err(e) => {
+            if let Some((link, _, added)) = egress {
+                if let Ok(prog) = classifier(ebpf, REPLIES_PROGRAM_NAME) {
+                    let _ = prog.detach(link);
+                }
+                if added {
+                    remove_clsact_if_unused(&cfg.interface);
+                }
+            }
+            Err(e)
         }
     }
 }
