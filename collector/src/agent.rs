@@ -134,20 +134,7 @@ impl Agent {
             );
         }
         let counters = Arc::new(PipelineCounters::default());
-        let broker = match &cfg.broker {
-            Some(broker_cfg) => {
-                let broker = Broker::connect(broker_cfg, counters.clone()).await?;
-                tracing::info!(
-                    broker = %broker.addr(),
-                    exchange = %broker_cfg.exchange,
-                    routing_key = %broker_cfg.routing_key,
-                    %local_ip,
-                    "connected to RabbitMQ"
-                );
-                Some(broker)
-            }
-            None => None,
-        };
+        let broker = connect_broker(&cfg, &counters, local_ip).await?;
         if let Some(r) = &recorder {
             let path = r.lock().expect("recorder lock").path();
             tracing::info!(path = %path.display(), "recording the messages");
@@ -177,19 +164,8 @@ impl Agent {
         };
         let mut publishers = publish::start_publishers(&shared, cfg.publishers, cfg.queue_size);
         drop(shared);
-        let fanout = Fanout::new(
-            local_ip,
-            std::mem::take(&mut publishers.senders),
-            cfg.batch,
-            budget.clone(),
-            counters.clone(),
-        );
-        // Everything captured is held until the first process-list read has put each
-        // session's COM_INIT_DB in front of it.
-        let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cfg.include_replication);
-        pipeline.flows.set_prepared(cfg.capture.prepared);
+        let mut pipeline = new_pipeline(&cfg, &plan, &mut publishers, &budget, &counters, local_ip);
         pipeline.set_own(own);
-        pipeline.set_memory(&plan);
 
         // The process list as capture begins: the database of sessions that change it, or
         // end, before the first read after attaching.
@@ -413,4 +389,48 @@ async fn connect_mysql(cfg: &MysqlConfig) -> anyhow::Result<(Mysql, Option<Sessi
     mysql.check_process_privilege().await?;
     let own = mysql.read().await?.own;
     Ok((mysql, own))
+}
+
+/// Connects to the broker (checks the exchange), if messages go to one.
+async fn connect_broker(
+    cfg: &AgentConfig,
+    counters: &Arc<PipelineCounters>,
+    local_ip: Ipv4Addr,
+) -> anyhow::Result<Option<Arc<Broker>>> {
+    let Some(broker_cfg) = &cfg.broker else {
+        return Ok(None);
+    };
+    let broker = Broker::connect(broker_cfg, counters.clone()).await?;
+    tracing::info!(
+        broker = %broker.addr(),
+        exchange = %broker_cfg.exchange,
+        routing_key = %broker_cfg.routing_key,
+        %local_ip,
+        "connected to RabbitMQ"
+    );
+    Ok(Some(broker))
+}
+
+/// The pipeline in front of the publishers' queues (whose senders the fan-out takes).
+/// Everything captured is held until the first process-list read has put each session's
+/// COM_INIT_DB in front of it.
+fn new_pipeline(
+    cfg: &AgentConfig,
+    plan: &MemoryPlan,
+    publishers: &mut Publishers,
+    budget: &Arc<MemoryBudget>,
+    counters: &Arc<PipelineCounters>,
+    local_ip: Ipv4Addr,
+) -> Pipeline {
+    let fanout = Fanout::new(
+        local_ip,
+        std::mem::take(&mut publishers.senders),
+        cfg.batch,
+        budget.clone(),
+        counters.clone(),
+    );
+    let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cfg.include_replication);
+    pipeline.flows.set_prepared(cfg.capture.prepared);
+    pipeline.set_memory(plan);
+    pipeline
 }
