@@ -6,8 +6,10 @@
 //! the original collector used). Rounds rotate the order of the four; qps and p95 latency are
 //! reported as ratios against "nothing attached" of the same round.
 //!
-//! The agent publishes to an exchange of its own with no queue bound (the broker accepts and
-//! drops): the replaying consumer runs elsewhere, as tcpdump's file is /dev/null here.
+//! The agent publishes to an exchange of its own whose queue keeps only the newest message (the
+//! broker routes and confirms each, then drops it): the replaying consumer runs elsewhere, as
+//! tcpdump's file is /dev/null here. (With no queue bound at all, every message would come
+//! back unroutable and count as lost.)
 //!
 //! `cargo xtask bench overhead -- [--secs 10] [--rounds 5] [--threads 4]
 //!  [--workloads oltp_point_select,oltp_read_write] [--agent_args "--batch_segments=200 ..."]`
@@ -230,10 +232,10 @@ fn run_capturing(
             }
         }
         Config::Agent | Config::AgentRaw => {
-            // Declared by the agent, no queue bound; deleted on drop.
-            let exchange = TestExchange::named("overhead");
+            // A queue that keeps only the newest message; deleted on drop.
+            let exchange = TestExchange::capped("overhead");
             let name = format!("--rabbitmq_exchange_name={}", exchange.exchange);
-            let mut args = vec!["--interface=lo", "--port=3306", "--rabbitmq_declare", &name];
+            let mut args = vec!["--interface=lo", "--port=3306", &name];
             if config == Config::AgentRaw {
                 args.push("--prepared_statements=off");
             }
@@ -299,7 +301,7 @@ fn main() {
          sysbench against the local MariaDB over TCP on `lo`, {threads} threads, {secs} s per run, \
          {rounds} rounds, the order of the four rotated each round. Ratios are per round, \
          against nothing attached in the same round. The agent: release build, default flags{}, \
-         publishing to RabbitMQ on this machine (exchange without a queue); tcpdump: `tcpdump \
+         publishing to RabbitMQ on this machine (a queue that keeps the newest message only); tcpdump: `tcpdump \
          -i lo -w /dev/null 'tcp dst port 3306'`. \"capturer CPU\": the capturing process's \
          user + system time during the run, as a share of one core (the machine has {}).\n\n\
          | workload | configuration | qps (min / median / max) | qps ratio (min / median / max) | p95 ms (median) | p95 ratio (min / median / max) | capturer CPU % (median) | RabbitMQ CPU % (median) | captured (median) | dropped (all rounds) |\n\

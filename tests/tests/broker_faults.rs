@@ -521,6 +521,82 @@ async fn messages_no_queue_takes_are_counted_and_their_sessions_end() {
     );
 }
 
+/// The agent stopped while no queue takes its messages: the publisher holding them gives up
+/// at the exit deadline while the others finished at once (tokio panicked on a finished
+/// publisher's handle polled again, and the agent died without its summary); what waited
+/// is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_while_no_queue_takes_messages_the_agent_counts_what_waited() {
+    let mq = TestExchange::unbound("unrouted_exit");
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap()).await;
+    let args = [
+        "--interface=lo".to_owned(),
+        format!("--port={}", sink.addr.port()),
+        format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--thread_count=4".into(),
+        "--read_timeout=20".into(),
+        "--status_format=json".into(),
+        "--mysql_optional".into(),
+        "--mysql_port=1".into(),
+    ];
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = agent.take_stdout_lines();
+    agent.wait_attached();
+    let c = tokio::task::block_in_place(|| {
+        let mut c = std::net::TcpStream::connect(sink.addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        for n in 0..20 {
+            c.write_all(&numbered_query(0, n)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c
+    });
+    agent.wait_log("routed a message to no queue").await;
+    // Queries that wait behind the held COM_QUIT.
+    tokio::task::block_in_place(|| {
+        let mut c = &c;
+        for n in 20..40 {
+            c.write_all(&numbered_query(0, n)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    let log = agent.log.clone();
+    // `stop` asserts a clean exit.
+    tokio::task::block_in_place(|| drop(agent.stop()));
+    let stopped_in = stopping.elapsed();
+    let lines = stdout.lock().unwrap().clone();
+    let summary: serde_json::Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["summary"] == true)
+        .unwrap_or_else(|| panic!("no exit summary; log:\n{}", log.lock().unwrap()));
+    assert!(
+        stopped_in < Duration::from_secs(16),
+        "exit took {stopped_in:?}"
+    );
+    let t = &summary["totals"];
+    let get = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("no {k}: {summary}"));
+    assert!(get("mq_unroutable_units") > 0, "{summary}");
+    assert!(get("exit_unpublished") > 0, "{summary}");
+    assert_eq!(get("published_units"), 0, "{summary}");
+    assert_eq!(
+        get("batched_units") + get("mq_lost_sessions"),
+        get("mq_unroutable_units")
+            + get("mq_in_flight_units")
+            + get("mq_lost_skipped")
+            + get("exit_unpublished"),
+        "{summary}"
+    );
+    assert!(
+        log.lock().unwrap().contains("did not finish"),
+        "{}",
+        log.lock().unwrap()
+    );
+    drop(c);
+}
+
 /// The fixture these tests read the queue with (a consumer, not a basic.get per message)
 /// takes every message once and in order while publishing goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

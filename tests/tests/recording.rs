@@ -144,6 +144,27 @@ async fn a_recording_published_later_equals_the_live_publish() {
     assert_eq!(live_sessions.len(), 4);
     assert!(live_sessions == later_sessions, "different session streams");
 
+    // To an exchange no queue is bound to: the broker returns every message, an error.
+    let unbound = TestExchange::unbound("rec_unbound");
+    let out = Command::new(binary())
+        .args([
+            "publish-file",
+            &path_arg,
+            &format!("--rabbitmq_exchange_name={}", unbound.exchange),
+            "--rabbitmq_confirm",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "routed {} of {0} messages to no queue",
+            live_messages.len()
+        )),
+        "{stderr}"
+    );
+
     // inspect reads the recording, and the same from the queue.
     let from_file = String::from_utf8(run(&["inspect", "--from_file", &path_arg]).stdout).unwrap();
     let inserts = from_file

@@ -51,7 +51,11 @@ pub async fn publish_file(path: &Path, cfg: &BrokerConfig) -> anyhow::Result<()>
         let publish = channel.basic_publish(
             cfg.exchange.as_str().into(),
             cfg.routing_key.as_str().into(),
-            BasicPublishOptions::default(),
+            // With confirms, a message no queue takes comes back and is reported.
+            BasicPublishOptions {
+                mandatory: cfg.confirm,
+                ..Default::default()
+            },
             &m,
             props.clone(),
         );
@@ -62,18 +66,27 @@ pub async fn publish_file(path: &Path, cfg: &BrokerConfig) -> anyhow::Result<()>
             confirms.push(confirm);
         }
     }
-    let mut nacked = 0;
+    let (mut nacked, mut unroutable) = (0, 0);
     for c in confirms {
-        if let Confirmation::Nack(_) = within(cfg.timeout, c)
+        match within(cfg.timeout, c)
             .await
             .context("waiting for the broker's confirms")?
         {
-            nacked += 1;
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => unroutable += 1,
+            Confirmation::Nack(None) => nacked += 1,
+            Confirmation::Ack(None) | Confirmation::NotRequested => {}
         }
     }
     broker.close().await;
     if nacked > 0 {
         anyhow::bail!("the broker nacked {nacked} of {messages} messages");
+    }
+    if unroutable > 0 {
+        anyhow::bail!(
+            "the broker routed {unroutable} of {messages} messages to no queue: bind a queue \
+             to exchange {:?} (or pass --rabbitmq_declare --rabbitmq_queue=NAME)",
+            cfg.exchange
+        );
     }
     println!(
         "published {messages} messages ({units} units, {bytes} bytes) from {files} file(s) of \

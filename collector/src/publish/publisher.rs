@@ -99,19 +99,24 @@ impl Publishers {
     /// once the fan-out holding their senders is gone; then tells those still at it to give
     /// up (what they hold is counted as `exit_unpublished`, or `mq_in_flight_units` if in
     /// flight) and waits for that. Returns how many did not finish within `grace`.
-    pub async fn join(mut self, grace: Duration) -> usize {
+    pub async fn join(self, grace: Duration) -> usize {
         let deadline = Instant::now() + grace;
-        for t in &mut self.tasks {
-            let _ = tokio::time::timeout_at(deadline, t).await;
+        // A handle that resolved is not polled again (tokio panics on that): only the late
+        // ones are kept.
+        let mut late = Vec::new();
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                late.push(t);
+            }
         }
-        let late = self.tasks.iter().filter(|t| !t.is_finished()).count();
-        if late > 0 {
+        let count = late.len();
+        if count > 0 {
             self.give_up.send_replace(true);
-            for t in self.tasks {
+            for t in late {
                 let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
             }
         }
-        late
+        count
     }
 }
 

@@ -66,13 +66,22 @@ impl TestExchange {
     /// A fresh fanout exchange and a queue not bound to it yet ([`Self::bind`]).
     pub fn unbound(tag: &str) -> Self {
         let this = Self::named(tag);
-        this.declare(false, false);
+        this.declare(false, false, None);
+        this
+    }
+
+    /// A fresh fanout exchange with a queue bound that keeps only the newest message (the
+    /// broker routes each, confirms it, and drops the one before): for benchmarks, where
+    /// nothing consumes.
+    pub fn capped(tag: &str) -> Self {
+        let this = Self::named(tag);
+        this.declare(false, true, Some(1));
         this
     }
 
     fn declared(tag: &str, durable: bool) -> Self {
         let this = Self::named(tag);
-        this.declare(durable, true);
+        this.declare(durable, true, None);
         this
     }
 
@@ -95,7 +104,7 @@ impl TestExchange {
         });
     }
 
-    fn declare(&self, durable: bool, bound: bool) {
+    fn declare(&self, durable: bool, bound: bool, max_length: Option<i64>) {
         let (e, q) = (self.exchange.clone(), self.queue.clone());
         on_own_runtime(async move {
             let conn = connect().await;
@@ -116,6 +125,12 @@ impl TestExchange {
                 args.insert(
                     "x-queue-type".into(),
                     lapin::types::AMQPValue::LongString("quorum".into()),
+                );
+            }
+            if let Some(n) = max_length {
+                args.insert(
+                    "x-max-length".into(),
+                    lapin::types::AMQPValue::LongLongInt(n),
                 );
             }
             ch.queue_declare(
