@@ -254,11 +254,7 @@ async fn survive(fault: Fault, rounds: usize, load: bool, causes: &[&str]) {
     tokio::task::block_in_place(|| taken.take(&mq));
     let lines = stdout.lock().unwrap().clone();
     let log = log.lock().unwrap().clone();
-    let summary: serde_json::Value = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["summary"] == true)
-        .unwrap_or_else(|| panic!("{fault:?}: no exit summary; log:\n{log}"));
+    let summary = exit_summary(&lines, &log);
     assert!(
         stopped_in < Duration::from_secs(14),
         "{fault:?}: the agent took {stopped_in:?} to exit"
@@ -400,6 +396,45 @@ async fn broker_frozen_while_idle_is_noticed_by_the_heartbeat() {
     survive(Fault::Freeze(hold), 5, false, &["mq_reconnect_heartbeat"]).await;
 }
 
+/// The JSON exit summary among the agent's stdout lines.
+fn exit_summary(lines: &[String], log: &str) -> serde_json::Value {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["summary"] == true)
+        .unwrap_or_else(|| panic!("no exit summary; log:\n{log}"))
+}
+
+/// An agent publishing to `mq` what clients send to `sink`, without MySQL, status as JSON.
+fn unrouted_agent(
+    mq: &TestExchange,
+    sink: &Sink,
+    extra: &[&str],
+) -> (Agent, Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut args = vec![
+        "--interface=lo".to_owned(),
+        format!("--port={}", sink.addr.port()),
+        format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--read_timeout=20".into(),
+        "--status_format=json".into(),
+        "--mysql_optional".into(),
+        "--mysql_port=1".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = agent.take_stdout_lines();
+    agent.wait_attached();
+    (agent, stdout)
+}
+
+/// Sends queries `from..to` of test session `s`, 2 ms apart.
+fn send_queries(mut c: &std::net::TcpStream, s: usize, from: u32, to: u32) {
+    for n in from..to {
+        c.write_all(&numbered_query(s, n)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// No queue bound to the exchange (not yet, or its binding gone with a deleted exchange):
 /// every message comes back (published mandatory), counts as unroutable, and its session
 /// ends. Once a queue is bound, the session goes on from its next command after a COM_QUIT,
@@ -409,52 +444,21 @@ async fn messages_no_queue_takes_are_counted_and_their_sessions_end() {
     const QUERIES: u32 = 50;
     let mq = TestExchange::unbound("unrouted");
     let sink = Sink::start("127.0.0.1:0".parse().unwrap()).await;
-    let args = [
-        "--interface=lo".to_owned(),
-        format!("--port={}", sink.addr.port()),
-        format!("--rabbitmq_exchange_name={}", mq.exchange),
-        "--read_timeout=20".into(),
-        "--status_interval=1".into(),
-        "--status_format=json".into(),
-        "--mysql_optional".into(),
-        "--mysql_port=1".into(),
-    ];
-    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let stdout = agent.take_stdout_lines();
-    agent.wait_attached();
-    let send = |c: &mut std::net::TcpStream, s: usize, from: u32| {
-        for n in from..from + QUERIES {
-            c.write_all(&numbered_query(s, n)).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    };
-    let mut early = tokio::task::block_in_place(|| {
-        let mut c = std::net::TcpStream::connect(sink.addr).unwrap();
+    let (agent, stdout) = unrouted_agent(&mq, &sink, &["--status_interval=1"]);
+    let early = tokio::task::block_in_place(|| {
+        let c = std::net::TcpStream::connect(sink.addr).unwrap();
         c.set_nodelay(true).unwrap();
-        send(&mut c, 0, 0);
+        send_queries(&c, 0, 0, QUERIES);
         c
     });
-    let start = Instant::now();
-    while !agent
-        .log
-        .lock()
-        .unwrap()
-        .contains("routed a message to no queue")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no message came back within 30 s; log:\n{}",
-            agent.log.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    agent.wait_log("routed a message to no queue").await;
     mq.bind();
     let late = tokio::task::block_in_place(|| {
-        send(&mut early, 0, QUERIES);
-        early.write_all(&COM_QUIT).unwrap();
+        send_queries(&early, 0, QUERIES, 2 * QUERIES);
+        (&early).write_all(&COM_QUIT).unwrap();
         let mut c = std::net::TcpStream::connect(sink.addr).unwrap();
         c.set_nodelay(true).unwrap();
-        send(&mut c, 1, 0);
+        send_queries(&c, 1, 0, QUERIES);
         c.write_all(&COM_QUIT).unwrap();
         c
     });
@@ -476,12 +480,7 @@ async fn messages_no_queue_takes_are_counted_and_their_sessions_end() {
     let log = agent.log.clone();
     tokio::task::block_in_place(|| drop(agent.stop()));
     tokio::task::block_in_place(|| taken.take(&mq));
-    let lines = stdout.lock().unwrap().clone();
-    let summary: serde_json::Value = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["summary"] == true)
-        .unwrap_or_else(|| panic!("no exit summary; log:\n{}", log.lock().unwrap()));
+    let summary = exit_summary(&stdout.lock().unwrap(), &log.lock().unwrap());
     let t = &summary["totals"];
     let get = |k: &str| {
         t[k].as_u64()
@@ -529,49 +528,23 @@ async fn messages_no_queue_takes_are_counted_and_their_sessions_end() {
 async fn stopped_while_no_queue_takes_messages_the_agent_counts_what_waited() {
     let mq = TestExchange::unbound("unrouted_exit");
     let sink = Sink::start("127.0.0.1:0".parse().unwrap()).await;
-    let args = [
-        "--interface=lo".to_owned(),
-        format!("--port={}", sink.addr.port()),
-        format!("--rabbitmq_exchange_name={}", mq.exchange),
-        "--thread_count=4".into(),
-        "--read_timeout=20".into(),
-        "--status_format=json".into(),
-        "--mysql_optional".into(),
-        "--mysql_port=1".into(),
-    ];
-    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let stdout = agent.take_stdout_lines();
-    agent.wait_attached();
+    let (agent, stdout) = unrouted_agent(&mq, &sink, &["--thread_count=4"]);
     let c = tokio::task::block_in_place(|| {
-        let mut c = std::net::TcpStream::connect(sink.addr).unwrap();
+        let c = std::net::TcpStream::connect(sink.addr).unwrap();
         c.set_nodelay(true).unwrap();
-        for n in 0..20 {
-            c.write_all(&numbered_query(0, n)).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        send_queries(&c, 0, 0, 20);
         c
     });
     agent.wait_log("routed a message to no queue").await;
     // Queries that wait behind the held COM_QUIT.
-    tokio::task::block_in_place(|| {
-        let mut c = &c;
-        for n in 20..40 {
-            c.write_all(&numbered_query(0, n)).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
+    tokio::task::block_in_place(|| send_queries(&c, 0, 20, 40));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = Instant::now();
     let log = agent.log.clone();
     // `stop` asserts a clean exit.
     tokio::task::block_in_place(|| drop(agent.stop()));
     let stopped_in = stopping.elapsed();
-    let lines = stdout.lock().unwrap().clone();
-    let summary: serde_json::Value = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["summary"] == true)
-        .unwrap_or_else(|| panic!("no exit summary; log:\n{}", log.lock().unwrap()));
+    let summary = exit_summary(&stdout.lock().unwrap(), &log.lock().unwrap());
     assert!(
         stopped_in < Duration::from_secs(16),
         "exit took {stopped_in:?}"
