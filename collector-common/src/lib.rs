@@ -147,18 +147,16 @@ pub const AWAITING_ENTRIES: u32 = 16384;
 pub const COUNTERS_INGRESS: u32 = 0;
 pub const COUNTERS_EGRESS: u32 = 1;
 
-/// What a kernel counter counts, for the status line and the metrics' `reason` families.
+/// What a kernel counter counts: the family the metrics export it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CounterClass {
-    /// Packets the program saw or handed on.
-    Seen,
-    /// Packets left out by design (not the captured traffic, nothing to hand over).
-    Skipped,
-    /// Records and bytes handed over.
-    Volume,
-    /// Traffic that should have been handed over and was not (wholly).
-    Dropped,
-    /// Malformed or unparseable packets.
+    /// Packets, by the reason they were counted.
+    Packets,
+    /// Records handed over.
+    Records,
+    /// Payload bytes handed over.
+    Bytes,
+    /// Malformed or unparseable packets (also packets, by reason; summed as ParseError).
     ParseError,
 }
 
@@ -205,46 +203,46 @@ macro_rules! counters {
 
 counters! {
     /// Every packet the program ran on.
-    Packets = "packets", Seen, Some("reply_packets");
+    Packets = "packets", Packets, Some("reply_packets");
     /// L3 neither IPv4 nor IPv6 (ARP, LLDP, ...).
-    NotIp = "not_ip", Skipped, Some("reply_not_ip");
+    NotIp = "not_ip", Packets, Some("reply_not_ip");
     /// IP, but not TCP.
-    NotTcp = "not_tcp", Skipped, Some("reply_not_tcp");
+    NotTcp = "not_tcp", Packets, Some("reply_not_tcp");
     /// TCP to a port that is not captured.
-    OtherPort = "other_port", Skipped, Some("reply_other_port");
+    OtherPort = "other_port", Packets, Some("reply_other_port");
     /// TCP segments to a captured port (TotalPacket); egress: from it.
-    TcpToPort = "tcp_to_port", Seen, Some("reply_from_port");
+    TcpToPort = "tcp_to_port", Packets, Some("reply_from_port");
     /// Of those, segments with payload (ValidPacket).
-    WithPayload = "with_payload", Seen, None;
+    WithPayload = "with_payload", Packets, None;
     /// Payload-less segments without SYN, FIN or RST (pure ACKs, window updates), dropped in
     /// the kernel.
-    NoPayload = "no_payload", Skipped, Some("reply_no_payload");
+    NoPayload = "no_payload", Packets, Some("reply_no_payload");
     /// Payload-less SYN, FIN and RST segments, handed over as header-only records (`cap_len`
     /// 0) so that user space starts and ends flows at once.
-    Control = "control", Seen, None;
+    Control = "control", Packets, None;
     /// Records submitted to the ring buffer.
-    Records = "records", Volume, Some("reply_records");
+    Records = "records", Records, Some("reply_records");
     /// Payload bytes submitted to the ring buffer.
-    Bytes = "bytes", Volume, Some("reply_bytes");
+    Bytes = "bytes", Bytes, Some("reply_bytes");
     /// Segments not (or not wholly) handed over because the ring buffer was full.
-    RingFull = "ring_full", Dropped, Some("reply_ring_full");
+    RingFull = "ring_full", Packets, Some("reply_ring_full");
     /// Segments cut by the snapshot length.
-    Truncated = "truncated", Dropped, None;
+    Truncated = "truncated", Packets, None;
     /// IP fragments: not TCP segments, skipped.
-    Fragment = "fragment", Skipped, Some("reply_fragment");
+    Fragment = "fragment", Packets, Some("reply_fragment");
     /// `bpf_skb_load_bytes` failed on a payload that the headers said was there.
-    LoadFailed = "load_failed", Dropped, Some("reply_load_failed");
+    LoadFailed = "load_failed", Packets, Some("reply_load_failed");
     /// IP length 0 (GSO / BIG TCP): payload length taken from the skb length instead.
-    GsoLength = "gso_length", Seen, None;
+    GsoLength = "gso_length", Packets, None;
     /// Ingress: COM_STMT_PREPAREs (a segment starting with one) that marked their connection
     /// as awaiting the reply; marks the `AWAITING` map could not take.
-    PrepareMarked = "prepare_marked", Seen, None;
-    AwaitFull = "await_full", Dropped, None;
+    PrepareMarked = "prepare_marked", Packets, None;
+    AwaitFull = "await_full", Packets, None;
     /// Egress: server segments of a connection awaiting a COM_STMT_PREPARE reply; those that
     /// did not start a reply packet (a retransmission, the rest of an earlier reply), left
     /// to the next.
-    Awaited = "awaited", Seen, Some("reply_awaited");
-    NotReply = "not_reply", Skipped, Some("reply_not_reply");
+    Awaited = "awaited", Packets, Some("reply_awaited");
+    NotReply = "not_reply", Packets, Some("reply_not_reply");
     /// Parse failures, one per kind.
     EthShort = "eth_short", ParseError, None;
     VlanShort = "vlan_short", ParseError, None;

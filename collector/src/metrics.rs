@@ -194,19 +194,19 @@ pub fn render(t: &Totals, latency: &Histogram) -> String {
             };
             let labels = vec![("program", program)];
             match c.class() {
-                CounterClass::Volume if c == KernelCounter::Bytes => families.add(
+                CounterClass::Bytes => families.add(
                     "kernel_bytes",
                     "payload bytes the kernel program handed over",
                     labels,
                     v,
                 ),
-                CounterClass::Volume => families.add(
+                CounterClass::Records => families.add(
                     "kernel_records",
                     "records the kernel program handed over",
                     labels,
                     v,
                 ),
-                _ => families.add(
+                CounterClass::Packets | CounterClass::ParseError => families.add(
                     "kernel_packets",
                     "packets the kernel program counted, by reason (docs/status.md)",
                     [labels, vec![("reason", reason)]].concat(),

@@ -828,8 +828,8 @@ mod tests {
             st.execute(&execute(&[0], Some(&[(0x42, 0)]), &[1])),
             Err(RenderError::UnknownType { index: 0, ty: 0x42 })
         );
-        // Types mysql_common knows but does not decode as parameters (it would panic):
-        // refused first.
+        // Types a client does not bind (mysql_common panics on most of them as values):
+        // refused before it is asked.
         for ty in [
             ColumnType::MYSQL_TYPE_TIMESTAMP2,
             ColumnType::MYSQL_TYPE_DATETIME2,

@@ -210,27 +210,33 @@ struct Publisher {
 }
 
 /// Messages the broker returned because no queue took them (a queue not bound yet, or
-/// its binding gone with a deleted exchange): publishing pauses, 100 ms doubling to 5 s,
-/// until one is routed. Without the pause the COM_QUITs for the lost sessions, also
-/// returned, would be published again at once, round after round.
+/// its binding gone with a deleted exchange): publishing pauses, 100 ms doubling to 5 s
+/// from one pause to the next, until one is routed. Without the pause the COM_QUITs for the
+/// lost sessions, also returned, would be published again at once, round after round.
 #[derive(Default)]
 struct Unroutable {
-    returns: u32,
+    /// Pauses since a message was last routed.
+    pauses: u32,
     until: Option<Instant>,
 }
 
 impl Unroutable {
-    /// One more message returned: how long publishing pauses.
+    /// One more message returned: how long publishing pauses. The messages in flight behind
+    /// it come back within the same pause and do not lengthen it.
     fn returned(&mut self) -> Duration {
+        let now = Instant::now();
+        if let Some(until) = self.until.filter(|&t| t > now) {
+            return until - now;
+        }
         let wait =
-            (Duration::from_millis(100) * (1 << self.returns.min(6))).min(Duration::from_secs(5));
-        self.returns += 1;
-        self.until = Some(Instant::now() + wait);
+            (Duration::from_millis(100) * (1 << self.pauses.min(6))).min(Duration::from_secs(5));
+        self.pauses += 1;
+        self.until = Some(now + wait);
         wait
     }
 
     fn routed(&mut self) {
-        self.returns = 0;
+        self.pauses = 0;
         self.until = None;
     }
 
