@@ -317,8 +317,8 @@ impl RabbitArgs {
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct Inspect {
-    /// Network interface to capture on; not with --from_queue or --from_file.
-    #[arg(long, required_unless_present_any = ["from_queue", "from_file"], conflicts_with_all = ["from_queue", "from_file"], help_heading = "Capture")]
+    /// Network interface to capture on; not with --from_queue, --from_file or --from_pcap.
+    #[arg(long, required_unless_present_any = ["from_queue", "from_file", "from_pcap"], conflicts_with_all = ["from_queue", "from_file", "from_pcap"], help_heading = "Capture")]
     pub interface: Option<String>,
 
     #[command(flatten)]
@@ -329,14 +329,24 @@ pub struct Inspect {
     #[arg(
         long,
         visible_alias = "from-queue",
-        conflicts_with = "from_file",
+        conflicts_with_all = ["from_file", "from_pcap"],
         help_heading = "Inspect"
     )]
     pub from_queue: Option<String>,
 
     /// Read a recording (--output file:PATH) instead of the kernel: PATH, then PATH.1, ...
-    #[arg(long, visible_alias = "from-file", help_heading = "Inspect")]
+    #[arg(
+        long,
+        visible_alias = "from-file",
+        conflicts_with = "from_pcap",
+        help_heading = "Inspect"
+    )]
     pub from_file: Option<PathBuf>,
+
+    /// Read a tcpdump or Wireshark capture (pcap or pcapng) instead of the kernel: client
+    /// segments to --port go through the agent's flow and session code.
+    #[arg(long, visible_alias = "from-pcap", help_heading = "Inspect")]
+    pub from_pcap: Option<PathBuf>,
 
     /// One JSON object per line instead of text.
     #[arg(long, help_heading = "Inspect")]
@@ -353,8 +363,27 @@ pub struct Inspect {
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct PublishFile {
-    /// The recording's first file (its PATH.1, PATH.2, ... follow).
-    pub path: PathBuf,
+    /// The recording's first file (its PATH.1, PATH.2, ... follow); not with --pcap.
+    #[arg(required_unless_present = "pcap", conflicts_with = "pcap")]
+    pub path: Option<PathBuf>,
+
+    /// Publish a tcpdump or Wireshark capture (pcap or pcapng) instead: its client segments
+    /// to --port, through the agent's flow and session code, as the agent would have.
+    #[arg(long, help_heading = "Capture file")]
+    pub pcap: Option<PathBuf>,
+
+    /// MySQL server port(s) in the capture: one port or a comma list.
+    #[arg(long, value_delimiter = ',', default_value = "3306", value_parser = clap::value_parser!(u16).range(1..), requires = "pcap", help_heading = "Capture file")]
+    pub port: Vec<u16>,
+
+    /// Publish prepared-statement executes as the text queries they stand for (as the
+    /// agent's --prepared_statements).
+    #[arg(long, value_enum, default_value_t = OnOff::On, requires = "pcap", help_heading = "Capture file")]
+    pub prepared_statements: OnOff,
+
+    /// Keep replicas' sessions and semi-sync ACKs (as the agent's --include_replication).
+    #[arg(long, requires = "pcap", help_heading = "Capture file")]
+    pub include_replication: bool,
 
     #[command(flatten)]
     pub rabbitmq: RabbitArgs,
@@ -364,6 +393,11 @@ impl Inspect {
     pub fn config(&self) -> InspectConfig {
         let source = if let Some(path) = &self.from_file {
             Source::File(path.clone())
+        } else if let Some(path) = &self.from_pcap {
+            Source::Pcap {
+                path: path.clone(),
+                ports: self.capture.port.clone(),
+            }
         } else if let Some(queue) = &self.from_queue {
             Source::Queue {
                 queue: queue.clone(),

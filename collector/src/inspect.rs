@@ -443,6 +443,8 @@ pub enum Source {
     Queue { queue: String, broker: BrokerConfig },
     /// A recording (its first file).
     File(PathBuf),
+    /// A tcpdump or Wireshark capture, and the server ports in it.
+    Pcap { path: PathBuf, ports: Vec<u16> },
 }
 
 /// What `inspect` does.
@@ -473,6 +475,7 @@ pub async fn run(cfg: InspectConfig) -> anyhow::Result<()> {
             from_queue(broker, queue, &mut decoder, &mut printer).await?
         }
         Source::Kernel(capture) => live(capture, &mut decoder, &mut printer).await?,
+        Source::Pcap { path, ports } => from_pcap(path, ports, &mut decoder, &mut printer)?,
     }
     tracing::info!(
         lines = printer.lines,
@@ -554,8 +557,11 @@ struct Live<'a> {
     out: Vec<Output>,
     lines: Vec<Line>,
     now: Instant,
-    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date the kernel's record times.
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date the kernel's record times (0 for a capture
+    /// file, whose times are wall-clock times).
     realtime_offset: i64,
+    /// A capture file's clock, in place of the machine's.
+    file_clock: Option<capture::pcap::Clock>,
 }
 
 impl Live<'_> {
@@ -572,7 +578,9 @@ impl Live<'_> {
     }
 
     fn timeouts(&mut self, all: bool) {
-        self.now = Instant::now();
+        if self.file_clock.is_none() {
+            self.now = Instant::now();
+        }
         let mut out = Vec::new();
         self.flows
             .on_timeout(self.now, all, &self.counters, &mut out);
@@ -585,6 +593,17 @@ impl Live<'_> {
 
 impl RecordSink for Live<'_> {
     fn push(&mut self, r: Record) {
+        if let Some(clock) = self.file_clock.as_mut() {
+            clock.at(r.ts_ns);
+            self.now = clock.now();
+            if self.flows.next_deadline().is_some_and(|d| self.now >= d) {
+                self.timeouts(false);
+            }
+        }
+        if !r.is_client() {
+            // Prepared-statement replies (capture files only): the view shows the commands.
+            return;
+        }
         let key = FlowKey {
             client: (r.src, r.sport),
             server: (r.dst, r.dport),
@@ -601,8 +620,46 @@ impl RecordSink for Live<'_> {
     }
 
     fn begin(&mut self) {
-        self.now = Instant::now();
+        if self.file_clock.is_none() {
+            self.now = Instant::now();
+        }
     }
+}
+
+/// `inspect --from_pcap`: a capture file through the same flows as live capture.
+fn from_pcap(
+    path: &std::path::Path,
+    ports: &[u16],
+    decoder: &mut Decoder,
+    printer: &mut Printer,
+) -> anyhow::Result<()> {
+    let mut sink = Live {
+        flows: Flows::new(true),
+        decoder,
+        counters: Arc::new(PipelineCounters::default()),
+        out: Vec::new(),
+        lines: Vec::new(),
+        now: Instant::now(),
+        realtime_offset: 0,
+        file_clock: Some(Default::default()),
+    };
+    let stats = capture::pcap::read(path, ports, &mut sink)?;
+    sink.timeouts(true);
+    printer.print(&mut sink.lines);
+    let p = sink.counters.load();
+    tracing::info!(
+        packets = stats.packets,
+        records = stats.records,
+        not_tcp = stats.not_tcp,
+        truncated = stats.truncated,
+        tls_sessions = p.tls_sessions,
+        compressed_sessions = p.compressed_sessions,
+        query_attributes = p.query_attributes,
+        unreplayable = p.unreplayable_frames + p.unreplayable_attributes,
+        gaps_lost = p.gap_timeouts + p.gap_overflow,
+        "capture file read"
+    );
+    Ok(())
 }
 
 async fn live(
@@ -624,6 +681,7 @@ async fn live(
         lines: Vec::new(),
         now: Instant::now(),
         realtime_offset: realtime - crate::types::monotonic_ns() as i64,
+        file_clock: None,
     };
     tracing::info!(interface = %cfg.interface, ports = ?cfg.ports, "inspecting; Ctrl-C stops");
     let result = async {

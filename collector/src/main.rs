@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 use clap::Parser as _;
 use collector::{
     agent::Agent,
-    cli::{Cli, Command, Run},
+    cli::{Cli, Command, OnOff, Run},
     inspect, publish,
 };
 
@@ -32,9 +32,19 @@ fn main() -> ExitCode {
         match cli.command {
             None => run(cli.run).await,
             Some(Command::Inspect(args)) => inspect::run(args.config()).await,
-            Some(Command::PublishFile(args)) => {
-                publish::publish_file(&args.path, &args.rabbitmq.config()).await
-            }
+            Some(Command::PublishFile(args)) => match (&args.path, &args.pcap) {
+                (_, Some(pcap)) => {
+                    let from = publish::FromPcap {
+                        path: pcap.clone(),
+                        ports: args.port.clone(),
+                        prepared: args.prepared_statements == OnOff::On,
+                        include_replication: args.include_replication,
+                    };
+                    publish::publish_pcap(&from, &args.rabbitmq.config()).await
+                }
+                (Some(path), None) => publish::publish_file(path, &args.rabbitmq.config()).await,
+                (None, None) => unreachable!("clap requires a recording or --pcap"),
+            },
         }
     };
     let code = match runtime.block_on(work) {

@@ -16,11 +16,15 @@ use foldhash::HashMap;
 use mysql_common::{
     constants::{ColumnFlags, ColumnType},
     io::ParseBuf,
+    misc::raw::{RawBytes, RawInt, int::LenEnc},
     packets::StmtPacket,
     value::{BinValue, Value, ValueDeserializer},
 };
 
 use crate::protocol::command;
+
+/// COM_STMT_EXECUTE flag: a parameter count follows the iteration count (query attributes).
+const PARAMETER_COUNT_AVAILABLE: u8 = 0x08;
 
 /// The flag byte after a parameter's type: the value is unsigned.
 const UNSIGNED: u8 = 0x80;
@@ -134,7 +138,7 @@ impl Param {
     }
 
     /// Parameter `index`'s value of type `ty` (with `flags`), decoded by mysql_common.
-    fn decode(
+    pub(crate) fn decode(
         buf: &mut ParseBuf<'_>,
         index: usize,
         ty: u8,
@@ -248,40 +252,65 @@ impl Statement {
     }
 
     /// The statement as text for the body of a COM_STMT_EXECUTE (after the command byte).
-    /// The long data is used up either way.
-    pub fn execute(&mut self, body: &[u8]) -> Result<Vec<u8>, RenderError> {
+    /// `attributes`: the session negotiated CLIENT_QUERY_ATTRIBUTES (each bound type is
+    /// followed by a name). The long data is used up either way.
+    pub fn execute(&mut self, body: &[u8], attributes: bool) -> Result<Vec<u8>, RenderError> {
         let params = match self.long_data_over.take() {
             Some(index) => Err(RenderError::LongDataTooLarge { index }),
-            None => self.decode(body),
+            None => self.decode(body, attributes),
         };
         self.long_data.iter_mut().for_each(|slot| *slot = None);
         render_at(&self.sql, &self.spots, &params?)
     }
 
-    /// The parameters of an execute, those sent as long data included.
-    fn decode(&mut self, body: &[u8]) -> Result<Vec<Param>, RenderError> {
+    /// The parameters of an execute, those sent as long data included. With query
+    /// attributes, the execute may say how many values it carries (PARAMETER_COUNT_AVAILABLE):
+    /// the statement's parameters, then the attributes, which are not part of the statement.
+    fn decode(&mut self, body: &[u8], attributes: bool) -> Result<Vec<Param>, RenderError> {
         let n = self.params;
         let mut buf = ParseBuf(body);
         let truncated = |what| RenderError::Truncated { what };
         // Statement id (4), flags (1), iteration count (4).
+        let flags = *body.get(4).ok_or(truncated("the header"))?;
         if !buf.checked_skip(9) {
             return Err(truncated("the header"));
         }
-        if n == 0 {
+        let count = if flags & PARAMETER_COUNT_AVAILABLE != 0 {
+            let count = buf
+                .parse::<RawInt<LenEnc>>(())
+                .map_err(|_| truncated("the parameter count"))?
+                .0 as usize;
+            if count < n || count > body.len() {
+                return Err(truncated("the parameter count"));
+            }
+            count
+        } else {
+            n
+        };
+        let names = attributes || flags & PARAMETER_COUNT_AVAILABLE != 0;
+        if count == 0 {
             return Ok(Vec::new());
         }
         let nulls = buf
-            .checked_eat(n.div_ceil(8))
+            .checked_eat(count.div_ceil(8))
             .ok_or(truncated("the NULL bitmap"))?;
         if buf
             .checked_eat_u8()
             .ok_or(truncated("the new-params-bound flag"))?
             == 1
         {
-            let raw = buf
-                .checked_eat(2 * n)
-                .ok_or(truncated("the parameter types"))?;
-            self.types = Some(raw.chunks(2).map(|t| (t[0], t[1])).collect());
+            let mut types = Vec::with_capacity(count);
+            for _ in 0..count {
+                let t = buf.checked_eat(2).ok_or(truncated("the parameter types"))?;
+                types.push((t[0], t[1]));
+                if names {
+                    buf.parse::<RawBytes<'_, LenEnc>>(())
+                        .map_err(|_| truncated("the parameter names"))?;
+                }
+            }
+            // Only the statement's own parameters are rendered.
+            types.truncate(n);
+            self.types = Some(types);
         }
         let types = self.types.as_ref().ok_or(RenderError::NoTypes)?;
         let mut out = Vec::with_capacity(n);
@@ -379,7 +408,7 @@ fn placeholders(sql: &[u8]) -> Vec<usize> {
     out
 }
 
-fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), RenderError> {
+pub(crate) fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), RenderError> {
     let mut s = String::new();
     match p {
         Param::Null => s.push_str("NULL"),
@@ -537,6 +566,8 @@ pub struct Statements {
     /// An unknown statement, an unmatched reply was logged on this connection.
     pub warned_unknown: bool,
     pub warned_unmatched: bool,
+    /// The session negotiated CLIENT_QUERY_ATTRIBUTES: bound types come with names.
+    pub attributes: bool,
 }
 
 impl Statements {
@@ -636,6 +667,7 @@ impl Statements {
     /// byte): `Ok(Some(sql))` for an execute rendered as text, `Ok(None)` for one that only
     /// changes the statement, an error for what cannot be published.
     pub fn command(&mut self, cmd: u8, body: &[u8]) -> Result<Option<Vec<u8>>, StatementError> {
+        let attributes = self.attributes;
         if cmd == command::STMT_BULK_EXECUTE {
             return Err(StatementError::Bulk);
         }
@@ -646,7 +678,7 @@ impl Statements {
         match cmd {
             command::STMT_EXECUTE => {
                 let s = self.statement(id)?;
-                match s.execute(body) {
+                match s.execute(body, attributes) {
                     Ok(sql) => Ok(Some(sql)),
                     Err(source) => Err(StatementError::Render { id, source }),
                 }
@@ -773,7 +805,7 @@ mod tests {
         // The last is NULL (bit 13): no value.
         let body = execute(&[0, 0x20], Some(&types), &v);
         assert_eq!(
-            text(st.execute(&body).unwrap()),
+            text(st.execute(&body, false).unwrap()),
             "INSERT INTO t VALUES (-1,255,-2,-70000,18446744073709551615,1.5e0,1e-1,-12.345,\
              'it\\'s \\\\ \\0\u{fc}',X'0001FF','2024-02-29','2024-12-31 23:59:58.123456',\
              '-26:03:04.000005',NULL)"
@@ -784,7 +816,7 @@ mod tests {
         v.extend_from_slice(b"\x011\x00\x00\x00\x00\x00\x00");
         let body = execute(&[0, 0], None, &v);
         assert_eq!(
-            text(st.execute(&body).unwrap()),
+            text(st.execute(&body, false).unwrap()),
             "INSERT INTO t VALUES (1,2,0,0,0,0e0,0e0,1,'',''\
              ,'0000-00-00','0000-00-00 00:00:00','00:00:00','')"
         );
@@ -804,7 +836,7 @@ mod tests {
             &7i32.to_le_bytes(),
         );
         assert_eq!(
-            text(st.execute(&body).unwrap()),
+            text(st.execute(&body, false).unwrap()),
             "SELECT '?', `a?`, 7 /* ? */, X'616263' -- ?\n"
         );
         // Used up: the next execute without types bound again and without long data reads
@@ -812,7 +844,7 @@ mod tests {
         let mut v = 8i32.to_le_bytes().to_vec();
         v.extend_from_slice(b"\x01z");
         assert_eq!(
-            text(st.execute(&execute(&[0], None, &v)).unwrap()),
+            text(st.execute(&execute(&[0], None, &v), false).unwrap()),
             "SELECT '?', `a?`, 8 /* ? */, X'7A' -- ?\n"
         );
     }
@@ -821,11 +853,11 @@ mod tests {
     fn what_cannot_be_rendered_is_an_error() {
         let mut st = Statement::new(b"SELECT ?".to_vec(), 1);
         assert_eq!(
-            st.execute(&execute(&[0], None, &[])),
+            st.execute(&execute(&[0], None, &[]), false),
             Err(RenderError::NoTypes)
         );
         assert_eq!(
-            st.execute(&execute(&[0], Some(&[(0x42, 0)]), &[1])),
+            st.execute(&execute(&[0], Some(&[(0x42, 0)]), &[1]), false),
             Err(RenderError::UnknownType { index: 0, ty: 0x42 })
         );
         // Types a client does not bind (mysql_common panics on most of them as values):
@@ -841,29 +873,35 @@ mod tests {
         ] {
             let ty = ty as u8;
             assert_eq!(
-                st.execute(&execute(&[0], Some(&[(ty, 0)]), &[1, 0, 0, 0])),
+                st.execute(&execute(&[0], Some(&[(ty, 0)]), &[1, 0, 0, 0]), false),
                 Err(RenderError::UnknownType { index: 0, ty })
             );
         }
         assert!(matches!(
-            st.execute(&execute(
-                &[0],
-                Some(&[(ColumnType::MYSQL_TYPE_DOUBLE as u8, 0)]),
-                &f64::NAN.to_le_bytes()
-            )),
+            st.execute(
+                &execute(
+                    &[0],
+                    Some(&[(ColumnType::MYSQL_TYPE_DOUBLE as u8, 0)]),
+                    &f64::NAN.to_le_bytes()
+                ),
+                false
+            ),
             Err(RenderError::NoLiteral { .. })
         ));
         assert!(matches!(
-            st.execute(&execute(
-                &[0],
-                Some(&[(ColumnType::MYSQL_TYPE_LONG as u8, 0)]),
-                &[1, 2]
-            )),
+            st.execute(
+                &execute(
+                    &[0],
+                    Some(&[(ColumnType::MYSQL_TYPE_LONG as u8, 0)]),
+                    &[1, 2]
+                ),
+                false
+            ),
             Err(RenderError::Truncated { .. })
         ));
         let mut two = Statement::new(b"SELECT ?".to_vec(), 2);
         assert!(matches!(
-            two.execute(&execute(&[3], Some(&[(6, 0), (6, 0)]), &[])),
+            two.execute(&execute(&[3], Some(&[(6, 0), (6, 0)]), &[]), false),
             Err(RenderError::Placeholders { .. })
         ));
     }

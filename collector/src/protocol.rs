@@ -154,6 +154,20 @@ impl HandshakeResponse {
     }
 }
 
+/// The default database a COM_CHANGE_USER body (after the command byte) names: user,
+/// authentication data (length-prefixed, as every client since 4.1 sends it), database.
+pub fn change_user_database(body: &[u8]) -> Option<Vec<u8>> {
+    use mysql_common::misc::raw::{
+        RawBytes,
+        bytes::{NullBytes, U8Bytes},
+    };
+    let mut buf = ParseBuf(body);
+    buf.parse::<RawBytes<'_, NullBytes>>(()).ok()?;
+    buf.parse::<RawBytes<'_, U8Bytes>>(()).ok()?;
+    let db = buf.parse::<RawBytes<'_, NullBytes>>(()).ok()?;
+    Some(db.as_bytes().to_vec()).filter(|db| !db.is_empty())
+}
+
 /// Whether a segment starts with a command packet: sequence 0 and a command byte.
 pub fn starts_command(data: &[u8]) -> bool {
     data.len() > HEADER && data[3] == 0 && data[4] <= 0x1f && {
@@ -252,8 +266,29 @@ pub fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
+pub(crate) mod test_support {
+    /// A protocol-41 handshake response payload: user `mrte`, `auth`, `db`.
+    pub(crate) fn handshake(caps: u32, auth: &[u8], db: Option<&[u8]>) -> Vec<u8> {
+        let mut p = caps.to_le_bytes().to_vec();
+        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        p.push(45);
+        p.extend_from_slice(&[0; 23]);
+        p.extend_from_slice(b"mrte\0");
+        // Under 251 bytes a length-encoded length and a one-byte length are spelled alike.
+        p.push(auth.len() as u8);
+        p.extend_from_slice(auth);
+        if let Some(db) = db {
+            p.extend_from_slice(db);
+            p.push(0);
+        }
+        p.extend_from_slice(b"mysql_native_password\0");
+        p
+    }
+}
+
+#[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{test_support::handshake, *};
 
     #[test]
     fn every_command_has_its_name() {
@@ -295,23 +330,6 @@ mod tests {
         }
     }
 
-    fn handshake(caps: u32, auth: &[u8], db: Option<&[u8]>) -> Vec<u8> {
-        let mut p = caps.to_le_bytes().to_vec();
-        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-        p.push(45);
-        p.extend_from_slice(&[0; 23]);
-        p.extend_from_slice(b"mrte\0");
-        // Under 251 bytes a length-encoded length and a one-byte length are spelled alike.
-        p.push(auth.len() as u8);
-        p.extend_from_slice(auth);
-        if let Some(db) = db {
-            p.extend_from_slice(db);
-            p.push(0);
-        }
-        p.extend_from_slice(b"mysql_native_password\0");
-        p
-    }
-
     #[test]
     fn packets_come_out_whole_however_the_bytes_arrive() {
         let stream: Vec<u8> = [packet(0, b"\x03SELECT 1"), packet(0, b"\x01")].concat();
@@ -331,6 +349,21 @@ mod tests {
             assert_eq!(got[1].payload, b"\x01");
             assert_eq!(p.pending(), 0);
         }
+    }
+
+    #[test]
+    fn change_user_names_the_database() {
+        let body = [
+            &b"bob\0"[..],
+            &[3, 1, 2, 3],
+            b"shop\0",
+            &[33, 0],
+            b"mysql_native_password\0",
+        ]
+        .concat();
+        assert_eq!(change_user_database(&body), Some(b"shop".to_vec()));
+        assert_eq!(change_user_database(b"bob\0\0\0"), None);
+        assert_eq!(change_user_database(b"bob\0\x05ab"), None);
     }
 
     #[test]

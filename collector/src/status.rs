@@ -200,6 +200,24 @@ pipeline_counters! {
     /// was lost): those statements have no id.
     stmt_reply_unmatched,
     stmt_reply_lost,
+    /// Sessions that asked for TLS (their TLS request) or were encrypted when capture began,
+    /// and their encrypted bytes, left out: a player cannot replay ciphertext.
+    tls_sessions,
+    tls_bytes,
+    /// Sessions with the compressed protocol (zlib or zstd), and the bytes their frames
+    /// inflated to.
+    compressed_sessions,
+    inflated_bytes,
+    /// COM_QUERYs published without their query attributes (CLIENT_QUERY_ATTRIBUTES).
+    query_attributes,
+    /// COM_INIT_DBs published after a COM_CHANGE_USER, for the database it names.
+    change_user_dbs,
+    /// Sessions ended with a COM_QUIT because the rest could not be made replayable: a
+    /// compressed frame that does not inflate; query attributes that do not parse (or a
+    /// COM_QUERY with them over 64 MiB). Their later bytes, left out.
+    unreplayable_frames in unreplayable,
+    unreplayable_attributes in unreplayable,
+    unreplayable_bytes,
 }
 
 impl PipelineCounters {

@@ -759,13 +759,19 @@ mod tests {
         let c = PipelineCounters::default();
         let mut f = Flows::default();
         let big = vec![7u8; 1 << 20];
-        let mut segs: Vec<(u32, &[u8])> = vec![(0, &b"x"[..])];
-        // Byte 1 is missing; 9 MiB wait behind it.
+        let q = packet(command::QUERY, b"SELECT 1");
+        let n = q.len() as u32;
+        let mut segs: Vec<(u32, &[u8])> = vec![(0, &q)];
+        // Byte n is missing; 9 MiB wait behind it.
         for i in 0..9u32 {
-            segs.push((2 + i * (1 << 20), &big));
+            segs.push((n + 1 + i * (1 << 20), &big));
         }
         let got = feed(&mut f, &c, &segs);
-        assert_eq!(&got[..2], b"xQ", "the session ends at the gap");
+        assert_eq!(
+            got[..q.len() + 1],
+            [&q[..], b"Q"].concat(),
+            "the session ends at the gap"
+        );
         assert_eq!(c.load().gap_overflow, 1);
         assert!(f.pending_bytes() <= FLOW_PENDING_MAX);
     }
@@ -774,12 +780,16 @@ mod tests {
     fn a_new_connection_on_the_same_address_restarts_the_flow() {
         let c = PipelineCounters::default();
         let mut f = Flows::default();
+        let (old, new) = (
+            packet(command::QUERY, b"old"),
+            packet(command::QUERY, b"new"),
+        );
         let got = feed(
             &mut f,
             &c,
-            &[(1000, b"old"), (1000u32.wrapping_sub(64 << 20), b"new")],
+            &[(1000, &old), (1000u32.wrapping_sub(64 << 20), &new)],
         );
-        assert_eq!(got, b"oldQnew");
+        assert_eq!(got, [&old[..], b"Q", &new].concat());
         let l = c.load();
         assert_eq!((l.flow_restarts, l.retransmitted), (1, 0));
         assert_eq!(
@@ -807,6 +817,7 @@ mod tests {
         let c = PipelineCounters::default();
         let mut f = Flows::default();
         let isn = u32::MAX;
+        let q = packet(command::QUERY, b"SELECT 1");
         let got = run(
             &mut f,
             &c,
@@ -814,11 +825,11 @@ mod tests {
             &[
                 (TCP_SYN, isn, b""),
                 (TCP_SYN, isn, b""),
-                (0, 5, b"fghij"),
-                (0, 0, b"abcde"),
+                (0, 5, &q[5..]),
+                (0, 0, &q[..5]),
             ],
         );
-        assert_eq!(got, b"abcdefghij");
+        assert_eq!(got, q);
         let l = c.load();
         assert_eq!((l.syn_opened, l.seq_gaps, l.retransmitted), (1, 1, 0));
         // A SYN handed over after the first bytes of its connection is not a new connection.
@@ -826,9 +837,9 @@ mod tests {
             &mut f,
             &c,
             server(3307),
-            &[(0, 100, b"ab"), (TCP_SYN, 99, b""), (0, 102, b"cd")],
+            &[(0, 100, &q[..2]), (TCP_SYN, 99, b""), (0, 102, &q[2..])],
         );
-        assert_eq!(got, b"abcd");
+        assert_eq!(got, q);
         assert_eq!(c.load().flow_restarts, 0);
     }
 
@@ -943,17 +954,21 @@ mod tests {
     fn one_client_address_to_two_servers_is_two_flows() {
         let c = PipelineCounters::default();
         let mut f = Flows::default();
-        let got = run(&mut f, &c, key(), &[(0, 0, b"ab")]);
+        let (q, r) = (
+            packet(command::QUERY, b"SELECT 1"),
+            packet(command::QUERY, b"SELECT 2"),
+        );
+        let got = run(&mut f, &c, key(), &[(0, 0, &q[..6])]);
         let other = run(
             &mut f,
             &c,
             server(3307),
-            &[(0, 1 << 30, b"xy"), (0, (1 << 30) + 2, b"z")],
+            &[(0, 1 << 30, &r[..6]), (0, (1 << 30) + 6, &r[6..])],
         );
-        let more = run(&mut f, &c, key(), &[(0, 2, b"cd")]);
+        let more = run(&mut f, &c, key(), &[(0, 6, &q[6..])]);
         assert_eq!(
             (got, other, more),
-            (b"ab".to_vec(), b"xyz".to_vec(), b"cd".to_vec())
+            (q[..6].to_vec(), r.clone(), q[6..].to_vec())
         );
         assert_eq!((f.len(), c.load().flow_restarts), (2, 0));
         assert_eq!(

@@ -96,7 +96,7 @@ async fn rendered_statements_insert_the_same_rows() {
                 let param = u16::from_le_bytes([body[4], body[5]]) as usize;
                 statement.as_mut().unwrap().long_data(param, &body[6..]);
             }
-            0x17 => rendered.push(statement.as_mut().unwrap().execute(body).unwrap()),
+            0x17 => rendered.push(statement.as_mut().unwrap().execute(body, false).unwrap()),
             _ => {}
         }
     }

@@ -25,6 +25,7 @@ use collector_common::{
 
 pub mod drain;
 mod iface;
+pub mod pcap;
 mod qdisc;
 
 use drain::RawSource;

@@ -18,7 +18,7 @@ pub mod publisher;
 
 pub use broker::{Broker, BrokerConfig, Down, PublishError, login};
 pub use fanout::{Batch, BatchLimits, Fanout, LaneReceiver, LaneSender, lane, lane_of};
-pub use file::publish_file;
+pub use file::{FromPcap, publish_file, publish_pcap};
 pub use publisher::{PublisherShared, Publishers, message_properties, start_publishers};
 
 /// Logs a recurring problem at most once per period, with how often it happened meanwhile.

@@ -7,12 +7,27 @@
 //! unless `--include_replication`. With prepared statements followed, COM_STMT_* commands are
 //! collected and each execute is published as the text query it stands for ([`crate::prepared`]).
 //! After a gap given up, bytes are left out until a segment starts with a command.
+//!
+//! Before the packets, the [`wire`]: TLS sessions are left out (counted), compressed ones
+//! inflated. The handshake response is published with the capabilities a player cannot use
+//! (TLS, compression, query attributes) cleared; COM_QUERYs lose their query attributes
+//! ([`attributes`]); a COM_CHANGE_USER is followed by a COM_INIT_DB of the database it names.
+//! What cannot be made replayable ends the session with a COM_QUIT there, counted.
+
+mod attributes;
+mod wire;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use foldhash::HashSet;
+use mysql_common::constants::CapabilityFlags;
 
+use self::wire::Wire;
+pub use self::{
+    attributes::{Split, looks_like_attributes, split},
+    wire::{WireError, starts_frame, starts_tls_record},
+};
 use crate::{
     prepared::{MAX_COMMAND, Reply, StatementError, Statements},
     protocol::{
@@ -23,6 +38,12 @@ use crate::{
     status::PipelineCounters,
     types::SessionKey,
 };
+
+/// Capabilities a player's own connection does not have: cleared in the published handshake.
+const NOT_REPLAYED: CapabilityFlags = CapabilityFlags::CLIENT_SSL
+    .union(CapabilityFlags::CLIENT_COMPRESS)
+    .union(CapabilityFlags::CLIENT_QUERY_ATTRIBUTES)
+    .union(CapabilityFlags::CLIENT_ZSTD_COMPRESSION_ALGORITHM);
 
 /// How long a connection with prepared statements open is kept while idle: MySQL's default
 /// `wait_timeout`.
@@ -64,8 +85,21 @@ enum Mode {
     Keep,
     /// Left out (replication).
     Drop,
-    /// Collected whole for the connection's prepared statements, not published as it is.
-    Collect,
+    /// Collected whole, not published as it is.
+    Collect(Collected),
+}
+
+/// Why a command is collected whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Collected {
+    /// For the connection's prepared statements.
+    Statement,
+    /// The handshake response: published with [`NOT_REPLAYED`] cleared.
+    Handshake,
+    /// A COM_QUERY with query attributes: published without them.
+    Query,
+    /// A COM_CHANGE_USER: published, then a COM_INIT_DB of its database.
+    ChangeUser,
 }
 
 /// Where a connection is in its MySQL packets: the session stage's state of one connection.
@@ -74,10 +108,8 @@ pub(crate) struct Follower {
     /// Bytes left of the current packet's payload; 0 at a packet start.
     left: usize,
     /// The start of a packet (header and command byte) cut by a segment end: not published
-    /// until the packet's fate is known (with prepared statements followed).
+    /// until the packet's fate is known.
     head: Vec<u8>,
-    /// Bytes of `head` published already (prepared statements not followed).
-    head_published: usize,
     mode: Mode,
     /// The current packet is 0xffffff bytes long: the next one continues its command.
     continues: bool,
@@ -93,12 +125,24 @@ pub(crate) struct Follower {
     quit: bool,
     /// The connection's prepared statements (created at its first statement command).
     statements: Option<Box<Statements>>,
+    wire: Wire,
+    /// The handshake response just changed the wire: what follows it goes through the new one.
+    rewired: bool,
+    /// The first packet was looked at (a handshake response or not).
+    started: bool,
+    /// The handshake says whether COM_QUERYs carry query attributes; without it, each one's
+    /// bytes tell.
+    attributes: Option<bool>,
+    /// The rest of the session could not be made replayable: it ended with a COM_QUIT.
+    broken: bool,
+    /// Why was logged (once per session).
+    warned_unreplayable: bool,
 }
 
 impl Follower {
     /// The consumer's session has ended: the client's COM_QUIT, or a synthetic one.
     pub(crate) fn ended(&self) -> bool {
-        self.quit || self.replica || self.resync
+        self.quit || self.replica || self.resync || self.broken
     }
 
     /// Whether the connection has prepared statements open.
@@ -115,6 +159,26 @@ impl Follower {
     /// command.
     pub(crate) fn resync(&mut self) {
         self.resync = true;
+        self.wire.resync();
+    }
+
+    /// The rest of the session cannot be made replayable (`why`): it ends here for the
+    /// consumer, and nothing more of it is published.
+    fn unreplayable(
+        &mut self,
+        why: &dyn std::fmt::Display,
+        counter: &std::sync::atomic::AtomicU64,
+        out: &mut Vec<Output>,
+    ) {
+        PipelineCounters::add(counter, 1);
+        if !self.ended() {
+            out.push(Output::Quit);
+        }
+        self.broken = true;
+        self.wire = Wire::Broken;
+        if !std::mem::replace(&mut self.warned_unreplayable, true) {
+            tracing::warn!("a session cannot be replayed from here and ends: {why}");
+        }
     }
 
     /// The first bytes of the server's reply to a COM_STMT_PREPARE on `client`'s
@@ -189,7 +253,8 @@ impl Kept<'_> {
 const SYNTHETIC_UNIT: usize = 1 << 20;
 
 impl Follower {
-    /// Follows `data` through the packets; appends the bytes to publish.
+    /// Takes the next bytes of the client's stream through the wire and the packets; appends
+    /// what to publish.
     pub(crate) fn feed(
         &mut self,
         data: Bytes,
@@ -197,22 +262,58 @@ impl Follower {
         c: &PipelineCounters,
         out: &mut Vec<Output>,
     ) {
+        if let Wire::Unknown = self.wire {
+            self.wire = Wire::classify(&data, c);
+        }
+        if let Wire::Plain = self.wire {
+            // The handshake response may change the wire: the rest goes through the new one.
+            if let Some(rest) = self.follow(data, policy, c, out) {
+                self.feed(rest, policy, c, out);
+            }
+            return;
+        }
+        let mut packets = Vec::new();
+        let r = self.wire.unwrap(data, c, &mut packets);
+        for p in packets {
+            self.follow(p, policy, c, out);
+        }
+        if let Err(e) = r {
+            self.unreplayable(&e, &c.unreplayable_frames, out);
+        }
+    }
+
+    /// Follows `data` through the packets; appends the bytes to publish. Stops after a
+    /// handshake response that changed the wire, and returns the bytes after it.
+    fn follow(
+        &mut self,
+        data: Bytes,
+        policy: &Policy,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) -> Option<Bytes> {
+        if self.broken {
+            PipelineCounters::add(&c.unreplayable_bytes, data.len() as u64);
+            return None;
+        }
         if self.resync {
             if !starts_command(&data) {
                 PipelineCounters::add(&c.gap_bytes, data.len() as u64);
-                return;
+                return None;
             }
             // The statements stay: the server still has them. PREPAREs whose bytes were
-            // lost will never have their replies paired.
-            let mut statements = self.statements.take();
-            if let Some(s) = statements.as_mut() {
+            // lost will never have their replies paired. So do the wire and what the
+            // handshake said.
+            if let Some(s) = self.statements.as_mut() {
                 PipelineCounters::add(&c.stmt_reply_lost, s.forget_awaiting() as u64);
             }
-            *self = Self {
-                replica: self.replica,
-                statements,
-                ..Default::default()
-            };
+            self.left = 0;
+            self.head.clear();
+            self.mode = Mode::Keep;
+            self.continues = false;
+            self.collect.clear();
+            self.collect_over = false;
+            self.quit = false;
+            self.resync = false;
         }
         let mut kept = Kept {
             data: &data,
@@ -229,6 +330,10 @@ impl Follower {
                 i += n;
                 if self.left == 0 {
                     self.packet_end(&mut kept, c, out);
+                    if std::mem::take(&mut self.rewired) {
+                        kept.flush(out);
+                        return Some(data.slice(i..));
+                    }
                 }
                 continue;
             }
@@ -248,13 +353,8 @@ impl Follower {
             let cut = self.head.len() < HEADER
                 || (len > 0 && !continuation && self.head.len() == HEADER && i == data.len());
             if cut {
-                // The segment ends inside the packet's start. Without prepared statements
-                // nothing depends on it being held: published now, as it came (a replication
-                // packet cut there keeps its start).
-                if !policy.prepared {
-                    kept.keep(head_from, i, out);
-                    self.head_published = self.head.len();
-                }
+                // The segment ends inside the packet's start: held until its command byte
+                // is here.
                 break;
             }
             if len > 0 && !continuation && self.head.len() == HEADER {
@@ -274,21 +374,17 @@ impl Follower {
             self.continues = len == 0xff_ffff;
             // The header (and command byte): the part carried over, then the part here.
             let head = std::mem::take(&mut self.head);
-            let published = std::mem::take(&mut self.head_published);
             match self.mode {
                 Mode::Keep => {
-                    if carried > published {
+                    if carried > 0 {
                         kept.flush(out);
-                        let rest = Bytes::copy_from_slice(&head[published..carried]);
+                        let rest = Bytes::copy_from_slice(&head[..carried]);
                         out.push(Output::Data(rest));
                     }
                     kept.keep(head_from, i, out);
                 }
-                Mode::Drop => {
-                    let n = head.len() - published;
-                    PipelineCounters::add(&c.replication_bytes, n as u64);
-                }
-                Mode::Collect => self.collect_bytes(&head[HEADER..]),
+                Mode::Drop => PipelineCounters::add(&c.replication_bytes, head.len() as u64),
+                Mode::Collect(_) => self.collect_bytes(&head[HEADER..]),
             }
             carried = 0;
             self.left = len - (head.len() - HEADER);
@@ -296,9 +392,14 @@ impl Follower {
             self.head.clear();
             if self.left == 0 {
                 self.packet_end(&mut kept, c, out);
+                if std::mem::take(&mut self.rewired) {
+                    kept.flush(out);
+                    return Some(data.slice(i..));
+                }
             }
         }
         kept.flush(out);
+        None
     }
 
     /// What happens to a new command packet whose header (and command byte, if any) is in
@@ -313,6 +414,20 @@ impl Follower {
     ) -> Mode {
         let include_replication = policy.include_replication;
         let seq = self.head[3];
+        let first = !std::mem::replace(&mut self.started, true);
+        if first && seq == 1 && len >= 32 && matches!(self.wire, Wire::Plain) {
+            // The handshake response (or the TLS request), when the session's start is here.
+            let caps = data
+                .get(i..i + 1)
+                .map_or(CapabilityFlags::CLIENT_PROTOCOL_41.bits(), |b| {
+                    u32::from(b[0]) << 8
+                });
+            if caps & CapabilityFlags::CLIENT_PROTOCOL_41.bits() != 0 {
+                self.collect.clear();
+                self.collect_over = false;
+                return Mode::Collect(Collected::Handshake);
+            }
+        }
         let Some(&cmd) = self.head.get(HEADER) else {
             // An empty packet.
             return if self.replica && !include_replication {
@@ -354,12 +469,27 @@ impl Follower {
         if !include_replication && (self.replica || ack || kill) {
             return Mode::Drop;
         }
-        if policy.prepared && seq == 0 && is_statement(cmd) {
-            self.collect.clear();
-            self.collect_over = false;
-            return Mode::Collect;
+        let collected = match cmd {
+            _ if seq != 0 => None,
+            _ if policy.prepared && is_statement(cmd) => Some(Collected::Statement),
+            command::QUERY
+                if self.attributes.unwrap_or_else(|| {
+                    data.get(i..).is_some_and(attributes::looks_like_attributes)
+                }) =>
+            {
+                Some(Collected::Query)
+            }
+            command::CHANGE_USER => Some(Collected::ChangeUser),
+            _ => None,
+        };
+        match collected {
+            Some(what) => {
+                self.collect.clear();
+                self.collect_over = false;
+                Mode::Collect(what)
+            }
+            None => Mode::Keep,
         }
-        Mode::Keep
     }
 
     /// Payload bytes `data[from..to]` of the packet under way.
@@ -374,7 +504,7 @@ impl Follower {
         match self.mode {
             Mode::Keep => kept.keep(from, to, out),
             Mode::Drop => PipelineCounters::add(&c.replication_bytes, (to - from) as u64),
-            Mode::Collect => self.collect_bytes(&kept.data[from..to]),
+            Mode::Collect(_) => self.collect_bytes(&kept.data[from..to]),
         }
     }
 
@@ -392,12 +522,92 @@ impl Follower {
         if self.continues {
             return;
         }
-        if self.mode == Mode::Collect {
+        if let Mode::Collect(what) = self.mode {
             // What was kept before the command goes first.
             kept.flush(out);
-            self.statement_command(c, out);
+            match what {
+                Collected::Statement => self.statement_command(c, out),
+                Collected::Handshake => self.handshake(c, out),
+                Collected::Query => self.query(c, out),
+                Collected::ChangeUser => self.change_user(c, out),
+            }
         }
         self.mode = Mode::Keep;
+    }
+
+    /// The handshake response, collected: a TLS request switches the wire to TLS; otherwise
+    /// it is published with [`NOT_REPLAYED`] cleared, and a compressed session's wire waits
+    /// for its first command.
+    fn handshake(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
+        let mut body = std::mem::take(&mut self.collect);
+        let caps = CapabilityFlags::from_bits_retain(u32::from_le_bytes([
+            body[0], body[1], body[2], body[3],
+        ]));
+        if body.len() == 32 && caps.contains(CapabilityFlags::CLIENT_SSL) {
+            PipelineCounters::add(&c.tls_sessions, 1);
+            PipelineCounters::add(&c.tls_bytes, (HEADER + body.len()) as u64);
+            self.wire = Wire::Tls;
+            self.rewired = true;
+            return;
+        }
+        if protocol::HandshakeResponse::parse(&body).is_some() {
+            self.attributes = Some(caps.contains(CapabilityFlags::CLIENT_QUERY_ATTRIBUTES));
+            if caps.contains(CapabilityFlags::CLIENT_ZSTD_COMPRESSION_ALGORITHM) {
+                // The zstd level, the response's last byte, goes with its flag.
+                body.pop();
+            }
+            body[..4].copy_from_slice(&(caps - NOT_REPLAYED).bits().to_le_bytes());
+            if caps.intersects(
+                CapabilityFlags::CLIENT_COMPRESS
+                    | CapabilityFlags::CLIENT_ZSTD_COMPRESSION_ALGORITHM,
+            ) {
+                PipelineCounters::add(&c.compressed_sessions, 1);
+                self.wire = Wire::Auth {
+                    left: 0,
+                    head: Vec::new(),
+                };
+                self.rewired = true;
+            }
+        }
+        out.push(Output::Data(Bytes::from(protocol::packet(1, &body))));
+    }
+
+    /// A COM_QUERY with query attributes, collected: published as the SQL alone.
+    fn query(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
+        let body = std::mem::take(&mut self.collect);
+        if std::mem::replace(&mut self.collect_over, false) {
+            let why = format!("a COM_QUERY with query attributes passed {MAX_COMMAND} bytes");
+            self.unreplayable(&why, &c.unreplayable_attributes, out);
+            return;
+        }
+        match attributes::split(&body[1..], false) {
+            Ok(s) => {
+                PipelineCounters::add(&c.query_attributes, 1);
+                push_synthetic(protocol::command_packets(command::QUERY, s.sql), out);
+            }
+            Err(e) => {
+                let why = format!("a COM_QUERY's query attributes do not parse: {e}");
+                self.unreplayable(&why, &c.unreplayable_attributes, out);
+            }
+        }
+    }
+
+    /// A COM_CHANGE_USER, collected: published, then the database it names as a COM_INIT_DB
+    /// (the player's own connection does not change user, but follows the database).
+    fn change_user(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
+        let body = std::mem::take(&mut self.collect);
+        self.collect_over = false;
+        out.push(Output::Data(Bytes::from(protocol::command_packets(
+            body[0],
+            &body[1..],
+        ))));
+        if let Some(db) = protocol::change_user_database(&body[1..]) {
+            PipelineCounters::add(&c.change_user_dbs, 1);
+            out.push(Output::Data(Bytes::from(protocol::command_packets(
+                command::INIT_DB,
+                &db,
+            ))));
+        }
     }
 
     /// A whole prepared-statement command, collected.
@@ -406,6 +616,7 @@ impl Follower {
         let body = std::mem::take(&mut self.collect);
         let over = std::mem::replace(&mut self.collect_over, false);
         let statements = self.statements.get_or_insert_with(Default::default);
+        statements.attributes = self.attributes == Some(true);
         let cmd = body[0];
         if over {
             PipelineCounters::add(&c.stmt_too_large, 1);
@@ -427,13 +638,7 @@ impl Follower {
             Ok(None) => {}
             Ok(Some(sql)) => {
                 PipelineCounters::add(&c.stmt_rendered, 1);
-                let packet = Bytes::from(protocol::into_command_packets(command::QUERY, sql));
-                let mut at = 0;
-                while at < packet.len() {
-                    let to = (at + SYNTHETIC_UNIT).min(packet.len());
-                    out.push(Output::Data(packet.slice(at..to)));
-                    at = to;
-                }
+                push_synthetic(protocol::into_command_packets(command::QUERY, sql), out);
             }
             Err(e) => {
                 let log = match &e {
@@ -459,6 +664,17 @@ impl Follower {
                 }
             }
         }
+    }
+}
+
+/// A command the session stage wrote, in units of at most [`SYNTHETIC_UNIT`] bytes.
+fn push_synthetic(packets: Vec<u8>, out: &mut Vec<Output>) {
+    let packets = Bytes::from(packets);
+    let mut at = 0;
+    while at < packets.len() {
+        let to = (at + SYNTHETIC_UNIT).min(packets.len());
+        out.push(Output::Data(packets.slice(at..to)));
+        at = to;
     }
 }
 
@@ -776,5 +992,118 @@ mod tests {
             got,
             protocol::command_packets(command::QUERY, b"SELECT 1, 2")
         );
+    }
+}
+
+#[cfg(test)]
+mod modern_tests {
+    use mysql_common::constants::CapabilityFlags as F;
+
+    use super::{attributes::tests::body as attrs, test_support::*, wire::tests::frame, *};
+    use crate::protocol::test_support::handshake;
+
+    /// Feeds `stream` as two segments cut at `cut`; the published stream (`Q`: a COM_QUIT).
+    fn two_segments(stream: &[u8], cut: usize, c: &PipelineCounters) -> Vec<u8> {
+        let (mut f, policy, mut out) = (Follower::default(), Policy::default(), Vec::new());
+        for part in [&stream[..cut], &stream[cut..]] {
+            f.feed(Bytes::copy_from_slice(part), &policy, c, &mut out);
+        }
+        flatten(out)
+    }
+
+    fn change_user(db: &[u8]) -> Vec<u8> {
+        let body = [&b"bob\0"[..], &[2, 9, 9], db, b"\0", &[33, 0]].concat();
+        packet(command::CHANGE_USER, &body)
+    }
+
+    /// A MySQL 8 client's session: compressed (zlib, zstd and frames sent as they are), query
+    /// attributes, a change of user. Published: the handshake without those capabilities, the
+    /// authentication, the commands inflated, the SQL without attributes, the new database.
+    #[test]
+    fn a_modern_session_is_published_as_a_player_replays_it_wherever_it_is_cut() {
+        let base = (F::CLIENT_PROTOCOL_41
+            | F::CLIENT_SECURE_CONNECTION
+            | F::CLIENT_CONNECT_WITH_DB
+            | F::CLIENT_PLUGIN_AUTH)
+            .bits();
+        let caps = base | (F::CLIENT_QUERY_ATTRIBUTES | F::CLIENT_COMPRESS).bits();
+        let q1 = packet(command::QUERY, &attrs(&[], b"SELECT 1"));
+        let q2 = packet(
+            command::QUERY,
+            &attrs(&[("n", 0x08, &7u64.to_le_bytes())], b"SELECT @n"),
+        );
+        let stream = [
+            protocol::packet(1, &handshake(caps, &[7; 20], Some(b"shop"))),
+            protocol::packet(3, &[5; 32]),
+            frame(0, &q1, "zlib"),
+            frame(0, &[q2.clone(), change_user(b"other")].concat(), "plain"),
+            frame(0, &packet(command::QUIT, b""), "zstd"),
+        ]
+        .concat();
+        let want = [
+            protocol::packet(1, &handshake(base, &[7; 20], Some(b"shop"))),
+            protocol::packet(3, &[5; 32]),
+            packet(command::QUERY, b"SELECT 1"),
+            packet(command::QUERY, b"SELECT @n"),
+            change_user(b"other"),
+            packet(command::INIT_DB, b"other"),
+            packet(command::QUIT, b""),
+        ]
+        .concat();
+        for cut in 0..stream.len() {
+            let c = PipelineCounters::default();
+            assert_eq!(two_segments(&stream, cut, &c), want, "cut at {cut}");
+            let l = c.load();
+            assert_eq!(
+                (l.compressed_sessions, l.query_attributes, l.change_user_dbs),
+                (1, 2, 1),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_sessions_publish_nothing_and_are_counted() {
+        let tls = (F::CLIENT_PROTOCOL_41 | F::CLIENT_SSL).bits();
+        let mut request = tls.to_le_bytes().to_vec();
+        request.resize(32, 0);
+        let hello = [0x16, 3, 1, 0, 4, 1, 0, 0, 0];
+        let stream = [protocol::packet(1, &request), hello.to_vec()].concat();
+        for cut in 0..stream.len() {
+            let c = PipelineCounters::default();
+            assert_eq!(two_segments(&stream, cut, &c), b"", "cut at {cut}");
+            let l = c.load();
+            assert_eq!((l.tls_sessions, l.tls_bytes), (1, stream.len() as u64));
+        }
+        // Joined mid-stream: TLS records from the first byte.
+        let c = PipelineCounters::default();
+        let records = [0x17, 3, 3, 0, 2, 0xab, 0xcd].repeat(3);
+        assert_eq!(two_segments(&records, 7, &c), b"");
+        assert_eq!(c.load().tls_sessions, 1);
+    }
+
+    /// Joined mid-stream: attributes and compression are recognised from the bytes; a frame
+    /// that does not inflate ends the session with a COM_QUIT, and nothing after it goes out.
+    #[test]
+    fn sessions_joined_mid_stream_are_recognised_and_bad_frames_end_them() {
+        let c = PipelineCounters::default();
+        let q = packet(command::QUERY, &attrs(&[], b"SELECT 2"));
+        let plain = packet(command::QUERY, b"SELECT 3");
+        let got = two_segments(&[q.clone(), plain.clone()].concat(), q.len(), &c);
+        assert_eq!(got, [packet(command::QUERY, b"SELECT 2"), plain].concat());
+
+        let c = PipelineCounters::default();
+        let mut bad = frame(0, &q, "zlib");
+        let n = bad.len();
+        bad[n - 2] ^= 0x55;
+        let stream = [frame(0, &q, "zlib"), bad, frame(0, &q, "plain")].concat();
+        let got = two_segments(&stream, stream.len(), &c);
+        assert_eq!(
+            got,
+            [&packet(command::QUERY, b"SELECT 2")[..], b"Q"].concat()
+        );
+        let l = c.load();
+        assert_eq!((l.compressed_sessions, l.unreplayable_frames), (1, 1));
+        assert!(l.unreplayable_bytes > 0);
     }
 }
