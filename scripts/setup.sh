@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev mariadb-server mariadb-client
-          rabbitmq-server iproute2 nftables sysbench tcpdump)
+          rabbitmq-server iproute2 nftables sysbench tcpdump tshark openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
