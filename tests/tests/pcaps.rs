@@ -156,7 +156,11 @@ fn published(units: &[collector::encode::Unit]) -> Published {
         };
         out.commands.push((payload[0], text));
     }
-    assert_eq!(packets.pending(), 0, "a packet cut at the end of a published session");
+    assert_eq!(
+        packets.pending(),
+        0,
+        "a packet cut at the end of a published session"
+    );
     out
 }
 
@@ -222,7 +226,10 @@ fn in_order(want: &[(u8, Option<String>)], got: &[Cmd]) -> Result<(), String> {
     let mut it = got.iter();
     for (cmd, text) in want {
         let found = it.any(|(c, t)| {
-            c == cmd && text.as_ref().is_none_or(|text| as_tshark_prints(t).starts_with(text.as_str()))
+            c == cmd
+                && text
+                    .as_ref()
+                    .is_none_or(|text| as_tshark_prints(t).starts_with(text.as_str()))
         });
         if !found {
             return Err(format!("0x{cmd:02x} {text:?} not published in order"));
@@ -280,7 +287,9 @@ fn every_real_capture_publishes_what_the_client_sent_and_nothing_unreplayable() 
             for (i, (cmd, db)) in p.commands.iter().enumerate() {
                 if *cmd == 0x11 && !db.is_empty() && p.commands.get(i + 1) != Some(&(2, db.clone()))
                 {
-                    failures.push(format!("{name} :{port}: no COM_INIT_DB {db} after COM_CHANGE_USER"));
+                    failures.push(format!(
+                        "{name} :{port}: no COM_INIT_DB {db} after COM_CHANGE_USER"
+                    ));
                 }
             }
         }
@@ -301,7 +310,10 @@ fn every_real_capture_publishes_what_the_client_sent_and_nothing_unreplayable() 
     assert_eq!(tls, 3, "TLS sessions");
     assert!(compressed >= 6, "compressed sessions: {compressed}");
     assert!(attributes >= 17, "queries with attributes: {attributes}");
-    assert!(sessions >= 170 && commands >= 800, "{sessions} sessions, {commands} commands");
+    assert!(
+        sessions >= 170 && commands >= 800,
+        "{sessions} sessions, {commands} commands"
+    );
     eprintln!(
         "{} captures: {sessions} sessions, {commands} commands published; {tls} TLS sessions, \
          {compressed} compressed, {attributes} queries' attributes removed",
