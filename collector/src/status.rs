@@ -405,6 +405,11 @@ impl Totals {
         self.pipeline.mq_errors
     }
     /// Gaps given up: the sessions got a COM_QUIT there.
+    /// Sessions ended because the rest could not be made replayable.
+    pub fn unreplayable(&self) -> u64 {
+        self.pipeline.unreplayable_frames + self.pipeline.unreplayable_attributes
+    }
+
     pub fn gaps_lost(&self) -> u64 {
         self.pipeline.gap_timeouts + self.pipeline.gap_overflow
     }
@@ -524,7 +529,7 @@ macro_rules! gauge {
 
 /// The status columns, in the original's order, then this collector's: each defined here
 /// only (the text line, its header and the JSON line all read this table).
-const COLUMNS: [Column; 22] = [
+const COLUMNS: [Column; 25] = [
     rate!("TotalPacket", 16, |t| t.total_packets()),
     rate!("ValidPacket", 16, |t| t.valid_packets()),
     rate!("PacketDropped", 17, |t| t.dropped()),
@@ -557,6 +562,9 @@ const COLUMNS: [Column; 22] = [
     gauge!("RssMB", 7, |t| t.rss.0 >> 20),
     rate!("Prepared", 10, |t| t.pipeline.stmt_rendered),
     rate!("StmtLost", 10, |t| t.statements_lost()),
+    rate!("TlsSess", 9, |t| t.pipeline.tls_sessions),
+    rate!("ZipSess", 9, |t| t.pipeline.compressed_sessions),
+    rate!("Unreplayable", 14, |t| t.unreplayable()),
 ];
 
 /// The first and last columns, which are not figures.
@@ -725,7 +733,7 @@ mod tests {
         // Same widths as the original's sample row.
         assert_eq!(
             &row[19..],
-            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0         0         0         -"
+            "           40005           34154                0                  0                    1               0           0          0          0          0          0           0         0           0       0         0       0       0         0      0         0         0        0        0             0         -"
         );
         // The Broker column: up, or down for how long.
         t.broker = BrokerStatus::Down { secs: 12 };

@@ -245,3 +245,238 @@ async fn compressed_and_change_user_sessions_replay_and_tls_sessions_publish_not
     assert!(rows >= 41 + 100 + 1 + 2 + 6, "{rows}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stand-in for a MySQL 8.0.23+ server: greets each client offering CLIENT_QUERY_ATTRIBUTES,
+/// answers a COM_STMT_PREPARE with statement 1 of one parameter, reads everything else.
+async fn attributes_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let caps = (F::CLIENT_PROTOCOL_41
+                    | F::CLIENT_SECURE_CONNECTION
+                    | F::CLIENT_PLUGIN_AUTH
+                    | F::CLIENT_CONNECT_WITH_DB
+                    | F::CLIENT_QUERY_ATTRIBUTES)
+                    .bits();
+                let mut greeting = vec![10];
+                greeting.extend_from_slice(b"8.4.0-test\0");
+                greeting.extend_from_slice(&7u32.to_le_bytes());
+                greeting.extend_from_slice(&[1; 8]);
+                greeting.push(0);
+                greeting.extend_from_slice(&(caps as u16).to_le_bytes());
+                greeting.extend_from_slice(&[255, 2, 0]);
+                greeting.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
+                greeting.push(21);
+                greeting.extend_from_slice(&[0; 10]);
+                greeting.extend_from_slice(&[2; 13]);
+                greeting.extend_from_slice(b"mysql_native_password\0");
+                if s.write_all(&packet(0, &greeting)).await.is_err() {
+                    return;
+                }
+                let mut head = [0u8; 4];
+                while s.read_exact(&mut head).await.is_ok() {
+                    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+                    let mut payload = vec![0; len];
+                    if s.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let reply = match (head[3], payload.as_slice().first().copied()) {
+                        (0, Some(0x16)) => {
+                            let mut ok = vec![0];
+                            ok.extend_from_slice(&1u32.to_le_bytes());
+                            ok.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);
+                            packet(1, &ok)
+                        }
+                        (_, Some(0x01)) => return,
+                        (seq, _) => packet(seq.wrapping_add(1), &[0, 0, 0, 2, 0, 0, 0]),
+                    };
+                    if s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    collector::protocol::packet(seq, payload)
+}
+
+/// A COM_QUERY body with query attributes (name, type, value bytes), then the SQL.
+fn with_attributes(attrs: &[(&str, u8, Vec<u8>)], sql: &str) -> Vec<u8> {
+    let mut b = vec![attrs.len() as u8, 1];
+    if !attrs.is_empty() {
+        // The NULL bitmap: a value of no bytes is NULL.
+        let mut nulls = vec![0u8; attrs.len().div_ceil(8)];
+        for (i, (_, _, v)) in attrs.iter().enumerate() {
+            if v.is_empty() {
+                nulls[i / 8] |= 1 << (i % 8);
+            }
+        }
+        b.extend_from_slice(&nulls);
+        b.push(1);
+        for (name, ty, _) in attrs {
+            b.extend_from_slice(&[*ty, 0, name.len() as u8]);
+            b.extend_from_slice(name.as_bytes());
+        }
+        for (_, _, v) in attrs {
+            b.extend_from_slice(v);
+        }
+    }
+    b.extend_from_slice(sql.as_bytes());
+    [&[3u8][..], &b].concat()
+}
+
+/// A client of `server` writing each of `packets` on its own (a segment each, mostly).
+struct RawClient(tokio::net::TcpStream);
+
+impl RawClient {
+    async fn connect(server: std::net::SocketAddr, caps: u32) -> (Self, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio::net::TcpStream::connect(server).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut greeting = [0u8; 512];
+        let n = s.read(&mut greeting).await.unwrap();
+        assert!(n > 4, "a greeting");
+        let mut hs = caps.to_le_bytes().to_vec();
+        hs.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        hs.push(45);
+        hs.extend_from_slice(&[0; 23]);
+        hs.extend_from_slice(b"app\0");
+        hs.push(20);
+        hs.extend_from_slice(&[9; 20]);
+        hs.extend_from_slice(b"shop\0mysql_native_password\0");
+        let hs = packet(1, &hs);
+        let mut c = Self(s);
+        c.send(&hs).await;
+        (c, hs)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.0.write_all(bytes).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+use mysql_async::consts::CapabilityFlags as F;
+
+/// What MySQL 8.0.23+ clients send when the server offers query attributes, through a server
+/// that offers them (no MySQL 8 server installs here): every COM_QUERY published as its SQL,
+/// the handshake without CLIENT_QUERY_ATTRIBUTES; also for a session whose handshake came
+/// before the agent, and for an execute that carries attributes after its parameters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_attributes_are_removed_before_publishing() {
+    let mq = TestExchange::new("attrs");
+    let (server, task) = attributes_server().await;
+    let caps = (F::CLIENT_PROTOCOL_41
+        | F::CLIENT_SECURE_CONNECTION
+        | F::CLIENT_PLUGIN_AUTH
+        | F::CLIENT_CONNECT_WITH_DB
+        | F::CLIENT_QUERY_ATTRIBUTES)
+        .bits();
+    let sql = [
+        "SELECT 1",
+        "SELECT @@version",
+        "INSERT INTO t VALUES ('a', \"b\")",
+        "SELECT 4",
+    ];
+    let typed: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("number1", 0x08, 42u64.to_le_bytes().to_vec()),
+        ("string1", 0xfe, b"\x05hello".to_vec()),
+        ("date1", 0x0a, vec![4, 0xe8, 0x07, 12, 3]),
+        ("datetime1", 0x0c, vec![7, 0xe8, 0x07, 12, 3, 11, 30, 5]),
+        ("nothing", 0x06, vec![]),
+    ];
+    let queries = |sql: &[&str]| -> Vec<Vec<u8>> {
+        sql.iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let attrs = match i {
+                    0 => vec![],
+                    1 => typed[..1].to_vec(),
+                    _ => typed.clone(),
+                };
+                packet(0, &with_attributes(&attrs, q))
+            })
+            .collect()
+    };
+    // Its handshake before the agent: its queries' attributes are seen in their bytes.
+    let (mut before, _) = RawClient::connect(server, caps).await;
+
+    // The MariaDB of setup.sh for the process list; the capture on the stand-in's port.
+    let args = [
+        "--interface=lo".to_string(),
+        format!("--port={}", server.port()),
+        "--mysql_port=3306".into(),
+        format!("--rabbitmq_exchange_name={}", mq.exchange),
+        "--read_timeout=20".into(),
+    ];
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    agent.wait_attached();
+
+    let (mut after, hs) = RawClient::connect(server, caps).await;
+    let (mut old, old_hs) =
+        RawClient::connect(server, caps & !F::CLIENT_QUERY_ATTRIBUTES.bits()).await;
+    for q in queries(&sql) {
+        after.send(&q).await;
+        before.send(&q).await;
+        // A query cut inside its attribute block.
+        let (a, b) = q.split_at(q.len().min(9));
+        after.send(a).await;
+        after.send(b).await;
+    }
+    for q in &sql {
+        old.send(&packet(0, &[&[3u8][..], q.as_bytes()].concat()))
+            .await;
+    }
+    // A prepared statement: its execute carries an attribute after the parameter.
+    after.send(&packet(0, b"\x16SELECT ?")).await;
+    let mut exec = 1u32.to_le_bytes().to_vec();
+    exec.extend_from_slice(&[0x08, 1, 0, 0, 0, 2, 0, 1]);
+    exec.extend_from_slice(&[0x08, 0, 0, 0xfe, 0, 5]);
+    exec.extend_from_slice(b"trace");
+    exec.extend_from_slice(&7i64.to_le_bytes());
+    exec.extend_from_slice(b"\x03abc");
+    after
+        .send(&packet(0, &[&[0x17u8][..], &exec].concat()))
+        .await;
+    for c in [&mut after, &mut before, &mut old] {
+        c.send(&packet(0, &[1])).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stdout = agent.stop();
+    task.abort();
+
+    let t = totals(&stdout);
+    // Five in `after` (four, and each again cut), four in `before`.
+    assert_eq!(t.get("query_attributes"), Some(&12), "{stdout}");
+    assert_eq!(t.get("stmt_rendered"), Some(&1), "{stdout}");
+    let units = mq.units_by_port();
+    let stream =
+        |port: u16| -> Vec<u8> { units[&port].iter().flat_map(|u| u.data.clone()).collect() };
+    let plain = |sql: &[&str]| -> Vec<u8> {
+        sql.iter()
+            .flat_map(|q| packet(0, &[&[3u8][..], q.as_bytes()].concat()))
+            .collect()
+    };
+    let quit = packet(0, &[1]);
+    let port = |c: &RawClient| c.0.local_addr().unwrap().port();
+    // The handshake without the capability, then the SQL alone, each query twice.
+    let mut want_hs = hs.clone();
+    want_hs[4..8].copy_from_slice(&(caps & !F::CLIENT_QUERY_ATTRIBUTES.bits()).to_le_bytes());
+    let twice: Vec<&str> = sql.iter().flat_map(|q| [*q, *q]).collect();
+    let want_after = [want_hs, plain(&twice), plain(&["SELECT 7"]), quit.clone()].concat();
+    assert!(
+        stream(port(&after)) == want_after,
+        "{:?}",
+        String::from_utf8_lossy(&stream(port(&after)))
+    );
+    assert_eq!(stream(port(&before)), [plain(&sql), quit.clone()].concat());
+    assert_eq!(stream(port(&old)), [old_hs, plain(&sql), quit].concat());
+}
