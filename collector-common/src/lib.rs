@@ -105,6 +105,43 @@ pub const KIND_CLIENT: u8 = 0;
 /// `RecordHeader::kind`: the first bytes of a server reply to a COM_STMT_PREPARE (egress);
 /// addresses and ports are the server's (source) and the client's (destination).
 pub const KIND_PREPARE_REPLY: u8 = 1;
+/// `RecordHeader::kind`: plaintext a TLS session's client sent, as the server's `SSL_read`
+/// returned it (uprobes); addresses and ports as for [`KIND_CLIENT`] (the client's the
+/// source), from the socket the read went to. `seq`, `payload_len` and the flags are 0.
+pub const KIND_TLS_PLAIN: u8 = 2;
+
+/// Most plaintext bytes handed over per `SSL_read` (records of the largest class): a read
+/// returns at most one TLS record's 16 KiB unless its buffer is larger.
+pub const MAX_TLS_READ: u32 = RECORD_CAPACITIES[2] * MAX_RECORDS_PER_SEGMENT;
+
+/// Threads inside an `SSL_read` at once (`SSL_CALLS`), and TLS connections whose socket is
+/// remembered (`SSL_SOCKS`, an LRU map: a read served from OpenSSL's buffer makes no syscall).
+pub const SSL_CALL_ENTRIES: u32 = 16384;
+pub const SSL_SOCK_ENTRIES: u32 = 65536;
+
+/// An `SSL_read` under way (`SSL_CALLS`, by thread): its arguments, and the socket the read
+/// syscall inside it went to, once seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslCall {
+    pub ssl: u64,
+    pub buf: u64,
+    /// `SSL_read_ex`'s `size_t *readbytes`; 0 for `SSL_read`.
+    pub readbytes: u64,
+    pub sock: SslSock,
+}
+
+/// The TCP connection of a TLS session, as the kernel's `struct sock` has it (IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslSock {
+    /// Client address and server address, network order; 0: not known.
+    pub client: [u8; 4],
+    pub server: [u8; 4],
+    /// Host order.
+    pub client_port: u16,
+    pub server_port: u16,
+}
 
 /// Reply bytes handed over per awaited reply: the packet header and COM_STMT_PREPARE_OK's 12
 /// bytes (status, statement id, column count, parameter count, filler, warnings).
@@ -146,6 +183,8 @@ pub const AWAITING_ENTRIES: u32 = 16384;
 /// programs see (loopback) is counted once in each.
 pub const COUNTERS_INGRESS: u32 = 0;
 pub const COUNTERS_EGRESS: u32 = 1;
+/// The TLS uprobes' block (`tls_*` counters, and their records and bytes).
+pub const COUNTERS_TLS: u32 = 2;
 
 /// What a kernel counter counts: the family the metrics export it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +282,15 @@ counters! {
     /// to the next.
     Awaited = "awaited", Packets, Some("reply_awaited");
     NotReply = "not_reply", Packets, Some("reply_not_reply");
+    /// TLS uprobes: `SSL_read`s that returned plaintext, handed over; those whose socket was
+    /// not known (no read syscall seen for that SSL object: its plaintext is not handed over);
+    /// those of an IPv6 client (which the MRTE format cannot carry); reads cut at
+    /// `MAX_TLS_READ`; plaintext the user buffer could not be read from.
+    TlsReads = "tls_reads", Packets, None;
+    TlsNoSocket = "tls_no_socket", Packets, None;
+    TlsIpv6 = "tls_ipv6", Packets, None;
+    TlsTruncated = "tls_truncated", Packets, None;
+    TlsReadFailed = "tls_read_failed", Packets, None;
     /// Parse failures, one per kind.
     EthShort = "eth_short", ParseError, None;
     VlanShort = "vlan_short", ParseError, None;

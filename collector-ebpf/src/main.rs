@@ -69,7 +69,7 @@ static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
 
 /// `COUNTERS_INGRESS` and `COUNTERS_EGRESS`: one block per program.
 #[map]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(2, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(3, 0);
 
 /// Connections whose client sent a COM_STMT_PREPARE the server has not answered yet.
 #[map]
@@ -91,6 +91,8 @@ static LAST_WAKE: Array<u64> = Array::with_max_entries(1, 0);
 /// Used only with `Transport::PerfSkb`.
 #[map]
 static PERF_RECORDS: PerfEventByteArray = PerfEventByteArray::new(0);
+
+mod tls;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

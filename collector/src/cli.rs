@@ -209,6 +209,19 @@ pub struct CaptureArgs {
     /// waits at most about twice this long. 0 wakes on (nearly) every record.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Capture")]
     pub wakeup_interval_us: u64,
+
+    /// TLS sessions: auto reads their plaintext where the server decrypts it (uprobes on
+    /// SSL_read of the SSL library the process listening on the MySQL port maps), and warns
+    /// when that cannot be done; off leaves them out. Either way a TLS session's ciphertext is
+    /// never published (counted: tls_sessions, tls_bytes).
+    #[arg(long, value_enum, default_value_t = AutoOff::Auto, help_heading = "Capture")]
+    pub tls: AutoOff,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AutoOff {
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -230,6 +243,7 @@ impl CaptureArgs {
             transport: self.transport.into(),
             wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
             prepared: false,
+            tls: (self.tls == AutoOff::Auto).then(|| self.port[0]),
         }
     }
 }
@@ -420,6 +434,7 @@ impl Run {
     pub fn config(&self) -> anyhow::Result<AgentConfig> {
         let mut capture = self.capture.config(self.interface());
         capture.prepared = self.prepared_statements == OnOff::On;
+        capture.tls = (self.capture.tls == AutoOff::Auto).then(|| self.mysql_port());
         let (to_broker, to_file) = self.outputs();
         if self
             .output

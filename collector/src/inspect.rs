@@ -600,15 +600,25 @@ impl RecordSink for Live<'_> {
                 self.timeouts(false);
             }
         }
-        if !r.is_client() {
-            // Prepared-statement replies (capture files only): the view shows the commands.
-            return;
-        }
         let key = FlowKey {
             client: (r.src, r.sport),
             server: (r.dst, r.dport),
         };
         let time = Some(self.wall(r.ts_ns));
+        if r.kind == capture::RecordKind::TlsPlain {
+            let mut out = std::mem::take(&mut self.out);
+            self.flows
+                .plaintext(key, r.data, self.now, &self.counters, &mut out);
+            for o in out.drain(..) {
+                self.emit(key.client, o, time);
+            }
+            self.out = out;
+            return;
+        }
+        if !r.is_client() {
+            // Prepared-statement replies (capture files only): the view shows the commands.
+            return;
+        }
         let seg = Segment::new(r.seq, r.offset, r.segment_len, r.tcp_flags, r.data);
         let mut out = std::mem::take(&mut self.out);
         self.flows

@@ -458,10 +458,15 @@ impl Pipeline {
             client: (r.src, r.sport),
             server: (r.dst, r.dport),
         };
-        let seg = Segment::new(r.seq, r.offset, r.segment_len, r.tcp_flags, r.data);
         let mut out = std::mem::take(&mut self.out);
-        self.flows
-            .accept(key, seg, self.now, &self.counters, &mut out);
+        if r.kind == RecordKind::TlsPlain {
+            self.flows
+                .plaintext(key, r.data, self.now, &self.counters, &mut out);
+        } else {
+            let seg = Segment::new(r.seq, r.offset, r.segment_len, r.tcp_flags, r.data);
+            self.flows
+                .accept(key, seg, self.now, &self.counters, &mut out);
+        }
         // What this segment lets out was captured (complete) with it: the latency histogram.
         self.fanout.set_captured(r.ts_ns);
         for o in out.drain(..) {

@@ -218,6 +218,10 @@ pipeline_counters! {
     unreplayable_frames in unreplayable,
     unreplayable_attributes in unreplayable,
     unreplayable_bytes,
+    /// TLS sessions whose plaintext was read (`--tls=auto`: uprobes on the server's SSL
+    /// library), and the plaintext bytes taken.
+    tls_read_sessions,
+    tls_plain_bytes,
 }
 
 impl PipelineCounters {

@@ -75,6 +75,10 @@ pub const TOTAL_PENDING_MAX: usize = 64 << 20;
 /// How long an ended flow is remembered: the server may still be missing bytes the capture
 /// has seen, and the client retransmits them (backing off) until it has them.
 pub const CLOSED_LINGER: Duration = Duration::from_secs(60);
+/// How long a TLS session's flow stays after its FIN or RST: the server reads (and the uprobes
+/// hand over) what the client sent before its FIN after TC saw the FIN. The client's own
+/// COM_QUIT ends it sooner.
+pub const TLS_LINGER: Duration = Duration::from_secs(2);
 
 struct Flow {
     next_seq: u32,
@@ -92,6 +96,9 @@ struct Flow {
     /// Something of the stream was published.
     published: bool,
     follower: Follower,
+    /// A TLS session's FIN or RST (its flags) came; it ends at this deadline, or at the
+    /// client's COM_QUIT in the plaintext.
+    tls_linger: Option<(Instant, u8)>,
 }
 
 impl Flow {
@@ -107,6 +114,7 @@ impl Flow {
             isn: None,
             published: false,
             follower: Follower::default(),
+            tls_linger: None,
         }
     }
 
@@ -376,8 +384,32 @@ impl Flows {
         }
     }
 
-    /// Ends the flow now: what still waits is lost; the consumer's session ends.
+    /// Ends the flow: at once, or for a TLS session after [`TLS_LINGER`] (or its plaintext
+    /// COM_QUIT), so that the plaintext the server has yet to read is not lost.
     fn close(
+        &mut self,
+        key: FlowKey,
+        flags: u8,
+        now: Instant,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        if let Some(flow) = self.table.get_mut(&key)
+            && flow.follower.ciphertext()
+            && !flow.follower.ended()
+        {
+            if flow.tls_linger.is_none() {
+                let deadline = now + TLS_LINGER;
+                flow.tls_linger = Some((deadline, flags));
+                self.next_gap = Some(self.next_gap.map_or(deadline, |d| d.min(deadline)));
+            }
+            return;
+        }
+        self.close_now(key, flags, now, c, out);
+    }
+
+    /// Ends the flow now: what still waits is lost; the consumer's session ends.
+    fn close_now(
         &mut self,
         key: FlowKey,
         flags: u8,
@@ -500,7 +532,9 @@ impl Flows {
         };
         let missing = at.saturating_sub(flow.pos);
         PipelineCounters::add(&c.gap_bytes, missing);
-        if !flow.follower.ended() {
+        // A TLS session's ciphertext is not published: a gap in it loses nothing of the
+        // plaintext, which comes from the server's reads.
+        if !flow.follower.ended() && !flow.follower.ciphertext() {
             out.push(Output::Quit);
         }
         flow.follower.resync();
@@ -510,6 +544,30 @@ impl Flows {
         Self::drain_pending(flow, &mut self.pending_bytes, &self.policy, c, out);
         if !flow.pending.is_empty() || flow.fin.is_some_and(|f| f > flow.pos) {
             flow.gap_since = Some(flow.last_seen);
+        }
+    }
+
+    /// Plaintext of `key`'s TLS session, as the server read it: to the session follower in
+    /// the order the server read it (the ciphertext's TCP order and gaps do not apply).
+    pub fn plaintext(
+        &mut self,
+        key: FlowKey,
+        data: Bytes,
+        now: Instant,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        // The flow exists: its TLS request or its first encrypted segment came first.
+        let flow = self.table.entry(key).or_insert_with(|| Flow::new(0, now));
+        flow.last_seen = now;
+        let before = out.len();
+        flow.follower.plaintext(data, &self.policy, c, out);
+        flow.published |= out[before..].iter().any(|o| matches!(o, Output::Data(_)));
+        if let Some((_, flags)) = flow.tls_linger
+            && flow.follower.ended()
+        {
+            // Its FIN came, and now the client's COM_QUIT.
+            self.close_now(key, flags, now, c, out);
         }
     }
 
@@ -529,6 +587,18 @@ impl Flows {
     ) {
         if !all && self.next_gap.is_none_or(|d| now < d) {
             return;
+        }
+        let lingered: Vec<(FlowKey, u8)> = self
+            .table
+            .iter()
+            .filter_map(|(k, f)| f.tls_linger.map(|(t, flags)| (k, t, flags)))
+            .filter(|(_, t, _)| all || now >= *t)
+            .map(|(k, _, flags)| (*k, flags))
+            .collect();
+        let mut closed = Vec::new();
+        for (key, flags) in lingered {
+            self.close_now(key, flags, now, c, &mut closed);
+            out.extend(closed.drain(..).map(|o| (key, o)));
         }
         let due: Vec<FlowKey> = self
             .table
@@ -552,9 +622,12 @@ impl Flows {
         self.next_gap = self
             .table
             .values()
-            .filter_map(|f| f.gap_since)
-            .min()
-            .map(|t| t + GAP_TIMEOUT);
+            .filter_map(|f| {
+                let gap = f.gap_since.map(|t| t + GAP_TIMEOUT);
+                let linger = f.tls_linger.map(|(t, _)| t);
+                gap.into_iter().chain(linger).min()
+            })
+            .min();
     }
 
     /// Forgets flows idle for `idle`, and ended flows older than [`CLOSED_LINGER`]; returns
@@ -1013,17 +1086,25 @@ mod tests {
 
     proptest! {
         /// Any order and duplication of a stream's segments (within the reorder bound) gives
-        /// back the stream.
+        /// back the stream: queries of any length, cut anywhere.
         #[test]
         fn any_permutation_and_duplication_gives_the_stream(
             isn in any::<u32>(),
+            queries in proptest::collection::vec(0usize..5000, 1..20),
             cuts in proptest::collection::vec(1usize..3000, 1..40),
             order in proptest::collection::vec(any::<proptest::sample::Index>(), 0..80),
         ) {
-            let stream = (0..cuts.iter().sum::<usize>()).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>();
+            let stream: Vec<u8> = queries
+                .iter()
+                .flat_map(|&n| packet(command::QUERY, &(0..n).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>()))
+                .collect();
             let mut segs = Vec::new();
             let mut at = 0;
-            for len in &cuts {
+            for len in cuts.iter().cycle() {
+                if at == stream.len() {
+                    break;
+                }
+                let len = (*len).min(stream.len() - at);
                 segs.push((isn.wrapping_add(at as u32), stream[at..at + len].to_vec()));
                 at += len;
             }

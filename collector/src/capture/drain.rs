@@ -15,7 +15,7 @@ use aya::maps::{
     perf::{PerfEvent, PerfEventArrayBuffer},
 };
 use bytes::{Bytes, BytesMut};
-use collector_common::{FAMILY_V4, KIND_CLIENT, KIND_PREPARE_REPLY, RecordHeader};
+use collector_common::{FAMILY_V4, KIND_CLIENT, KIND_PREPARE_REPLY, KIND_TLS_PLAIN, RecordHeader};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::CaptureError;
@@ -29,6 +29,9 @@ pub enum RecordKind {
     /// the server's. `awaiting`: PREPAREs of the connection unanswered when it left, this one
     /// included (1 = the latest).
     PrepareReply { awaiting: u8 },
+    /// Plaintext of a TLS session's client, as the server's `SSL_read` returned it (the
+    /// client's address the source); not a TCP segment: no sequence number.
+    TlsPlain,
 }
 
 /// One captured piece of a client's TCP stream, or of a server's reply.
@@ -56,7 +59,7 @@ impl Record {
     /// The client's address and port: the source of client data, the destination of a reply.
     pub fn client(&self) -> (IpAddr, u16) {
         match self.kind {
-            RecordKind::Client => (self.src, self.sport),
+            RecordKind::Client | RecordKind::TlsPlain => (self.src, self.sport),
             RecordKind::PrepareReply { .. } => (self.dst, self.dport),
         }
     }
@@ -320,6 +323,7 @@ pub fn decode(item: &[u8], arena: &mut BytesMut) -> Option<Record> {
         KIND_PREPARE_REPLY => RecordKind::PrepareReply {
             awaiting: hdr.awaiting,
         },
+        KIND_TLS_PLAIN => RecordKind::TlsPlain,
         _ => return None,
     };
     Some(Record {

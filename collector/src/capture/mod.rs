@@ -19,14 +19,15 @@ use aya::{
 };
 pub use collector_common::Transport;
 use collector_common::{
-    COUNTER_COUNT, COUNTERS_EGRESS, COUNTERS_INGRESS, Counter, Counters, DEFAULT_RING_BYTES,
-    LinkKind, MAX_PORTS,
+    COUNTER_COUNT, COUNTERS_EGRESS, COUNTERS_INGRESS, COUNTERS_TLS, Counter, Counters,
+    DEFAULT_RING_BYTES, LinkKind, MAX_PORTS,
 };
 
 pub mod drain;
 mod iface;
 pub mod pcap;
 mod qdisc;
+pub mod tls;
 
 use drain::RawSource;
 pub use drain::{Drain, DrainStats, Record, RecordKind, RecordSink, SharedDrainStats, decode};
@@ -141,6 +142,9 @@ pub struct CaptureConfig {
     /// Follow prepared statements: the ingress program marks connections that sent a
     /// COM_STMT_PREPARE, and an egress program hands over the head of the reply.
     pub prepared: bool,
+    /// Read TLS sessions' plaintext from the server listening on this port (uprobes on its
+    /// SSL library); when that cannot be done, a warning says why and they stay unread.
+    pub tls: Option<u16>,
 }
 
 impl CaptureConfig {
@@ -171,6 +175,7 @@ impl CaptureConfig {
             transport: Transport::RingClasses,
             wakeup_interval: DEFAULT_WAKEUP_INTERVAL,
             prepared: false,
+            tls: None,
         }
     }
 }
@@ -189,6 +194,8 @@ pub struct Capture {
     added_clsact: bool,
     mode: &'static str,
     recheck_after: Duration,
+    /// The TLS probes, when attached.
+    tls: Option<tls::TlsProbes>,
 }
 
 impl Capture {
@@ -196,7 +203,13 @@ impl Capture {
     /// to the interface's ingress (and the replies program to its egress, with `prepared`).
     pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let (ifindex, link_kind) = cfg.check()?;
-        let mut ebpf = load(cfg, link_kind)?;
+        // The TLS programs' kernel offsets, from BTF: load-time constants.
+        let offsets = cfg.tls.map(|_| tls::kernel_offsets());
+        let mut ebpf = load(
+            cfg,
+            link_kind,
+            offsets.as_ref().and_then(|o| o.as_ref().ok()),
+        )?;
         set_ports(&mut ebpf, &cfg.ports)?;
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(|source| {
@@ -211,6 +224,10 @@ impl Capture {
             interface = %cfg.interface, ifindex, mode = attached.mode, ports = ?cfg.ports,
             "capture program attached to ingress"
         );
+        let tls = match (cfg.tls, offsets) {
+            (Some(port), Some(offsets)) => attach_tls(&mut ebpf, cfg, port, offsets),
+            _ => None,
+        };
         Ok(Self {
             ebpf,
             link: Some(attached.ingress),
@@ -222,16 +239,28 @@ impl Capture {
             added_clsact: attached.added_clsact,
             mode: attached.mode,
             recheck_after: cfg.wakeup_interval * 2,
+            tls,
         })
+    }
+
+    /// The TLS probes, when attached.
+    pub fn tls(&self) -> Option<&tls::TlsProbes> {
+        self.tls.as_ref()
     }
 
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
 
-    /// The ingress program's counters, summed over CPUs.
+    /// The ingress program's counters, summed over CPUs, with the TLS programs' (their
+    /// `tls_*` counters, and the records and bytes they handed over through the same ring).
     pub fn read_counters(&self) -> Result<Counters, CaptureError> {
-        self.read_block(COUNTERS_INGRESS)
+        let mut c = self.read_block(COUNTERS_INGRESS)?;
+        let tls = self.read_block(COUNTERS_TLS)?;
+        for i in 0..COUNTER_COUNT {
+            c.0[i] += tls.0[i];
+        }
+        Ok(c)
     }
 
     /// The egress (replies) program's counters, summed over CPUs.
@@ -355,13 +384,24 @@ struct Attached {
 
 /// Loads the object with the load-time constants of `cfg` (the verifier prunes what they
 /// turn off).
-fn load(cfg: &CaptureConfig, link_kind: LinkKind) -> Result<Ebpf, CaptureError> {
+fn load(
+    cfg: &CaptureConfig,
+    link_kind: LinkKind,
+    tls_offsets: Option<&[u32; 6]>,
+) -> Result<Ebpf, CaptureError> {
     let link_kind = link_kind as u8;
     let transport = cfg.transport as u8;
     let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
     let wake_at = cfg.ring_bytes as u64 / 4;
     let perf = cfg.transport == Transport::PerfSkb;
-    Ok(EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    // Unknown ones stay 0: the TLS programs then read nothing (`attach_tls` says why).
+    if let Some(offsets) = tls_offsets {
+        for ((name, ..), value) in tls::OFFSETS.iter().zip(offsets) {
+            loader.override_global(name, value, true);
+        }
+    }
+    Ok(loader
         .override_global("LINK_KIND", &link_kind, true)
         .override_global("SNAP_LEN", &cfg.snap_len, true)
         .override_global("TRANSPORT", &transport, true)
@@ -371,6 +411,45 @@ fn load(cfg: &CaptureConfig, link_kind: LinkKind) -> Result<Ebpf, CaptureError> 
         // The unused transport's map is kept at its minimum size.
         .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
         .load(EBPF_OBJECT)?)
+}
+
+/// The TLS probes for the server on `port`, or a warning that says why not.
+fn attach_tls(
+    ebpf: &mut Ebpf,
+    cfg: &CaptureConfig,
+    port: u16,
+    offsets: Result<[u32; 6], tls::TlsError>,
+) -> Option<tls::TlsProbes> {
+    if cfg.transport == Transport::PerfSkb {
+        tracing::warn!(
+            "TLS sessions are not read with --transport=perf (the plaintext goes through the \
+             ring buffer): they are left out and counted"
+        );
+        return None;
+    }
+    match offsets.and_then(|_| tls::attach(ebpf, port)) {
+        Ok(p) => {
+            tracing::info!(
+                pid = p.pid, library = %p.library.display(), ssl_read_ex = p.read_ex,
+                "TLS probes attached: TLS sessions are read as the server decrypts them"
+            );
+            Some(p)
+        }
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(": ");
+                why.push_str(&s.to_string());
+                source = s.source();
+            }
+            tracing::warn!(
+                "TLS sessions will not be read (left out and counted, as tls_sessions): {why} \
+                 (--tls=off silences this)"
+            );
+            None
+        }
+    }
 }
 
 /// Marks the captured ports in the `PORTS` array.

@@ -135,6 +135,16 @@ pub(crate) struct Follower {
     attributes: Option<bool>,
     /// The rest of the session could not be made replayable: it ended with a COM_QUIT.
     broken: bool,
+    /// The TLS request was seen: the plaintext starts with the handshake response.
+    tls_requested: bool,
+    /// The server's reads gave this session's plaintext (`--tls=auto`).
+    tls_read: bool,
+    /// The plaintext of a session encrypted before capture began: left out until a read that
+    /// starts a command.
+    plain_resync: bool,
+    /// The plaintext's own wire (a TLS session may be compressed inside): `wire` is the
+    /// ciphertext's.
+    plain_wire: Wire,
     /// Why was logged (once per session).
     warned_unreplayable: bool,
 }
@@ -158,8 +168,51 @@ impl Follower {
     /// Bytes went missing before what comes next: left out until a segment starts with a
     /// command.
     pub(crate) fn resync(&mut self) {
+        if self.ciphertext() {
+            // The ciphertext is not published; the plaintext comes from the server's reads.
+            return;
+        }
         self.resync = true;
         self.wire.resync();
+    }
+
+    /// A TLS session: what TC captures of it is ciphertext, left out.
+    pub(crate) fn ciphertext(&self) -> bool {
+        matches!(self.wire, Wire::Tls)
+    }
+
+    /// Plaintext the client sent on this TLS session, as the server's `SSL_read` returned it:
+    /// followed as the session's stream (through a wire of its own: compression inside TLS).
+    pub(crate) fn plaintext(
+        &mut self,
+        data: Bytes,
+        policy: &Policy,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        PipelineCounters::add(&c.tls_plain_bytes, data.len() as u64);
+        if !std::mem::replace(&mut self.tls_read, true) {
+            PipelineCounters::add(&c.tls_read_sessions, 1);
+            if !self.tls_requested {
+                // Encrypted before capture began.
+                self.plain_resync = true;
+                self.started = true;
+                if !self.ciphertext() {
+                    PipelineCounters::add(&c.tls_sessions, 1);
+                    self.wire = Wire::Tls;
+                }
+            }
+        }
+        if self.plain_resync {
+            if !starts_plain_command(&data) {
+                PipelineCounters::add(&c.gap_bytes, data.len() as u64);
+                return;
+            }
+            self.plain_resync = false;
+        }
+        let ciphertext = std::mem::replace(&mut self.wire, std::mem::take(&mut self.plain_wire));
+        self.feed(data, policy, c, out);
+        self.plain_wire = std::mem::replace(&mut self.wire, ciphertext);
     }
 
     /// The rest of the session cannot be made replayable (`why`): it ends here for the
@@ -415,7 +468,8 @@ impl Follower {
         let include_replication = policy.include_replication;
         let seq = self.head[3];
         let first = !std::mem::replace(&mut self.started, true);
-        if first && seq == 1 && len >= 32 && matches!(self.wire, Wire::Plain) {
+        let handshake_seq = if self.tls_requested { 2 } else { 1 };
+        if first && seq == handshake_seq && len >= 32 && matches!(self.wire, Wire::Plain) {
             // The handshake response (or the TLS request), when the session's start is here.
             let caps = data
                 .get(i..i + 1)
@@ -548,6 +602,10 @@ impl Follower {
             PipelineCounters::add(&c.tls_bytes, (HEADER + body.len()) as u64);
             self.wire = Wire::Tls;
             self.rewired = true;
+            // The full handshake response comes inside TLS, with sequence number 2.
+            self.tls_requested = true;
+            self.started = false;
+            self.plain_wire = Wire::Plain;
             return;
         }
         if protocol::HandshakeResponse::parse(&body).is_some() {
@@ -665,6 +723,12 @@ impl Follower {
             }
         }
     }
+}
+
+/// Whether a plaintext read starts a packet that starts a command: the server reads a
+/// packet's header alone, or with its payload.
+fn starts_plain_command(data: &[u8]) -> bool {
+    data.len() == HEADER && data[3] == 0 && data[..3] != [0, 0, 0] || starts_command(data)
 }
 
 /// A command the session stage wrote, in units of at most [`SYNTHETIC_UNIT`] bytes.
@@ -1080,6 +1144,68 @@ mod modern_tests {
         let records = [0x17, 3, 3, 0, 2, 0xab, 0xcd].repeat(3);
         assert_eq!(two_segments(&records, 7, &c), b"");
         assert_eq!(c.load().tls_sessions, 1);
+    }
+
+    /// A TLS session read where the server decrypts it: the ciphertext left out, the
+    /// plaintext published from its handshake response (sequence 1, CLIENT_SSL cleared), in the
+    /// order the server read it, however the reads cut it; also for a session encrypted
+    /// before capture began, from its first command.
+    #[test]
+    fn tls_plaintext_is_published_and_ciphertext_is_not() {
+        let base = (F::CLIENT_PROTOCOL_41 | F::CLIENT_SECURE_CONNECTION).bits();
+        let mut request = (base | F::CLIENT_SSL.bits()).to_le_bytes().to_vec();
+        request.resize(32, 0);
+        let hs = handshake(base | F::CLIENT_SSL.bits(), &[3; 20], Some(b"shop"));
+        let q = packet(command::QUERY, b"INSERT INTO t VALUES (1)");
+        let plain = [protocol::packet(2, &hs), q.clone()].concat();
+        let want = [
+            protocol::packet(1, &handshake(base, &[3; 20], Some(b"shop"))),
+            q.clone(),
+        ]
+        .concat();
+        let policy = Policy::default();
+        for cut in 0..plain.len() {
+            let c = PipelineCounters::default();
+            let (mut f, mut out) = (Follower::default(), Vec::new());
+            f.feed(
+                Bytes::from(protocol::packet(1, &request)),
+                &policy,
+                &c,
+                &mut out,
+            );
+            f.feed(
+                Bytes::from_static(&[0x16, 3, 1, 0, 2, 1, 0]),
+                &policy,
+                &c,
+                &mut out,
+            );
+            f.plaintext(Bytes::copy_from_slice(&plain[..cut]), &policy, &c, &mut out);
+            f.feed(
+                Bytes::from_static(&[0x17, 3, 3, 0, 2, 9, 9]),
+                &policy,
+                &c,
+                &mut out,
+            );
+            f.plaintext(Bytes::copy_from_slice(&plain[cut..]), &policy, &c, &mut out);
+            assert_eq!(flatten(out), want, "cut at {cut}");
+            let l = c.load();
+            assert_eq!((l.tls_sessions, l.tls_read_sessions), (1, 1));
+            assert_eq!(l.tls_plain_bytes, plain.len() as u64);
+        }
+        // Encrypted before capture: the read of a payload's middle is left out, the next
+        // header starts it.
+        let c = PipelineCounters::default();
+        let (mut f, mut out) = (Follower::default(), Vec::new());
+        f.feed(
+            Bytes::from_static(&[0x17, 3, 3, 0, 2, 9, 9]),
+            &policy,
+            &c,
+            &mut out,
+        );
+        f.plaintext(Bytes::from_static(b"LECT 1"), &policy, &c, &mut out);
+        f.plaintext(Bytes::copy_from_slice(&q[..4]), &policy, &c, &mut out);
+        f.plaintext(Bytes::copy_from_slice(&q[4..]), &policy, &c, &mut out);
+        assert_eq!(flatten(out), q);
     }
 
     /// Joined mid-stream: attributes and compression are recognised from the bytes; a frame

@@ -1,0 +1,312 @@
+//! TLS sessions' plaintext, taken where the server decrypts it: uprobes on `SSL_read` and
+//! `SSL_read_ex` of the SSL library the server process maps (attached for that process only),
+//! a uretprobe that hands over what the call returned, and a raw tracepoint on `sys_enter`
+//! that ties the call to its connection: the read syscall OpenSSL makes inside `SSL_read`
+//! names a file descriptor, and the task's file table (offsets from the kernel's BTF) leads to
+//! its `struct sock`, whose first fields (`struct sock_common`: addresses and ports) have kept
+//! their offsets since Linux 2.6. Tying the read to its socket in the kernel, at the read,
+//! means a descriptor reused by the next connection cannot be mistaken for the last one. A
+//! read served from OpenSSL's own buffer makes no syscall: the SSL object's last socket
+//! (`SSL_SOCKS`) stands for it. (No kprobe or fentry: kernels without CONFIG_KPROBES, and
+//! policies that refuse tracing programs, have raw tracepoints.)
+//!
+//! They only read: the probed functions run as they would without them.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_probe_read_user as probe_read_user,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+use collector_common::{
+    COUNTERS_TLS, Counter, Counters, FAMILY_V4, KIND_TLS_PLAIN, MAX_RECORDS_PER_SEGMENT,
+    MAX_TLS_READ, RecordHeader, SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslSock,
+};
+
+use crate::{CAP_LARGE, COUNTERS, HDR, RECORDS, bump, wake_flags, woke};
+
+/// `SSL_read`s under way, by thread.
+#[map]
+static SSL_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(SSL_CALL_ENTRIES, 0);
+
+/// Each SSL object's connection, from its last read syscall.
+#[map]
+static SSL_SOCKS: LruHashMap<u64, SslSock> = LruHashMap::with_max_entries(SSL_SOCK_ENTRIES, 0);
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// `struct sock_common` offsets: skc_daddr, skc_rcv_saddr, then skc_dport (network order)
+/// with skc_num (host order) after it, skc_family.
+const SKC_DADDR: usize = 0;
+const SKC_RCV_SADDR: usize = 4;
+const SKC_PORTS: usize = 12;
+const SKC_FAMILY: usize = 16;
+
+fn counters() -> Option<&'static mut Counters> {
+    // SAFETY: a per-CPU map value; this block is only written by these programs, which do
+    // not preempt each other on a CPU.
+    COUNTERS.get_ptr_mut(COUNTERS_TLS).map(|c| unsafe { &mut *c })
+}
+
+fn enter(ssl: u64, buf: u64, readbytes: u64) {
+    let id = bpf_get_current_pid_tgid();
+    let call = SslCall {
+        ssl,
+        buf,
+        readbytes,
+        sock: SslSock::default(),
+    };
+    let _ = SSL_CALLS.insert(&id, &call, 0);
+}
+
+/// `int SSL_read(SSL *ssl, void *buf, int num)`
+#[uprobe]
+pub fn mrte_ssl_read(ctx: ProbeContext) -> u32 {
+    if let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        enter(ssl, buf, 0);
+    }
+    0
+}
+
+/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`
+#[uprobe]
+pub fn mrte_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    if let (Some(ssl), Some(buf), Some(rb)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(3))
+    {
+        enter(ssl, buf, rb);
+    }
+    0
+}
+
+/// Offsets of the kernel structures between a task and its sockets, from the running
+/// kernel's BTF (load-time constants set by the agent; 0: not known, nothing is read).
+#[unsafe(no_mangle)]
+static OFF_TASK_FILES: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FILES_FDT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FDT_MAX_FDS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FDT_FD: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FILE_PRIVATE_DATA: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SOCKET_SK: u32 = 0;
+
+/// x86_64 syscall numbers of the reads OpenSSL's socket BIO (and a server's own BIO) makes.
+const SYS_READ: u64 = 0;
+const SYS_READV: u64 = 19;
+const SYS_RECVFROM: u64 = 45;
+const SYS_RECVMSG: u64 = 47;
+/// `struct pt_regs` offset of `di`, the first syscall argument (x86_64 uapi).
+const PT_REGS_DI: usize = 112;
+
+fn off(global: &u32) -> usize {
+    // SAFETY: a load-time constant.
+    unsafe { core::ptr::read_volatile(global) as usize }
+}
+
+/// Reads a kernel pointer at `base + offset`.
+fn kptr(base: u64, offset: usize) -> Option<u64> {
+    // SAFETY: the helper fails cleanly on a bad address.
+    unsafe { bpf_probe_read_kernel((base as usize + offset) as *const u64) }
+        .ok()
+        .filter(|p| *p != 0)
+}
+
+/// The `struct sock` of the current task's file descriptor `fd`, if it is a socket:
+/// task->files->fdt->fd[fd]->private_data->sk.
+fn fd_sock(fd: u64) -> Option<u64> {
+    // SAFETY: helper without arguments; the pointer is only read through helpers.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let files = kptr(task, off(&OFF_TASK_FILES))?;
+    let fdt = kptr(files, off(&OFF_FILES_FDT))?;
+    // SAFETY: as in `kptr`.
+    let max = unsafe { bpf_probe_read_kernel((fdt as usize + off(&OFF_FDT_MAX_FDS)) as *const u32) }
+        .ok()?;
+    if fd >= u64::from(max) {
+        return None;
+    }
+    let fds = kptr(fdt, off(&OFF_FDT_FD))?;
+    let file = kptr(fds, fd as usize * 8)?;
+    let socket = kptr(file, off(&OFF_FILE_PRIVATE_DATA))?;
+    kptr(socket, off(&OFF_SOCKET_SK))
+}
+
+/// `sys_enter` (raw tracepoint): a read syscall inside a probed `SSL_read` names the
+/// connection it reads (its fd, and through the task's file table, its socket).
+#[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_enter")]
+pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
+    let nr: u64 = ctx.arg(1);
+    if !matches!(nr, SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG) {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: a pointer into the map's value, only this thread's entry.
+    let Some(call) = SSL_CALLS.get_ptr_mut(&id).map(|c| unsafe { &mut *c }) else {
+        return 0;
+    };
+    if off(&OFF_TASK_FILES) == 0 {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: as in `kptr`.
+    let Ok(fd) = (unsafe { bpf_probe_read_kernel((regs as usize + PT_REGS_DI) as *const u64) })
+    else {
+        return 0;
+    };
+    let Some(sk) = fd_sock(fd) else {
+        return 0;
+    };
+    let sk = sk as *const u8;
+    // SAFETY: kernel reads through the helper, which fails cleanly on a bad address.
+    let read = |off: usize| unsafe { bpf_probe_read_kernel(sk.add(off) as *const [u8; 4]) };
+    let (Ok(daddr), Ok(saddr), Ok(ports), Ok(family)) = (
+        read(SKC_DADDR),
+        read(SKC_RCV_SADDR),
+        read(SKC_PORTS),
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel(sk.add(SKC_FAMILY) as *const u16) },
+    ) else {
+        return 0;
+    };
+    let server_port = u16::from_ne_bytes([ports[2], ports[3]]);
+    // Only a connection to a captured port (a stale table entry, a pipe, a file: not ours).
+    if !crate::captured_port(server_port) {
+        return 0;
+    }
+    // An IPv6 socket carries an IPv4 client's address here too (v4-mapped); a real IPv6
+    // client has none.
+    if family != AF_INET && (family != AF_INET6 || daddr == [0; 4]) {
+        if let Some(c) = counters() {
+            bump(c, Counter::TlsIpv6);
+        }
+        return 0;
+    }
+    call.sock = SslSock {
+        client: daddr,
+        server: saddr,
+        client_port: u16::from_be_bytes([ports[0], ports[1]]),
+        server_port,
+    };
+    let _ = SSL_SOCKS.insert(&call.ssl, &call.sock, 0);
+    0
+}
+
+/// `SSL_read` / `SSL_read_ex` return: the plaintext they gave the server, handed over.
+#[uretprobe]
+pub fn mrte_ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the entry is copied out before it is removed.
+    let Some(call) = (unsafe { SSL_CALLS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = SSL_CALLS.remove(&id);
+    let ret: i64 = ctx.ret::<i64>() as i32 as i64;
+    if ret <= 0 {
+        return 0;
+    }
+    let n = if call.readbytes != 0 {
+        // SAFETY: a user pointer read through the helper.
+        let mut got: u64 = 0;
+        let r = unsafe {
+            probe_read_user(
+                &mut got as *mut u64 as *mut c_void,
+                8,
+                call.readbytes as *const c_void,
+            )
+        };
+        if r < 0 {
+            return 0;
+        }
+        got
+    } else {
+        ret as u64
+    };
+    let Some(c) = counters() else {
+        return 0;
+    };
+    let mut sock = call.sock;
+    if sock.client_port == 0 {
+        // SAFETY: copied out of the map.
+        match unsafe { SSL_SOCKS.get(&call.ssl) } {
+            Some(s) => sock = *s,
+            None => {
+                bump(c, Counter::TlsNoSocket);
+                return 0;
+            }
+        }
+    }
+    bump(c, Counter::TlsReads);
+    let mut want = n as u32;
+    if n > MAX_TLS_READ as u64 {
+        want = MAX_TLS_READ;
+        bump(c, Counter::TlsTruncated);
+    }
+    emit(c, &call, &sock, want);
+    0
+}
+
+fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut hdr = RecordHeader {
+        ts_ns: now,
+        payload_len: want,
+        sport: sock.client_port,
+        dport: sock.server_port,
+        family: FAMILY_V4,
+        kind: KIND_TLS_PLAIN,
+        ..Default::default()
+    };
+    hdr.saddr[..4].copy_from_slice(&sock.client);
+    hdr.daddr[..4].copy_from_slice(&sock.server);
+    let wake = wake_flags(now);
+    let mut done = 0u32;
+    for _ in 0..MAX_RECORDS_PER_SEGMENT {
+        if done >= want {
+            break;
+        }
+        let n = want - done;
+        let n = if n > CAP_LARGE { CAP_LARGE } else { n };
+        // The verifier must see the length in 1..=CAP_LARGE (see `emit_one`).
+        // SAFETY: reads a local.
+        let n = unsafe { core::ptr::read_volatile(&n) };
+        let n = (n.wrapping_sub(1) & (CAP_LARGE - 1)) + 1;
+        let Some(mut entry) = RECORDS.reserve::<[u8; HDR + CAP_LARGE as usize]>(0) else {
+            bump(c, Counter::RingFull);
+            return;
+        };
+        hdr.offset = done;
+        hdr.cap_len = n;
+        let base = entry.as_mut_ptr() as *mut u8;
+        // SAFETY: entries are 8-aligned and hold the header and CAP_LARGE bytes; the helper
+        // reads the user buffer and fails cleanly on a bad address.
+        let r = unsafe {
+            core::ptr::write(base as *mut RecordHeader, hdr);
+            probe_read_user(
+                base.add(HDR) as *mut c_void,
+                n,
+                (call.buf + done as u64) as *const c_void,
+            )
+        };
+        if r < 0 {
+            entry.discard(0);
+            bump(c, Counter::TlsReadFailed);
+            return;
+        }
+        let last = done + n >= want;
+        entry.submit(if last { wake } else { crate::BPF_RB_NO_WAKEUP });
+        bump(c, Counter::Records);
+        c.0[Counter::Bytes as usize] += n as u64;
+        done += n;
+    }
+    woke(wake, now);
+}
+

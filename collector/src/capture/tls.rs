@@ -1,0 +1,258 @@
+//! TLS sessions read where the server decrypts them: the server process is the one listening
+//! on the MySQL port; its SSL library is the `libssl` it maps (or its own executable, when it
+//! links OpenSSL statically and exports the symbols). The uprobes on `SSL_read` /
+//! `SSL_read_ex` are attached for that process only, the raw tracepoint on `sys_enter` for all
+//! (it does nothing outside a probed `SSL_read`, and takes only read syscalls that far); the
+//! kernel structure offsets it needs come from the running kernel's BTF. See
+//! `collector-ebpf/src/tls.rs`.
+
+use std::{num::NonZeroU32, path::PathBuf};
+
+use aya::{
+    Ebpf,
+    programs::{ProgramError, RawTracePoint, UProbe, uprobe::UProbeScope},
+};
+
+/// Why TLS sessions cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "no process listens on TCP port {port} here (the MySQL server whose TLS sessions are read)"
+    )]
+    NoServer { port: u16 },
+    #[error(
+        "the server process {pid} ({exe}) maps no libssl and exports no SSL_read: its TLS \
+         library is not OpenSSL (a wolfSSL or GnuTLS build), or it is linked without symbols"
+    )]
+    NoLibrary { pid: u32, exe: String },
+    #[error("reading {what}")]
+    Proc {
+        what: String,
+        #[source]
+        source: procfs::ProcError,
+    },
+    #[error("the kernel's BTF does not give the socket path: {what}")]
+    Btf { what: String },
+    #[error("the eBPF object has no program {name}")]
+    Missing { name: &'static str },
+    #[error("the kernel refused the TLS program {name}")]
+    Load {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {name} to {target} failed")]
+    Attach {
+        name: &'static str,
+        target: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// The load-time constants of the TLS programs and their BTF paths: task to socket.
+pub const OFFSETS: [(&str, &str, &str); 6] = [
+    ("OFF_TASK_FILES", "task_struct", "files"),
+    ("OFF_FILES_FDT", "files_struct", "fdt"),
+    ("OFF_FDT_MAX_FDS", "fdtable", "max_fds"),
+    ("OFF_FDT_FD", "fdtable", "fd"),
+    ("OFF_FILE_PRIVATE_DATA", "file", "private_data"),
+    ("OFF_SOCKET_SK", "socket", "sk"),
+];
+
+/// The running kernel's BTF, for `btfparse`.
+struct BtfBytes(Vec<u8>);
+
+impl btfparse::Readable for BtfBytes {
+    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
+        let from = offset as usize;
+        match self.0.get(from..from + buffer.len()) {
+            Some(b) => {
+                buffer.copy_from_slice(b);
+                Ok(())
+            }
+            None => Err(btfparse::Error::new(
+                btfparse::ErrorKind::IOError,
+                "read past the end of the BTF",
+            )),
+        }
+    }
+}
+
+/// The byte offsets of [`OFFSETS`] in the running kernel.
+pub fn kernel_offsets() -> Result<[u32; 6], TlsError> {
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let bytes = std::fs::read(VMLINUX).map_err(|e| TlsError::Btf {
+        what: format!("reading {VMLINUX}: {e}"),
+    })?;
+    let types = btfparse::TypeInformation::new(&BtfBytes(bytes)).map_err(|e| TlsError::Btf {
+        what: format!("parsing {VMLINUX}: {e:?}"),
+    })?;
+    let mut out = [0u32; 6];
+    for (i, (_, ty, member)) in OFFSETS.iter().enumerate() {
+        let id = types.id_of(ty).ok_or_else(|| TlsError::Btf {
+            what: format!("no struct {ty} in the kernel's BTF"),
+        })?;
+        out[i] = match types.offset_of(id, member) {
+            Ok((_, btfparse::Offset::ByteOffset(o))) => o,
+            other => {
+                return Err(TlsError::Btf {
+                    what: format!("{ty}.{member}: {other:?}"),
+                });
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// What was attached.
+#[derive(Debug, Clone)]
+pub struct TlsProbes {
+    pub pid: u32,
+    pub library: PathBuf,
+    /// `SSL_read_ex` was found too (OpenSSL 1.1.1+).
+    pub read_ex: bool,
+}
+
+/// The process listening on TCP `port` (IPv4 or IPv6).
+pub fn server_process(port: u16) -> Result<u32, TlsError> {
+    let proc_err = |what: &str| {
+        let what = what.to_owned();
+        move |source| TlsError::Proc { what, source }
+    };
+    let mut inodes = Vec::new();
+    for table in [procfs::net::tcp(), procfs::net::tcp6()] {
+        let Ok(entries) = table else { continue };
+        inodes.extend(
+            entries
+                .into_iter()
+                .filter(|e| e.state == procfs::net::TcpState::Listen)
+                .filter(|e| e.local_address.port() == port)
+                .map(|e| e.inode),
+        );
+    }
+    if inodes.is_empty() {
+        return Err(TlsError::NoServer { port });
+    }
+    for p in procfs::process::all_processes().map_err(proc_err("/proc"))? {
+        let Ok(p) = p else { continue };
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(inode) = fd.target
+                && inodes.contains(&inode)
+            {
+                return Ok(p.pid as u32);
+            }
+        }
+    }
+    Err(TlsError::NoServer { port })
+}
+
+/// The SSL library `pid` maps; else its executable, which may link OpenSSL statically.
+fn ssl_library(pid: u32) -> Result<(PathBuf, bool), TlsError> {
+    let p = procfs::process::Process::new(pid as i32).map_err(|source| TlsError::Proc {
+        what: format!("/proc/{pid}"),
+        source,
+    })?;
+    let maps = p.maps().map_err(|source| TlsError::Proc {
+        what: format!("/proc/{pid}/maps"),
+        source,
+    })?;
+    for m in maps {
+        if let procfs::process::MMapPath::Path(path) = m.pathname
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libssl.so"))
+        {
+            return Ok((path, false));
+        }
+    }
+    let exe = p.exe().map_err(|source| TlsError::Proc {
+        what: format!("/proc/{pid}/exe"),
+        source,
+    })?;
+    Ok((exe, true))
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, TlsError> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(TlsError::Missing { name })?
+        .try_into()
+        .map_err(|source| TlsError::Load { name, source })?;
+    Ok(prog)
+}
+
+/// Loads and attaches the TLS programs for the server listening on `port`.
+pub fn attach(ebpf: &mut Ebpf, port: u16) -> Result<TlsProbes, TlsError> {
+    let pid = server_process(port)?;
+    let (library, is_exe) = ssl_library(pid)?;
+    let target = library.display().to_string();
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("a process id"));
+    for name in ["mrte_ssl_read", "mrte_ssl_read_ex", "mrte_ssl_read_ret"] {
+        uprobe(ebpf, name)?
+            .load()
+            .map_err(|source| TlsError::Load { name, source })?;
+    }
+    let rt: &mut RawTracePoint = ebpf
+        .program_mut("mrte_sys_enter")
+        .ok_or(TlsError::Missing {
+            name: "mrte_sys_enter",
+        })?
+        .try_into()
+        .map_err(|source| TlsError::Load {
+            name: "mrte_sys_enter",
+            source,
+        })?;
+    rt.load().map_err(|source| TlsError::Load {
+        name: "mrte_sys_enter",
+        source,
+    })?;
+    rt.attach("sys_enter").map_err(|source| TlsError::Attach {
+        name: "mrte_sys_enter",
+        target: "sys_enter".into(),
+        source,
+    })?;
+    // The return probe first: a call entered before it was attached would wait in
+    // `SSL_CALLS` for a return nobody sees.
+    let mut read_ex = false;
+    for (symbol, entry) in [
+        ("SSL_read", "mrte_ssl_read"),
+        ("SSL_read_ex", "mrte_ssl_read_ex"),
+    ] {
+        let ret = uprobe(ebpf, "mrte_ssl_read_ret")?.attach(symbol, &library, scope);
+        match ret {
+            Ok(_) => {}
+            Err(source) if symbol == "SSL_read_ex" => {
+                // OpenSSL before 1.1.1 has no SSL_read_ex.
+                tracing::debug!(%target, "no SSL_read_ex: {source}");
+                continue;
+            }
+            Err(source) if is_exe => {
+                let exe = target.clone();
+                tracing::debug!("{exe}: {source}");
+                return Err(TlsError::NoLibrary { pid, exe });
+            }
+            Err(source) => {
+                return Err(TlsError::Attach {
+                    name: "mrte_ssl_read_ret",
+                    target: format!("{target}:{symbol}"),
+                    source,
+                });
+            }
+        }
+        uprobe(ebpf, entry)?
+            .attach(symbol, &library, scope)
+            .map_err(|source| TlsError::Attach {
+                name: entry,
+                target: format!("{target}:{symbol}"),
+                source,
+            })?;
+        read_ex |= symbol == "SSL_read_ex";
+    }
+    Ok(TlsProbes {
+        pid,
+        library,
+        read_ex,
+    })
+}
