@@ -41,6 +41,11 @@ pub enum Command {
     /// Publishes a recording made with --output file:PATH to RabbitMQ, message by message in
     /// the recorded order (so each session's order is kept).
     PublishFile(PublishFile),
+    /// Prints the kernel structure offsets the TLS programs need, from the kernel's BTF (run
+    /// by the agent itself in a child process, so that parsing 5 MB of BTF does not raise its
+    /// own peak memory).
+    #[command(hide = true)]
+    TlsOffsets,
 }
 
 /// The agent: capture, flows, bootstrap, publishing.

@@ -45,6 +45,7 @@ fn main() -> ExitCode {
                 (Some(path), None) => publish::publish_file(path, &args.rabbitmq.config()).await,
                 (None, None) => unreachable!("clap requires a recording or --pcap"),
             },
+            Some(Command::TlsOffsets) => collector::capture::tls::print_kernel_offsets(),
         }
     };
     let code = match runtime.block_on(work) {

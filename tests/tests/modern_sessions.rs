@@ -511,3 +511,109 @@ async fn query_attributes_are_removed_before_publishing() {
     assert_eq!(stream(port(&before)), [plain(&sql), quit.clone()].concat());
     assert_eq!(stream(port(&old)), [old_hs, plain(&sql), quit].concat());
 }
+
+/// The TLS programs loaded in the kernel now (any process's): by name.
+fn tls_programs_loaded() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| n.starts_with("mrte_ssl_read") || n == "mrte_sys_enter")
+        })
+        .count()
+}
+
+/// The uprobe path under churn: 200 TLS connections of the `mariadb` client open, write and
+/// close (four at a time) while 4 long-lived TLS sessions write beside them. Replayed, every
+/// row is there (each session's plaintext exact, in order, however the descriptors and SSL
+/// objects were reused); after the agent exits no TLS program is left in the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_under_churn_replay_exactly_and_nothing_stays_attached() {
+    let dir = std::env::temp_dir().join(common::unique("mrte-tls-churn-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = certificate(&dir);
+    let mq = TestExchange::new("tls_churn");
+    let source = TestServer::start(&[&format!("--ssl-cert={cert}"), &format!("--ssl-key={key}")]);
+    let target = TestServer::start(&[]);
+    let schema = "CREATE DATABASE shop;
+        CREATE TABLE shop.churn (id INT PRIMARY KEY, k INT);
+        CREATE TABLE shop.steady (id INT PRIMARY KEY, who INT);";
+    source.root_sql(schema);
+    target.root_sql(schema);
+    assert_eq!(tls_programs_loaded(), 0, "TLS programs of another run");
+
+    let args = local_server_args(source.port, &mq.exchange);
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    agent.wait_attached();
+    agent.wait_log("TLS probes attached").await;
+    assert!(tls_programs_loaded() >= 4);
+
+    let mut steady: Vec<TlsClient> = (0..4).map(|_| TlsClient::start(source.port)).collect();
+    let port = source.port;
+    let churn = std::thread::spawn(move || {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let id = w * 1000 + i;
+                        let out = Command::new("mariadb")
+                            .args(["-h127.0.0.1", &format!("-P{port}"), "-umrte", "-pmrte"])
+                            .args(["-Dshop", "--ssl", "--ssl-verify-server-cert=0"])
+                            .args([
+                                "-e",
+                                &format!(
+                                    "INSERT INTO churn VALUES ({id}, 0); \
+                                 UPDATE churn SET k = k + {i} WHERE id = {id};"
+                                ),
+                            ])
+                            .output()
+                            .unwrap();
+                        assert!(out.status.success(), "{out:?}");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    let mut n = 0;
+    while !churn.is_finished() {
+        for (k, c) in steady.iter_mut().enumerate() {
+            c.sql(&format!("INSERT INTO steady VALUES ({}, {k});", n * 10 + k));
+        }
+        n += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    churn.join().unwrap();
+    for c in steady {
+        c.finish();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let stdout = agent.stop();
+    assert_eq!(tls_programs_loaded(), 0, "TLS programs left after exit");
+
+    let t = totals(&stdout);
+    let get = |k: &str| t.get(k).copied().unwrap_or_default();
+    assert!(get("tls_read_sessions") >= 204, "{stdout}");
+    for zero in [
+        "tls_no_socket",
+        "tls_truncated",
+        "tls_read_failed",
+        "unreplayable_frames",
+    ] {
+        assert!(!t.contains_key(zero), "{zero}: {stdout}");
+    }
+    let replayed = replay(&mq.take_all(), target.opts()).await;
+    assert!(replayed.errors.is_empty(), "{:#?}", replayed.errors);
+    let (want, got) = (
+        dump(source.opts(), &["shop"]).await,
+        dump(target.opts(), &["shop"]).await,
+    );
+    assert_eq!(want[0].1.len(), 200, "{:?}", want[0].0);
+    assert!(want[1].1.len() >= 40, "{:?}", want[1].0);
+    for ((table, a), (_, b)) in want.iter().zip(&got) {
+        assert!(a == b, "{table}: {} rows vs {} replayed", a.len(), b.len());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -79,8 +79,39 @@ impl btfparse::Readable for BtfBytes {
     }
 }
 
-/// The byte offsets of [`OFFSETS`] in the running kernel.
+/// `mrte-collector tls-offsets`: [`parse_kernel_offsets`], printed as numbers.
+pub fn print_kernel_offsets() -> anyhow::Result<()> {
+    let o = parse_kernel_offsets()?;
+    println!("{}", o.map(|v| v.to_string()).join(" "));
+    Ok(())
+}
+
+/// The byte offsets of [`OFFSETS`] in the running kernel, parsed in a child process (this
+/// binary's hidden `tls-offsets` command): btfparse holds the whole type graph, some 50 MiB,
+/// which would stay in the agent's peak resident set.
 pub fn kernel_offsets() -> Result<[u32; 6], TlsError> {
+    let fail = |what: String| TlsError::Btf { what };
+    let out = std::process::Command::new("/proc/self/exe")
+        .arg("tls-offsets")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| fail(format!("running /proc/self/exe tls-offsets: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let values: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    match <[u32; 6]>::try_from(values) {
+        Ok(o) if out.status.success() => Ok(o),
+        _ => Err(fail(format!(
+            "tls-offsets: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
+/// The byte offsets of [`OFFSETS`] in the running kernel.
+pub fn parse_kernel_offsets() -> Result<[u32; 6], TlsError> {
     const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
     let bytes = std::fs::read(VMLINUX).map_err(|e| TlsError::Btf {
         what: format!("reading {VMLINUX}: {e}"),
