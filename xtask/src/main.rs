@@ -35,9 +35,10 @@ enum Cmd {
     /// Set up, build (release), then run the benchmarks (all, or those named); each prints
     /// its table and writes it as Markdown and JSON into target/bench/.
     Bench {
-        /// overhead (sysbench: nothing, the agent, tcpdump), capacity (load generator: zero-loss
+        /// overhead (sysbench: nothing, the agent, tcpdump), tls (sysbench over TLS: what reading
+        /// TLS sessions costs per query), capacity (load generator: zero-loss
         /// rate and cost curve), transport (ring buffer against perf buffer).
-        #[arg(value_parser = ["overhead", "capacity", "transport"])]
+        #[arg(value_parser = ["overhead", "capacity", "transport", "tls"])]
         benches: Vec<String>,
         /// Arguments for the benchmark(s), after `--` (see the top of tests/benches/NAME.rs).
         #[arg(last = true)]
@@ -167,7 +168,12 @@ fn main() -> anyhow::Result<()> {
             build_ebpf(true)?;
             run(cargo().args(["build", "--release", "-p", "collector"]))?;
             let benches = if benches.is_empty() {
-                vec!["overhead".into(), "capacity".into(), "transport".into()]
+                vec![
+                    "overhead".into(),
+                    "capacity".into(),
+                    "transport".into(),
+                    "tls".into(),
+                ]
             } else {
                 benches
             };
