@@ -564,7 +564,25 @@ struct Live<'a> {
     file_clock: Option<capture::pcap::Clock>,
 }
 
-impl Live<'_> {
+impl<'a> Live<'a> {
+    fn new(
+        decoder: &'a mut Decoder,
+        realtime_offset: i64,
+        file_clock: Option<capture::pcap::Clock>,
+    ) -> Self {
+        Self {
+            // Replication stays in: the view shows replicas' dumps and semi-sync ACKs.
+            flows: Flows::new(true),
+            decoder,
+            counters: Arc::new(PipelineCounters::default()),
+            out: Vec::new(),
+            lines: Vec::new(),
+            now: Instant::now(),
+            realtime_offset,
+            file_clock,
+        }
+    }
+
     fn wall(&self, mono_ns: u64) -> DateTime<Local> {
         DateTime::from_timestamp_nanos(mono_ns as i64 + self.realtime_offset).with_timezone(&Local)
     }
@@ -643,16 +661,7 @@ fn from_pcap(
     decoder: &mut Decoder,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
-    let mut sink = Live {
-        flows: Flows::new(true),
-        decoder,
-        counters: Arc::new(PipelineCounters::default()),
-        out: Vec::new(),
-        lines: Vec::new(),
-        now: Instant::now(),
-        realtime_offset: 0,
-        file_clock: Some(Default::default()),
-    };
+    let mut sink = Live::new(decoder, 0, Some(Default::default()));
     let stats = capture::pcap::read(path, ports, &mut sink)?;
     sink.timeouts(true);
     printer.print(&mut sink.lines);
@@ -682,17 +691,8 @@ async fn live(
     let mut sigterm = signal(SignalKind::terminate())?;
     let realtime = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
     let mut capture = Capture::attach(cfg)?;
-    let mut sink = Live {
-        // Replication stays in: the view shows replicas' dumps and semi-sync ACKs.
-        flows: Flows::new(true),
-        decoder,
-        counters: Arc::new(PipelineCounters::default()),
-        out: Vec::new(),
-        lines: Vec::new(),
-        now: Instant::now(),
-        realtime_offset: realtime - crate::types::monotonic_ns() as i64,
-        file_clock: None,
-    };
+    let offset = realtime - crate::types::monotonic_ns() as i64;
+    let mut sink = Live::new(decoder, offset, None);
     tracing::info!(interface = %cfg.interface, ports = ?cfg.ports, "inspecting; Ctrl-C stops");
     let result = async {
         let mut drain = capture.take_drain()?.expect("fresh capture has its ring");

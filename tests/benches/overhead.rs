@@ -30,7 +30,7 @@ use common::{
     broker::TestExchange,
 };
 use serde_json::json;
-use support::{Args, fmt_spread, median, process_cpu, ratios};
+use support::{Args, fmt_spread, median, output, process_cpu, ratios};
 
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 10_000;
@@ -87,19 +87,6 @@ fn sysbench_cmd(workload: &str, threads: u32, secs: u32, action: &str) -> Comman
         action,
     ]);
     c
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e} (cargo xtask setup installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Creates the sbtest tables unless they are there with the expected size.

@@ -21,7 +21,7 @@ use common::{
     mariadb::TestServer,
 };
 use serde_json::json;
-use support::{Args, fmt_spread, process_cpu, ratios};
+use support::{Args, fmt_spread, output, process_cpu, ratios};
 
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 10_000;
@@ -68,19 +68,6 @@ fn sysbench(port: u16, tls: bool, threads: u32, secs: u32, rate: u32, action: &s
         action,
     ]);
     c
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e} (cargo xtask setup installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Queries and qps from sysbench's report.
@@ -156,7 +143,9 @@ fn main() {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     output(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
             .args(["-subj", "/CN=localhost", "-keyout"])
             .arg(&key)
             .arg("-out")

@@ -45,6 +45,45 @@ fn certificate(dir: &Path) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// None of `counters` moved: the exit summary leaves out what is zero.
+fn none_of(t: &std::collections::HashMap<String, u64>, counters: &[&str], stdout: &str) {
+    for c in counters {
+        assert!(!t.contains_key(*c), "{c}: {stdout}");
+    }
+}
+
+/// A source server with a certificate (TLS offered) and a plain target, both with `schema`;
+/// the certificate's directory is removed on drop.
+struct TlsPair {
+    source: TestServer,
+    target: TestServer,
+    dir: std::path::PathBuf,
+}
+
+impl TlsPair {
+    fn start(schema: &str) -> Self {
+        let dir = std::env::temp_dir().join(common::unique("mrte-tls-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = certificate(&dir);
+        let source =
+            TestServer::start(&[&format!("--ssl-cert={cert}"), &format!("--ssl-key={key}")]);
+        let target = TestServer::start(&[]);
+        source.root_sql(schema);
+        target.root_sql(schema);
+        Self {
+            source,
+            target,
+            dir,
+        }
+    }
+}
+
+impl Drop for TlsPair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn connect(server: &TestServer, db: &str, compress: bool) -> Conn {
     let opts = OptsBuilder::from_opts(server.opts())
         .db_name(Some(db))
@@ -103,19 +142,13 @@ async fn with_tls_off_tls_sessions_publish_nothing_and_the_rest_replays() {
 }
 
 async fn workload(read_tls: bool) {
-    let dir = std::env::temp_dir().join(common::unique("mrte-tls-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = certificate(&dir);
     let mq = TestExchange::new("modern");
-    let source = TestServer::start(&[&format!("--ssl-cert={cert}"), &format!("--ssl-key={key}")]);
-    let target = TestServer::start(&[]);
-    source.root_sql(SCHEMA);
-    target.root_sql(SCHEMA);
+    let TlsPair { source, target, .. } = &TlsPair::start(SCHEMA);
     let have_ssl = source.root_sql("SHOW GLOBAL VARIABLES LIKE 'have_ssl'");
     assert!(have_ssl.contains("YES"), "{have_ssl}");
 
     // Open before the agent: a compressed session and a TLS one.
-    let mut compressed_before = connect(&source, "shop", true).await;
+    let mut compressed_before = connect(source, "shop", true).await;
     compressed_before
         .query_drop("INSERT INTO orders VALUES (1, 'before', 'x')")
         .await
@@ -145,7 +178,7 @@ async fn workload(read_tls: bool) {
 
     // Compressed, after: small statements (frames sent as they are) and a large one (zlib,
     // several frames).
-    let mut compressed = connect(&source, "shop", true).await;
+    let mut compressed = connect(source, "shop", true).await;
     for i in 0..50 {
         compressed
             .query_drop(format!(
@@ -182,7 +215,7 @@ async fn workload(read_tls: bool) {
         .unwrap();
     assert!(cli.status.success(), "{cli:?}");
     // A change of user to another database: the statements after it name no database.
-    let mut changes = connect(&source, "shop", false).await;
+    let mut changes = connect(source, "shop", false).await;
     changes
         .query_drop("INSERT INTO orders VALUES (3000, 'changes', 'in shop')")
         .await
@@ -237,15 +270,16 @@ async fn workload(read_tls: bool) {
     assert!(get("compressed_sessions") >= 3, "{stdout}");
     assert!(get("inflated_bytes") > 200_000, "{stdout}");
     assert_eq!(get("change_user_dbs"), 1, "{stdout}");
-    // The summary leaves out what is zero.
-    for zero in [
-        "unreplayable_frames",
-        "unreplayable_attributes",
-        "seq_gaps",
-        "queue_full",
-    ] {
-        assert!(!t.contains_key(zero), "{zero}: {stdout}");
-    }
+    none_of(
+        &t,
+        &[
+            "unreplayable_frames",
+            "unreplayable_attributes",
+            "seq_gaps",
+            "queue_full",
+        ],
+        &stdout,
+    );
 
     let messages = mq.take_all();
     // No unit starts a TLS record or a compressed frame where a command would be.
@@ -274,7 +308,6 @@ async fn workload(read_tls: bool) {
     }
     let rows: usize = want.iter().map(|(_, r)| r.len()).sum();
     assert!(rows >= 41 + 100 + 1 + 2 + 6, "{rows}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A stand-in for a MySQL 8.0.23+ server: greets each client offering CLIENT_QUERY_ATTRIBUTES,
@@ -529,17 +562,12 @@ fn tls_programs_loaded() -> usize {
 /// objects were reused); after the agent exits no TLS program is left in the kernel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sessions_under_churn_replay_exactly_and_nothing_stays_attached() {
-    let dir = std::env::temp_dir().join(common::unique("mrte-tls-churn-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = certificate(&dir);
     let mq = TestExchange::new("tls_churn");
-    let source = TestServer::start(&[&format!("--ssl-cert={cert}"), &format!("--ssl-key={key}")]);
-    let target = TestServer::start(&[]);
-    let schema = "CREATE DATABASE shop;
-        CREATE TABLE shop.churn (id INT PRIMARY KEY, k INT);
-        CREATE TABLE shop.steady (id INT PRIMARY KEY, who INT);";
-    source.root_sql(schema);
-    target.root_sql(schema);
+    let TlsPair { source, target, .. } = &TlsPair::start(
+        "CREATE DATABASE shop;
+         CREATE TABLE shop.churn (id INT PRIMARY KEY, k INT);
+         CREATE TABLE shop.steady (id INT PRIMARY KEY, who INT);",
+    );
     assert_eq!(tls_programs_loaded(), 0, "TLS programs of another run");
 
     let args = local_server_args(source.port, &mq.exchange);
@@ -596,14 +624,16 @@ async fn tls_sessions_under_churn_replay_exactly_and_nothing_stays_attached() {
     let t = totals(&stdout);
     let get = |k: &str| t.get(k).copied().unwrap_or_default();
     assert!(get("tls_read_sessions") >= 204, "{stdout}");
-    for zero in [
-        "tls_no_socket",
-        "tls_truncated",
-        "tls_read_failed",
-        "unreplayable_frames",
-    ] {
-        assert!(!t.contains_key(zero), "{zero}: {stdout}");
-    }
+    none_of(
+        &t,
+        &[
+            "tls_no_socket",
+            "tls_truncated",
+            "tls_read_failed",
+            "unreplayable_frames",
+        ],
+        &stdout,
+    );
     let replayed = replay(&mq.take_all(), target.opts()).await;
     assert!(replayed.errors.is_empty(), "{:#?}", replayed.errors);
     let (want, got) = (
@@ -615,5 +645,4 @@ async fn tls_sessions_under_churn_replay_exactly_and_nothing_stays_attached() {
     for ((table, a), (_, b)) in want.iter().zip(&got) {
         assert!(a == b, "{table}: {} rows vs {} replayed", a.len(), b.len());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -198,20 +198,7 @@ impl Reader<'_> {
             }
         }
         self.stats.records += 1;
-        sink.push(Record {
-            kind: RecordKind::Client,
-            ts_ns,
-            src: seg.src,
-            dst: seg.dst,
-            sport: seg.sport,
-            dport: seg.dport,
-            seq: seg.seq,
-            tcp_flags: seg.flags,
-            segment_len: seg.full_len as u32,
-            offset: 0,
-            ifindex: 0,
-            data: Bytes::copy_from_slice(seg.payload),
-        });
+        sink.push(seg.record(RecordKind::Client, ts_ns, seg.payload));
     }
 
     /// A server segment while the connection awaits PREPARE replies: its first bytes.
@@ -226,22 +213,28 @@ impl Reader<'_> {
         };
         let head = &seg.payload[..seg.payload.len().min(REPLY_HEAD as usize)];
         self.stats.records += 1;
-        sink.push(Record {
-            kind: RecordKind::PrepareReply {
-                awaiting: a.count.min(255) as u8,
-            },
+        let awaiting = a.count.min(255) as u8;
+        sink.push(seg.record(RecordKind::PrepareReply { awaiting }, ts_ns, head));
+    }
+}
+
+impl Tcp<'_> {
+    /// The record the kernel program would have handed over for this segment.
+    fn record(&self, kind: RecordKind, ts_ns: u64, data: &[u8]) -> Record {
+        Record {
+            kind,
             ts_ns,
-            src: seg.src,
-            dst: seg.dst,
-            sport: seg.sport,
-            dport: seg.dport,
-            seq: seg.seq,
-            tcp_flags: seg.flags,
-            segment_len: seg.full_len as u32,
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            seq: self.seq,
+            tcp_flags: self.flags,
+            segment_len: self.full_len as u32,
             offset: 0,
             ifindex: 0,
-            data: Bytes::copy_from_slice(head),
-        });
+            data: Bytes::copy_from_slice(data),
+        }
     }
 }
 

@@ -126,3 +126,17 @@ pub fn write(args: &Args, name: &str, md: &str, json: &serde_json::Value) {
     .unwrap();
     println!("{md}");
 }
+
+/// Runs `cmd` to success; its stdout.
+pub fn output(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e} (cargo xtask setup installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
