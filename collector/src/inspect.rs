@@ -75,6 +75,8 @@ struct Session {
     /// The packets of a command longer than one packet, so far.
     long: Option<(u8, Vec<u8>)>,
     state: State,
+    /// The query attributes taken off the next COM_QUERY.
+    attributes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Cuts each session's stream into packets and describes the commands.
@@ -123,13 +125,24 @@ impl Decoder {
                 continue;
             }
             match describe(seq, &payload, first) {
-                Described::Command(command, args, fields) => out.push(Line {
-                    time,
-                    client,
-                    command,
-                    args,
-                    fields,
-                }),
+                Described::Command(command, mut args, mut fields) => {
+                    if command == "COM_QUERY" && !s.attributes.is_empty() {
+                        let attrs = std::mem::take(&mut s.attributes);
+                        let mut shown = Map::new();
+                        for (name, value) in &attrs {
+                            let _ = write!(args, " /* {}={} */", text(name), text(value));
+                            shown.insert(text(name), text(value).into());
+                        }
+                        fields.insert("attributes".into(), shown.into());
+                    }
+                    out.push(Line {
+                        time,
+                        client,
+                        command,
+                        args,
+                        fields,
+                    })
+                }
                 Described::Opaque(command, args, fields) => {
                     s.state = State::Opaque;
                     self.unreadable_bytes += s.packets.pending() as u64;
@@ -146,6 +159,12 @@ impl Decoder {
                 Described::Other => self.other_packets += 1,
             }
         }
+    }
+
+    /// The query attributes the session stage took off `client`'s next COM_QUERY: shown on its
+    /// line.
+    pub fn attributes(&mut self, client: SessionKey, attributes: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.sessions.entry(client).or_default().attributes = attributes;
     }
 
     /// The session ended (`why`): a line saying so; its state is forgotten.
@@ -570,9 +589,11 @@ impl<'a> Live<'a> {
         realtime_offset: i64,
         file_clock: Option<capture::pcap::Clock>,
     ) -> Self {
+        // Replication stays in: the view shows replicas' dumps and semi-sync ACKs.
+        let mut flows = Flows::new(true);
+        flows.describe_attributes();
         Self {
-            // Replication stays in: the view shows replicas' dumps and semi-sync ACKs.
-            flows: Flows::new(true),
+            flows,
             decoder,
             counters: Arc::new(PipelineCounters::default()),
             out: Vec::new(),
@@ -592,6 +613,7 @@ impl<'a> Live<'a> {
             Output::Data(d) => self.decoder.feed(client, &d, time, &mut self.lines),
             Output::Quit => self.decoder.gap(client, time, &mut self.lines),
             Output::Closed { .. } => self.decoder.end(client, "(closed)", time, &mut self.lines),
+            Output::Attributes(a) => self.decoder.attributes(client, a),
         }
     }
 

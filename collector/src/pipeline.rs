@@ -493,6 +493,8 @@ impl Pipeline {
         match o {
             Output::Data(d) => self.fanout.push(ip, session.1, &d, self.now),
             Output::Quit => self.fanout.push(ip, session.1, &encode::COM_QUIT, self.now),
+            // Only described for `inspect`.
+            Output::Attributes(_) => {}
             Output::Closed { ended } => {
                 // The session is over: the process-list GC must not end it again, and a
                 // session the bootstrap gave a database ends for the consumer too.

@@ -185,6 +185,11 @@ impl Flows {
         self.policy.prepared = on;
     }
 
+    /// Describes the query attributes taken off each COM_QUERY (`inspect`).
+    pub fn describe_attributes(&mut self) {
+        self.policy.describe_attributes = true;
+    }
+
     /// The first bytes of a server's reply to a COM_STMT_PREPARE on `key`'s connection,
     /// sent when `awaiting` PREPAREs were unanswered: to the connection's session follower.
     pub fn reply(&mut self, key: FlowKey, awaiting: u8, head: &[u8], c: &PipelineCounters) {

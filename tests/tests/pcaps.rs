@@ -320,3 +320,39 @@ fn every_real_capture_publishes_what_the_client_sent_and_nothing_unreplayable() 
         files.len()
     );
 }
+
+/// `inspect --from_pcap` shows the query attributes the published stream leaves out: a MySQL 9
+/// client's typed attributes, decoded.
+#[test]
+fn inspect_shows_the_query_attributes_a_mysql_9_client_sent() {
+    let file = captures()
+        .into_iter()
+        .find(|f| f.ends_with("zeek/mysql-9.0.0-query-attributes.pcap"))
+        .unwrap();
+    let out = Command::new(binary())
+        .args([
+            "inspect",
+            "--json",
+            "--from_pcap",
+            &file.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let query: serde_json::Value = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["command"] == "COM_QUERY")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(query["sql"], "SELECT version()");
+    assert_eq!(
+        query["attributes"],
+        serde_json::json!({
+            "number1": "42",
+            "string1": "'a string'",
+            "date1": "'1987-10-18'",
+            "datetime1": "'1990-09-26 12:13:14'",
+        })
+    );
+}

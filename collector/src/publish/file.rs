@@ -196,7 +196,7 @@ impl Units {
             Output::Data(d) => self.unit(client, &d),
             Output::Quit => self.unit(client, &encode::COM_QUIT),
             // Nobody else knows the session: nothing to end.
-            Output::Closed { .. } => {}
+            Output::Closed { .. } | Output::Attributes(_) => {}
         }
     }
 

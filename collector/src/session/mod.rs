@@ -59,6 +59,9 @@ pub(crate) struct Policy {
     /// is a semi-sync replica stopping (it kills its dump thread on the source), not a
     /// statement to replay.
     pub(crate) replica_ids: HashSet<u64>,
+    /// Query attributes taken off a COM_QUERY are described before it ([`Output::Attributes`]),
+    /// for `inspect`.
+    pub(crate) describe_attributes: bool,
 }
 
 /// The semi-sync ACK's magic byte, where a command byte would be.
@@ -70,6 +73,9 @@ pub enum Output {
     Data(Bytes),
     /// The session ends here for the consumer: a synthetic COM_QUIT.
     Quit,
+    /// The query attributes (name, value as SQL) taken off the COM_QUERY that follows; only
+    /// with [`Policy::describe_attributes`], and never published.
+    Attributes(Vec<(Vec<u8>, Vec<u8>)>),
     /// The connection ended (FIN or RST). `ended`: the consumer's session has ended already
     /// (the client's COM_QUIT, or a synthetic one the flow sent); otherwise the flow published
     /// nothing, and only the bootstrap knows whether the consumer has the session.
@@ -382,7 +388,7 @@ impl Follower {
                 self.left -= n;
                 i += n;
                 if self.left == 0 {
-                    self.packet_end(&mut kept, c, out);
+                    self.packet_end(&mut kept, policy, c, out);
                     if std::mem::take(&mut self.rewired) {
                         kept.flush(out);
                         return Some(data.slice(i..));
@@ -444,7 +450,7 @@ impl Follower {
             self.head = head;
             self.head.clear();
             if self.left == 0 {
-                self.packet_end(&mut kept, c, out);
+                self.packet_end(&mut kept, policy, c, out);
                 if std::mem::take(&mut self.rewired) {
                     kept.flush(out);
                     return Some(data.slice(i..));
@@ -572,7 +578,13 @@ impl Follower {
     }
 
     /// The current packet is complete; so is its command unless the next packet continues it.
-    fn packet_end(&mut self, kept: &mut Kept, c: &PipelineCounters, out: &mut Vec<Output>) {
+    fn packet_end(
+        &mut self,
+        kept: &mut Kept,
+        policy: &Policy,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
         if self.continues {
             return;
         }
@@ -582,7 +594,7 @@ impl Follower {
             match what {
                 Collected::Statement => self.statement_command(c, out),
                 Collected::Handshake => self.handshake(c, out),
-                Collected::Query => self.query(c, out),
+                Collected::Query => self.query(policy.describe_attributes, c, out),
                 Collected::ChangeUser => self.change_user(c, out),
             }
         }
@@ -631,16 +643,19 @@ impl Follower {
     }
 
     /// A COM_QUERY with query attributes, collected: published as the SQL alone.
-    fn query(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
+    fn query(&mut self, describe: bool, c: &PipelineCounters, out: &mut Vec<Output>) {
         let body = std::mem::take(&mut self.collect);
         if std::mem::replace(&mut self.collect_over, false) {
             let why = format!("a COM_QUERY with query attributes passed {MAX_COMMAND} bytes");
             self.unreplayable(&why, &c.unreplayable_attributes, out);
             return;
         }
-        match attributes::split(&body[1..], false) {
+        match attributes::split(&body[1..], describe) {
             Ok(s) => {
                 PipelineCounters::add(&c.query_attributes, 1);
+                if !s.attributes.is_empty() {
+                    out.push(Output::Attributes(s.attributes));
+                }
                 push_synthetic(protocol::command_packets(command::QUERY, s.sql), out);
             }
             Err(e) => {
@@ -780,6 +795,7 @@ pub(crate) mod test_support {
                 Output::Quit => b"Q".to_vec(),
                 Output::Closed { ended: true } => b"C".to_vec(),
                 Output::Closed { ended: false } => b"c".to_vec(),
+                Output::Attributes(_) => b"A".to_vec(),
             })
             .collect()
     }
