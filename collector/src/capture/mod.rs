@@ -219,15 +219,17 @@ impl Capture {
                 }
             })?;
         let source = open_source(&mut ebpf, cfg)?;
+        // The TLS probes first: once the TC programs are attached, the bootstrap's process-list
+        // pass follows at once.
+        let tls = match (cfg.tls, offsets) {
+            (Some(port), Some(offsets)) => attach_tls(&mut ebpf, cfg, port, offsets),
+            _ => None,
+        };
         let attached = attach_programs(&mut ebpf, cfg)?;
         tracing::info!(
             interface = %cfg.interface, ifindex, mode = attached.mode, ports = ?cfg.ports,
             "capture program attached to ingress"
         );
-        let tls = match (cfg.tls, offsets) {
-            (Some(port), Some(offsets)) => attach_tls(&mut ebpf, cfg, port, offsets),
-            _ => None,
-        };
         Ok(Self {
             ebpf,
             link: Some(attached.ingress),
