@@ -5,11 +5,12 @@
 //! recording); the bootstrap feeds the pipeline with what the MySQL process list says; status
 //! reports on all. docs/architecture.md draws the stages.
 //!
-//! - [`capture`]: loads and attaches the TC program, drains its ring buffer into [`capture::Record`]s.
+//! - [`capture`]: loads and attaches the TC programs (and the TLS probes), drains their ring
+//!   buffer into [`capture::Record`]s; capture files give the same records ([`capture::pcap`]).
 //! - [`tcp`]: each connection's client byte stream exactly once and in order
 //!   (retransmissions, reordering, gaps, SYN/FIN/RST).
-//! - [`session`]: each connection's MySQL packets: replication left out, prepared statements
-//!   as text.
+//! - [`session`]: each connection's MySQL packets: TLS plaintext, compressed frames inflated,
+//!   query attributes off, replication left out, prepared statements as text.
 //! - [`types`]: the session and connection keys, the record clock.
 //! - [`pipeline`]: the agent's record sink: own connection left out, segments held for the
 //!   bootstrap, flows, fan-out.
