@@ -50,8 +50,14 @@ struct Run {
     published: u64,
 }
 
+/// Where sysbench runs: with `--mysql-ssl=on` it loads `cacert.pem`, `client-cert.pem` and
+/// `client-key.pem` from its working directory (the server does not ask for a client
+/// certificate, so the server's own pair serves).
+static WORKDIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn sysbench(port: u16, tls: bool, threads: u32, secs: u32, rate: u32, action: &str) -> Command {
     let mut c = Command::new("sysbench");
+    c.current_dir(WORKDIR.get().expect("the bench's directory"));
     c.arg("oltp_point_select").args([
         "--db-driver=mysql",
         "--mysql-host=127.0.0.1",
@@ -151,9 +157,19 @@ fn main() {
             .arg("-out")
             .arg(&cert),
     );
+    for (from, to) in [
+        (&cert, "cacert.pem"),
+        (&cert, "client-cert.pem"),
+        (&key, "client-key.pem"),
+    ] {
+        std::fs::copy(from, dir.join(to)).unwrap();
+    }
+    WORKDIR.set(dir.clone()).unwrap();
     let server = TestServer::start(&[
         &format!("--ssl-cert={}", cert.display()),
         &format!("--ssl-key={}", key.display()),
+        // sysbench presents a client certificate (the same pair): the server must know it.
+        &format!("--ssl-ca={}", cert.display()),
         "--max-connections=200",
     ]);
     server.root_sql("CREATE DATABASE sbtest");
