@@ -143,6 +143,17 @@ pub struct SslSock {
     pub server_port: u16,
 }
 
+/// A TLS connection's COM_STMT_PREPAREs whose reply the server has not written yet, as the
+/// plaintext reads show them (`SSL_PREPARES`, by SSL object).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslPrepares {
+    pub awaiting: u32,
+    /// The last read was a packet header alone, sequence 0: the next one starts a command.
+    pub header: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Reply bytes handed over per awaited reply: the packet header and COM_STMT_PREPARE_OK's 12
 /// bytes (status, statement id, column count, parameter count, filler, warnings).
 pub const REPLY_HEAD: u32 = 16;
@@ -291,6 +302,10 @@ counters! {
     TlsIpv6 = "tls_ipv6", Packets, None;
     TlsTruncated = "tls_truncated", Packets, None;
     TlsReadFailed = "tls_read_failed", Packets, None;
+    /// TLS: COM_STMT_PREPAREs seen in the plaintext, and the heads of their replies handed
+    /// over from the server's `SSL_write`.
+    TlsPrepares = "tls_prepares", Packets, None;
+    TlsReplies = "tls_replies", Packets, None;
     /// Parse failures, one per kind.
     EthShort = "eth_short", ParseError, None;
     VlanShort = "vlan_short", ParseError, None;

@@ -24,15 +24,21 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use collector_common::{
-    COUNTERS_TLS, Counter, Counters, FAMILY_V4, KIND_TLS_PLAIN, MAX_RECORDS_PER_SEGMENT,
-    MAX_TLS_READ, RecordHeader, SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslSock,
+    COM_STMT_PREPARE, COUNTERS_TLS, Counter, Counters, FAMILY_V4, KIND_PREPARE_REPLY,
+    KIND_TLS_PLAIN, MAX_RECORDS_PER_SEGMENT, MAX_TLS_READ, REPLY_HEAD, RecordHeader,
+    SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslPrepares, SslSock,
 };
 
-use crate::{CAP_LARGE, COUNTERS, HDR, RECORDS, bump, wake_flags, woke};
+use crate::{CAP_LARGE, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags, woke};
 
 /// `SSL_read`s under way, by thread.
 #[map]
 static SSL_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(SSL_CALL_ENTRIES, 0);
+
+/// Each SSL object's PREPAREs awaiting their reply (prepared statements followed).
+#[map]
+static SSL_PREPARES: LruHashMap<u64, SslPrepares> =
+    LruHashMap::with_max_entries(SSL_SOCK_ENTRIES, 0);
 
 /// Each SSL object's connection, from its last read syscall.
 #[map]
@@ -250,6 +256,122 @@ pub fn mrte_ssl_read_ret(ctx: RetProbeContext) -> u32 {
         bump(c, Counter::TlsTruncated);
     }
     emit(c, &call, &sock, want);
+    if prepared_on() {
+        count_prepares(c, &call, n);
+    }
+    0
+}
+
+/// A plaintext read that starts a COM_STMT_PREPARE (a server reads a packet's header alone,
+/// or with its payload): its reply will be written by `SSL_write`, whose head is handed over.
+fn count_prepares(c: &mut Counters, call: &SslCall, n: u64) {
+    let mut head = [0u8; 5];
+    let len = if n < 5 { n as u32 } else { 5 };
+    if len == 0 {
+        return;
+    }
+    // SAFETY: a user buffer read through the helper; `len` is 1..=5.
+    let r = unsafe {
+        probe_read_user(
+            head.as_mut_ptr() as *mut c_void,
+            len,
+            call.buf as *const c_void,
+        )
+    };
+    if r < 0 {
+        return;
+    }
+    // SAFETY: copied out of the map.
+    let mut state = unsafe { SSL_PREPARES.get(&call.ssl) }
+        .copied()
+        .unwrap_or_default();
+    let starts = if n == 4 {
+        state.header = u8::from(head[3] == 0);
+        false
+    } else if n >= 5 && head[3] == 0 {
+        state.header = 0;
+        head[4] == COM_STMT_PREPARE
+    } else {
+        let after_header = state.header != 0;
+        state.header = 0;
+        after_header && head[0] == COM_STMT_PREPARE
+    };
+    if starts {
+        state.awaiting += 1;
+        bump(c, Counter::TlsPrepares);
+    }
+    if starts || state.header != 0 || state.awaiting != 0 {
+        let _ = SSL_PREPARES.insert(&call.ssl, &state, 0);
+    }
+}
+
+/// `int SSL_write(SSL *ssl, const void *buf, int num)` (and `SSL_write_ex`, same first
+/// arguments): while the connection awaits a COM_STMT_PREPARE reply, the head of what the
+/// server writes, as the egress program hands it over for plain sessions.
+#[uprobe]
+pub fn mrte_ssl_write(ctx: ProbeContext) -> u32 {
+    let (Some(ssl), Some(buf), Some(num)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2))
+    else {
+        return 0;
+    };
+    // SAFETY: copied out of the map.
+    let Some(mut state) = (unsafe { SSL_PREPARES.get(&ssl) }).copied() else {
+        return 0;
+    };
+    if state.awaiting == 0 || num == 0 {
+        return 0;
+    }
+    // SAFETY: copied out of the map.
+    let Some(sock) = (unsafe { SSL_SOCKS.get(&ssl) }).copied() else {
+        return 0;
+    };
+    let Some(c) = counters() else {
+        return 0;
+    };
+    let awaiting = state.awaiting;
+    state.awaiting = 0;
+    let _ = SSL_PREPARES.insert(&ssl, &state, 0);
+    let n = if num < REPLY_HEAD as u64 { num as u32 } else { REPLY_HEAD };
+    // SAFETY: reads a local (see `emit_one`).
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    let n = (n.wrapping_sub(1) & (CAP_SMALL - 1)) + 1;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut hdr = RecordHeader {
+        ts_ns: now,
+        payload_len: n,
+        cap_len: n,
+        sport: sock.server_port,
+        dport: sock.client_port,
+        family: FAMILY_V4,
+        kind: KIND_PREPARE_REPLY,
+        awaiting: if awaiting > 255 { 255 } else { awaiting as u8 },
+        ..Default::default()
+    };
+    hdr.saddr[..4].copy_from_slice(&sock.server);
+    hdr.daddr[..4].copy_from_slice(&sock.client);
+    let Some(mut entry) = RECORDS.reserve::<[u8; HDR + CAP_SMALL as usize]>(0) else {
+        bump(c, Counter::RingFull);
+        return 0;
+    };
+    let base = entry.as_mut_ptr() as *mut u8;
+    // SAFETY: the entry holds the header and CAP_SMALL bytes; `n` <= REPLY_HEAD.
+    let r = unsafe {
+        core::ptr::write(base as *mut RecordHeader, hdr);
+        probe_read_user(base.add(HDR) as *mut c_void, n, buf as *const c_void)
+    };
+    if r < 0 {
+        entry.discard(0);
+        bump(c, Counter::TlsReadFailed);
+        return 0;
+    }
+    let wake = wake_flags(now);
+    entry.submit(wake);
+    woke(wake, now);
+    bump(c, Counter::TlsReplies);
+    bump(c, Counter::Records);
+    c.0[Counter::Bytes as usize] += n as u64;
     0
 }
 

@@ -429,7 +429,7 @@ fn attach_tls(
         );
         return None;
     }
-    match offsets.and_then(|_| tls::attach(ebpf, port)) {
+    match offsets.and_then(|_| tls::attach(ebpf, port, cfg.prepared)) {
         Ok(p) => {
             tracing::info!(
                 pid = p.pid, library = %p.library.display(), ssl_read_ex = p.read_ex,

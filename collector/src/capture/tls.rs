@@ -214,13 +214,19 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
     Ok(prog)
 }
 
-/// Loads and attaches the TLS programs for the server listening on `port`.
-pub fn attach(ebpf: &mut Ebpf, port: u16) -> Result<TlsProbes, TlsError> {
+/// Loads and attaches the TLS programs for the server listening on `port`; with `prepared`,
+/// also the one on `SSL_write` that hands over the heads of COM_STMT_PREPARE replies.
+pub fn attach(ebpf: &mut Ebpf, port: u16, prepared: bool) -> Result<TlsProbes, TlsError> {
     let pid = server_process(port)?;
     let (library, is_exe) = ssl_library(pid)?;
     let target = library.display().to_string();
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("a process id"));
-    for name in ["mrte_ssl_read", "mrte_ssl_read_ex", "mrte_ssl_read_ret"] {
+    for name in [
+        "mrte_ssl_read",
+        "mrte_ssl_read_ex",
+        "mrte_ssl_read_ret",
+        "mrte_ssl_write",
+    ] {
         uprobe(ebpf, name)?
             .load()
             .map_err(|source| TlsError::Load { name, source })?;
@@ -280,6 +286,22 @@ pub fn attach(ebpf: &mut Ebpf, port: u16) -> Result<TlsProbes, TlsError> {
                 source,
             })?;
         read_ex |= symbol == "SSL_read_ex";
+    }
+    if prepared {
+        for symbol in ["SSL_write", "SSL_write_ex"] {
+            let r = uprobe(ebpf, "mrte_ssl_write")?.attach(symbol, &library, scope);
+            if let Err(source) = r {
+                if symbol == "SSL_write_ex" {
+                    tracing::debug!(%target, "no SSL_write_ex: {source}");
+                    continue;
+                }
+                return Err(TlsError::Attach {
+                    name: "mrte_ssl_write",
+                    target: format!("{target}:{symbol}"),
+                    source,
+                });
+            }
+        }
     }
     Ok(TlsProbes {
         pid,
