@@ -59,6 +59,24 @@ pub struct Line {
     pub fields: Map<String, Value>,
 }
 
+impl Line {
+    fn new(
+        time: Option<DateTime<Local>>,
+        client: SessionKey,
+        command: String,
+        args: String,
+        fields: Map<String, Value>,
+    ) -> Self {
+        Self {
+            time,
+            client,
+            command,
+            args,
+            fields,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum State {
     #[default]
@@ -135,25 +153,13 @@ impl Decoder {
                         }
                         fields.insert("attributes".into(), shown.into());
                     }
-                    out.push(Line {
-                        time,
-                        client,
-                        command,
-                        args,
-                        fields,
-                    })
+                    out.push(Line::new(time, client, command, args, fields));
                 }
                 Described::Opaque(command, args, fields) => {
                     s.state = State::Opaque;
                     self.unreadable_bytes += s.packets.pending() as u64;
                     s.packets = Packets::default();
-                    out.push(Line {
-                        time,
-                        client,
-                        command,
-                        args,
-                        fields,
-                    });
+                    out.push(Line::new(time, client, command, args, fields));
                     return;
                 }
                 Described::Other => self.other_packets += 1,

@@ -331,12 +331,7 @@ async fn attributes_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<(
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let caps = (F::CLIENT_PROTOCOL_41
-                    | F::CLIENT_SECURE_CONNECTION
-                    | F::CLIENT_PLUGIN_AUTH
-                    | F::CLIENT_CONNECT_WITH_DB
-                    | F::CLIENT_QUERY_ATTRIBUTES)
-                    .bits();
+                let caps = mysql8_caps();
                 let mut greeting = vec![10];
                 greeting.extend_from_slice(b"8.4.0-test\0");
                 greeting.extend_from_slice(&7u32.to_le_bytes());
@@ -377,6 +372,16 @@ async fn attributes_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<(
         }
     });
     (addr, task)
+}
+
+/// What a MySQL 8.0.23+ server offers and its clients take: query attributes among them.
+fn mysql8_caps() -> u32 {
+    (F::CLIENT_PROTOCOL_41
+        | F::CLIENT_SECURE_CONNECTION
+        | F::CLIENT_PLUGIN_AUTH
+        | F::CLIENT_CONNECT_WITH_DB
+        | F::CLIENT_QUERY_ATTRIBUTES)
+        .bits()
 }
 
 fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
@@ -450,12 +455,7 @@ use mysql_async::consts::CapabilityFlags as F;
 async fn query_attributes_are_removed_before_publishing() {
     let mq = TestExchange::new("attrs");
     let (server, task) = attributes_server().await;
-    let caps = (F::CLIENT_PROTOCOL_41
-        | F::CLIENT_SECURE_CONNECTION
-        | F::CLIENT_PLUGIN_AUTH
-        | F::CLIENT_CONNECT_WITH_DB
-        | F::CLIENT_QUERY_ATTRIBUTES)
-        .bits();
+    let caps = mysql8_caps();
     let sql = [
         "SELECT 1",
         "SELECT @@version",

@@ -140,14 +140,34 @@ impl Wire {
     }
 }
 
-/// Whether `data` starts with a TLS record header (handshake, alert, application data, change
-/// cipher spec), version 3.x.
+/// Whether `data` starts with TLS records (handshake, alert, application data, change cipher
+/// spec; version 3.x). A command packet can look like one record header (a 788-byte
+/// COM_QUERY starts `14 03 00 00 03`), so the records must chain: each header where the one
+/// before ends, to the segment's end; a single record that runs past the segment counts only
+/// when the bytes cannot be a command packet (sequence 0, a command byte).
 pub fn starts_tls_record(data: &[u8]) -> bool {
-    let [ty, 3, minor, hi, lo, ..] = *data else {
+    let (mut at, mut records) = (0usize, 0);
+    while let Some(&[ty, 3, minor, hi, lo]) = data
+        .get(at..at + 5)
+        .map(|h| <&[u8; 5]>::try_from(h).unwrap())
+    {
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if !(0x14..=0x17).contains(&ty) || minor > 4 || len == 0 || len > TLS_MAX_RECORD {
+            return false;
+        }
+        records += 1;
+        at += 5 + len;
+    }
+    // The segment may end inside the next record's header.
+    let cut_header = data.get(at..).is_some_and(|rest| {
+        !rest.is_empty() && (0x14..=0x17).contains(&rest[0]) && rest.get(1).is_none_or(|&v| v == 3)
+    });
+    if records == 0 || (at < data.len() && !cut_header) {
+        // No header, or one that does not parse where the records say the next starts.
         return false;
-    };
-    let len = usize::from(u16::from_be_bytes([hi, lo]));
-    (0x14..=0x17).contains(&ty) && minor <= 4 && len > 0 && len <= TLS_MAX_RECORD
+    }
+    let command_packet = data[3] == 0 && data[4] <= 0x1f;
+    records >= 2 || cut_header || at == data.len() || !command_packet
 }
 
 fn le3(b: &[u8]) -> usize {
@@ -180,6 +200,13 @@ pub fn starts_frame(data: &[u8]) -> bool {
     }
     match payload.get(..len) {
         Some(whole) => inflate(whole, inflated, &mut None).is_ok(),
+        // Cut by the segment end: what is here must at least begin a valid stream.
+        None if zlib => {
+            let mut out = Vec::with_capacity(inflated.min(64 << 10));
+            Decompress::new(true)
+                .decompress_vec(payload, &mut out, FlushDecompress::None)
+                .is_ok()
+        }
         None => true,
     }
 }
@@ -380,6 +407,13 @@ pub(crate) mod tests {
             (frame(0, &q, "zstd"), "compressed"),
             (vec![0x17, 3, 3, 0, 0x40, 1, 2, 3], "tls"),
             (vec![0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc], "tls"),
+            // A 788-byte COM_QUERY's header reads as a 3-byte record; the next does not chain.
+            (
+                crate::protocol::packet(0, &[&[3u8][..], &[b'a'; 787]].concat()),
+                "plain",
+            ),
+            // Records that chain, the last cut inside its header.
+            ([&[0x17, 3, 3, 0, 2, 9, 9][..], &[0x17, 3]].concat(), "tls"),
         ] {
             let got = match Wire::classify(&data, &c) {
                 Wire::Plain => "plain",
@@ -390,6 +424,6 @@ pub(crate) mod tests {
             assert_eq!(got, want, "{data:02x?}");
         }
         let l = c.load();
-        assert_eq!((l.compressed_sessions, l.tls_sessions), (3, 2));
+        assert_eq!((l.compressed_sessions, l.tls_sessions), (3, 3));
     }
 }
