@@ -293,6 +293,9 @@ counters! {
     /// to the next.
     Awaited = "awaited", Packets, Some("reply_awaited");
     NotReply = "not_reply", Packets, Some("reply_not_reply");
+    /// Egress: packets passed at once, not even parsed, while no connection awaited a reply
+    /// (most of the time once clients have prepared their statements).
+    Unawaited = "unawaited", Packets, Some("reply_unawaited");
     /// TLS uprobes: `SSL_read`s that returned plaintext, handed over; those whose socket was
     /// not known (no read syscall seen for that SSL object: its plaintext is not handed over);
     /// those of an IPv6 client (which the MRTE format cannot carry); reads cut at

@@ -51,15 +51,13 @@ static SNAP_LEN: u32 = 0;
 /// A `Transport`.
 #[unsafe(no_mangle)]
 static TRANSPORT: u8 = Transport::RingClasses as u8;
-/// Least time between two reader wake-ups; 0 = the kernel's own rule (wake whenever the reader
-/// had caught up, i.e. on nearly every record of request/response traffic). Each wake-up is
-/// an irq_work (a self-IPI, a VM exit under virtualisation) charged to the packet that
-/// triggered it: coalescing them is most of this program's cost saving under real load.
+/// Unread bytes in the ring past which a submit wakes the reader; below it, records wait for the
+/// reader's own timer (its cadence follows `--read_timeout`). Each wake-up is an irq_work (a
+/// self-IPI, a VM exit under virtualisation) charged to the packet that triggered it, so at
+/// request/response rates none is sent at all. 0: the kernel's own rule (wake whenever the
+/// reader had caught up, i.e. on nearly every record).
 #[unsafe(no_mangle)]
-static WAKE_INTERVAL_NS: u64 = 2_000_000;
-/// Unread bytes in the ring that force a wake-up at once: a quarter of its size.
-#[unsafe(no_mangle)]
-static WAKE_AT_BYTES: u64 = DEFAULT_RING_BYTES as u64 / 4;
+static WAKE_AT_BYTES: u64 = DEFAULT_RING_BYTES as u64 / 8;
 /// Non-zero: follow prepared statements (mark connections awaiting a COM_STMT_PREPARE reply).
 #[unsafe(no_mangle)]
 static PREPARED: u8 = 1;
@@ -83,10 +81,6 @@ static MARKS: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
-
-/// When the reader was last woken (ns, bpf_ktime_get_ns); shared by all CPUs, races benign.
-#[map]
-static LAST_WAKE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Used only with `Transport::PerfSkb`.
 #[map]
@@ -136,6 +130,12 @@ pub fn mrte_replies(ctx: TcContext) -> i32 {
     // SAFETY: as in `mrte_capture`.
     let counters = unsafe { &mut *counters };
     bump(counters, Counter::Packets);
+    // While no connection awaits a reply, nothing on egress is wanted: not even the headers
+    // are read.
+    if !any_marks() {
+        bump(counters, Counter::Unawaited);
+        return TC_ACT_UNSPEC;
+    }
     if let Err(reason) = reply(&ctx, counters) {
         bump(counters, reason);
     }
@@ -436,9 +436,6 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
         return Err(Counter::OtherPort);
     }
     bump(counters, Counter::TcpToPort);
-    if !any_marks() {
-        return Ok(());
-    }
     let key = FlowKey {
         client: seg.daddr,
         server: seg.saddr,
@@ -502,12 +499,8 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
         if ret < 0 {
             return Err(Counter::RingFull);
         }
-    } else {
-        let wake = wake_flags(rec.hdr.ts_ns);
-        if RECORDS.output::<ReplyRecord>(&rec, wake).is_err() {
-            return Err(Counter::RingFull);
-        }
-        woke(wake, rec.hdr.ts_ns);
+    } else if RECORDS.output::<ReplyRecord>(&rec, wake_flags()).is_err() {
+        return Err(Counter::RingFull);
     }
     bump(counters, Counter::Records);
     counters.0[Counter::Bytes as usize] += rec.hdr.cap_len as u64;
@@ -682,9 +675,7 @@ fn emit_control(
             return Err(Counter::RingFull);
         };
         entry.write(hdr);
-        let wake = wake_flags(hdr.ts_ns);
-        entry.submit(wake);
-        woke(wake, hdr.ts_ns);
+        entry.submit(wake_flags());
     }
     bump(counters, Counter::Records);
     Ok(())
@@ -717,7 +708,7 @@ fn emit(
         return emit_perf(ctx, counters, seg, &mut hdr, want);
     }
     let fixed = transport == Transport::RingFixed as u8;
-    let wake = wake_flags(hdr.ts_ns);
+    let wake = wake_flags();
     let mut done = 0u32;
     for _ in 0..MAX_RECORDS_PER_SEGMENT {
         if done >= want {
@@ -742,19 +733,7 @@ fn emit(
         counters.0[Counter::Bytes as usize] += sent as u64;
         done += sent;
     }
-    woke(wake, hdr.ts_ns);
     Ok(())
-}
-
-/// After a submit with `wake`: a forced wake-up really went out, so a new interval starts.
-#[inline(always)]
-fn woke(wake: u64, now: u64) {
-    if wake == BPF_RB_FORCE_WAKEUP {
-        if let Some(last) = LAST_WAKE.get_ptr_mut(0) {
-            // SAFETY: a pointer into the map's one value; a lost race means one extra wake-up.
-            unsafe { *last = now };
-        }
-    }
 }
 
 /// One record of `SIZE` bytes (header + `CAP`) carrying up to `CAP` of the `n` bytes at `from`.
@@ -797,25 +776,16 @@ fn emit_one<const SIZE: usize, const CAP: u32>(
     Ok(n)
 }
 
-/// Submit flags for a segment's last record: wake the reader at most once per
-/// `WAKE_INTERVAL_NS`, or at once when the ring is over a quarter full. A record submitted
-/// without a wake-up waits for the next one, or for the reader's own re-check (two intervals
-/// after its last drain that found records). `emit` starts the next interval once a forcing
-/// submit has succeeded.
+/// Submit flags for a segment's last record: wake the reader only once a good part of the ring
+/// is unread (`WAKE_AT_BYTES`); the reader drains on its own timer otherwise. Reads the ring's
+/// two positions, which the reservation just touched: no shared word is written for it.
 #[inline(always)]
-fn wake_flags(now: u64) -> u64 {
-    // SAFETY: a load-time constant.
-    let interval = unsafe { ptr::read_volatile(&WAKE_INTERVAL_NS) };
-    if interval == 0 {
-        return 0;
-    }
-    let Some(last) = LAST_WAKE.get(0) else {
-        return 0;
-    };
-    let due = now.wrapping_sub(*last) >= interval;
+pub(crate) fn wake_flags() -> u64 {
     // SAFETY: a load-time constant.
     let wake_at = unsafe { ptr::read_volatile(&WAKE_AT_BYTES) };
-    if due || RECORDS.query(BPF_RB_AVAIL_DATA) > wake_at {
+    if wake_at == 0 {
+        0
+    } else if RECORDS.query(BPF_RB_AVAIL_DATA) > wake_at {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

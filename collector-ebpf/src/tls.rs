@@ -29,7 +29,7 @@ use collector_common::{
     SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslPrepares, SslSock,
 };
 
-use crate::{CAP_LARGE, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags, woke};
+use crate::{CAP_LARGE, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags};
 
 /// `SSL_read`s under way, by thread.
 #[map]
@@ -366,9 +366,7 @@ pub fn mrte_ssl_write(ctx: ProbeContext) -> u32 {
         bump(c, Counter::TlsReadFailed);
         return 0;
     }
-    let wake = wake_flags(now);
-    entry.submit(wake);
-    woke(wake, now);
+    entry.submit(wake_flags());
     bump(c, Counter::TlsReplies);
     bump(c, Counter::Records);
     c.0[Counter::Bytes as usize] += n as u64;
@@ -389,7 +387,7 @@ fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
     };
     hdr.saddr[..4].copy_from_slice(&sock.client);
     hdr.daddr[..4].copy_from_slice(&sock.server);
-    let wake = wake_flags(now);
+    let wake = wake_flags();
     let mut done = 0u32;
     for _ in 0..MAX_RECORDS_PER_SEGMENT {
         if done >= want {
@@ -429,6 +427,5 @@ fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
         c.0[Counter::Bytes as usize] += n as u64;
         done += n;
     }
-    woke(wake, now);
 }
 

@@ -431,6 +431,7 @@ fn new_pipeline(
     );
     let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cfg.include_replication);
     pipeline.flows.set_prepared(cfg.capture.prepared);
+    pipeline.set_drain_cadence(cfg.capture.wakeup_interval);
     pipeline.set_memory(plan);
     pipeline
 }

@@ -6,6 +6,9 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+/// inspect's drain cadence unless --wakeup_interval_us is given: prompt enough to watch.
+const INSPECT_DRAIN_CADENCE: Duration = Duration::from_millis(20);
+
 use crate::{
     agent::AgentConfig,
     bootstrap::MysqlConfig,
@@ -73,7 +76,9 @@ pub struct Run {
     #[arg(long, value_enum, default_value_t = OnOff::On, help_heading = "Capture")]
     pub prepared_statements: OnOff,
 
-    /// Longest time in milliseconds a captured segment waits in a batch before it is published.
+    /// Longest time in milliseconds from a segment's capture to its batch's publishing: the
+    /// agent drains the kernel's buffer at a quarter of it (--wakeup_interval_us) and a batch
+    /// leaves once its oldest unit has waited the rest.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000), help_heading = "Publishing")]
     pub read_timeout: u64,
 
@@ -87,12 +92,14 @@ pub struct Run {
     #[arg(long, value_parser = clap::value_parser!(u32).range(100..=5000), help_heading = "Publishing")]
     pub queue_size: Option<u32>,
 
-    /// A batch is published once it holds more than this many segments.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Publishing")]
+    /// A batch (one message) is published once it holds more than this many segments. Each
+    /// message costs the agent and the broker about the same whatever its size: large ones
+    /// are cheap at high rates, and --read_timeout keeps low rates prompt.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Publishing")]
     pub batch_segments: u64,
 
-    /// A batch is published once it holds more than this many bytes.
-    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u64).range(0..=(64 << 20)), help_heading = "Publishing")]
+    /// A batch (one message) is published once it holds more than this many bytes.
+    #[arg(long, default_value_t = 262144, value_parser = clap::value_parser!(u64).range(0..=(64 << 20)), help_heading = "Publishing")]
     pub batch_bytes: u64,
 
     /// Most MiB of messages queued for the broker; batches past it are dropped and counted
@@ -209,11 +216,12 @@ pub struct CaptureArgs {
     #[arg(long, value_enum, default_value_t = TransportArg::Ring, help_heading = "Capture")]
     pub transport: TransportArg,
 
-    /// Least microseconds between two wake-ups of the agent by the kernel program. Waking on
-    /// every record costs the server a self-IPI per request; a record whose wake-up was skipped
-    /// waits at most about twice this long. 0 wakes on (nearly) every record.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000), help_heading = "Capture")]
-    pub wakeup_interval_us: u64,
+    /// How often, in microseconds, the agent drains the kernel's buffer on its own timer; the
+    /// kernel program wakes it sooner only once an eighth of the buffer is unread (a wake-up
+    /// costs the packet that sends it a self-IPI). Default: a quarter of --read_timeout, at
+    /// most 50 ms (20 ms for inspect). 0: the kernel wakes the agent on (nearly) every record.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000), help_heading = "Capture")]
+    pub wakeup_interval_us: Option<u64>,
 
     /// TLS sessions: auto reads their plaintext where the server decrypts it (uprobes on
     /// SSL_read of the SSL library the process listening on the MySQL port maps), and warns
@@ -235,10 +243,16 @@ pub enum OnOff {
     Off,
 }
 
+/// The drain's cadence when --wakeup_interval_us is not given: a quarter of the longest time a
+/// segment may take to be published, so that batches have the rest of it to fill.
+pub fn default_drain_cadence(read_timeout: Duration) -> Duration {
+    (read_timeout / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
+}
+
 impl CaptureArgs {
     /// The capture as these flags set it (prepared statements not followed: the agent sets
-    /// that from its own flag).
-    pub fn config(&self, interface: &str) -> CaptureConfig {
+    /// that from its own flag); `cadence` is the drain's unless --wakeup_interval_us is given.
+    pub fn config(&self, interface: &str, cadence: Duration) -> CaptureConfig {
         CaptureConfig {
             interface: interface.to_owned(),
             ports: self.port.clone(),
@@ -246,7 +260,9 @@ impl CaptureArgs {
             ring_bytes: self.ring_buffer_mb << 20,
             attach_mode: self.attach_mode.into(),
             transport: self.transport.into(),
-            wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
+            wakeup_interval: self
+                .wakeup_interval_us
+                .map_or(cadence, Duration::from_micros),
             prepared: false,
             tls: (self.tls == AutoOff::Auto).then(|| self.port[0]),
         }
@@ -424,7 +440,7 @@ impl Inspect {
             }
         } else {
             let interface = self.interface.as_deref().expect("clap requires one source");
-            Source::Kernel(self.capture.config(interface))
+            Source::Kernel(self.capture.config(interface, INSPECT_DRAIN_CADENCE))
         };
         InspectConfig {
             source,
@@ -437,9 +453,14 @@ impl Inspect {
 impl Run {
     /// The agent's configuration; flags that contradict each other are an error here.
     pub fn config(&self) -> anyhow::Result<AgentConfig> {
-        let mut capture = self.capture.config(self.interface());
+        let read_timeout = Duration::from_millis(self.read_timeout);
+        let mut capture = self
+            .capture
+            .config(self.interface(), default_drain_cadence(read_timeout));
         capture.prepared = self.prepared_statements == OnOff::On;
         capture.tls = (self.capture.tls == AutoOff::Auto).then(|| self.mysql_port());
+        // A unit waits up to one drain cadence before it reaches its batch.
+        let max_wait = read_timeout.saturating_sub(capture.wakeup_interval);
         let (to_broker, to_file) = self.outputs();
         if self
             .output
@@ -475,7 +496,7 @@ impl Run {
             batch: BatchLimits {
                 segments: self.batch_segments,
                 bytes: self.batch_bytes as usize,
-                max_wait: Duration::from_millis(self.read_timeout),
+                max_wait,
             },
             include_replication: self.include_replication,
             bpf_stats: self.bpf_stats,

@@ -115,6 +115,10 @@ pub struct Pipeline {
     ended: HashMap<SessionKey, (Option<u64>, Instant)>,
     /// Sessions read just before attaching, until the first read after.
     before: Option<HashMap<SessionKey, Session>>,
+    /// The drain's timer cadence, when it has one: each drain then sends the batches that
+    /// would fall due before the next, so that batches leave together, on the drain's own
+    /// wake-ups, instead of each on a timer of its own.
+    flush_ahead: Option<Duration>,
 }
 
 impl Pipeline {
@@ -142,7 +146,14 @@ impl Pipeline {
             known: HashMap::default(),
             ended: HashMap::default(),
             before: None,
+            flush_ahead: None,
         }
+    }
+
+    /// Batches are sent at the end of each drain, `cadence` ahead of their time (zero: each
+    /// on its own timer).
+    pub fn set_drain_cadence(&mut self, cadence: Duration) {
+        self.flush_ahead = (!cadence.is_zero()).then_some(cadence);
     }
 
     /// The memory plan's shares of the hold and of the bytes waiting behind gaps.
@@ -171,7 +182,12 @@ impl Pipeline {
     /// When the next batch or held segment must leave.
     pub fn next_due(&self) -> Option<Instant> {
         let held = self.hold.since.map(|t| t + HOLD_MAX_TIME);
-        [self.fanout.next_due(), held, self.flows.next_deadline()]
+        // With a drain timer, batches leave at the end of a drain (see `end`).
+        let batches = match self.flush_ahead {
+            None => self.fanout.next_due(),
+            Some(_) => None,
+        };
+        [batches, held, self.flows.next_deadline()]
             .into_iter()
             .flatten()
             .min()
@@ -184,7 +200,7 @@ impl Pipeline {
             self.overflow();
         }
         self.give_up_gaps(false);
-        self.fanout.send_due(now);
+        self.fanout.send_due(now, now);
     }
 
     pub fn on_event(&mut self, event: Event) {
@@ -544,6 +560,12 @@ impl RecordSink for Pipeline {
 
     fn begin(&mut self) {
         self.now = Instant::now();
+    }
+
+    fn end(&mut self) {
+        if let Some(ahead) = self.flush_ahead {
+            self.fanout.send_due(self.now + ahead, self.now);
+        }
     }
 }
 

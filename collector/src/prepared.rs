@@ -10,7 +10,7 @@
 //! Nothing is guessed: a parameter that cannot be read or written as a literal is an error, and
 //! a statement whose reply cannot be told apart from another's gets no id.
 
-use std::{collections::VecDeque, fmt::Write as _};
+use std::collections::VecDeque;
 
 use foldhash::HashMap;
 use mysql_common::{
@@ -409,15 +409,13 @@ fn placeholders(sql: &[u8]) -> Vec<usize> {
 }
 
 pub(crate) fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), RenderError> {
-    let mut s = String::new();
+    use std::io::Write as _;
+    // Written straight into `out` (a Vec's io::Write cannot fail): no String per literal.
+    let s = &mut *out;
     match p {
-        Param::Null => s.push_str("NULL"),
-        Param::Int(v) => {
-            let _ = write!(s, "{v}");
-        }
-        Param::UInt(v) => {
-            let _ = write!(s, "{v}");
-        }
+        Param::Null => s.extend_from_slice(b"NULL"),
+        Param::Int(v) => s.extend_from_slice(itoa::Buffer::new().format(*v).as_bytes()),
+        Param::UInt(v) => s.extend_from_slice(itoa::Buffer::new().format(*v).as_bytes()),
         // Rust prints the shortest text that reads back as the same value.
         Param::Float(v) if v.is_finite() => {
             let _ = write!(s, "{v:e}");
@@ -441,19 +439,16 @@ pub(crate) fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), 
                     what: "a DECIMAL that is not a number",
                 });
             }
-            s.push_str(d);
+            s.extend_from_slice(d.as_bytes());
         }
-        Param::Text(t) => {
-            quoted(t, out);
-            return Ok(());
-        }
-        Param::Bytes(b) if b.is_empty() => s.push_str("''"),
+        Param::Text(t) => quoted(t, s),
+        Param::Bytes(b) if b.is_empty() => s.extend_from_slice(b"''"),
         Param::Bytes(b) => {
-            s.push_str("X'");
+            s.extend_from_slice(b"X'");
             for x in b {
                 let _ = write!(s, "{x:02X}");
             }
-            s.push('\'');
+            s.push(b'\'');
         }
         Param::Date { year, month, day } => {
             let _ = write!(s, "'{year:04}-{month:02}-{day:02}'");
@@ -474,7 +469,7 @@ pub(crate) fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), 
             if *micro != 0 {
                 let _ = write!(s, ".{micro:06}");
             }
-            s.push('\'');
+            s.push(b'\'');
         }
         Param::Time {
             negative,
@@ -488,10 +483,9 @@ pub(crate) fn literal(index: usize, p: &Param, out: &mut Vec<u8>) -> Result<(), 
             if *micro != 0 {
                 let _ = write!(s, ".{micro:06}");
             }
-            s.push('\'');
+            s.push(b'\'');
         }
     }
-    out.extend_from_slice(s.as_bytes());
     Ok(())
 }
 

@@ -3,16 +3,26 @@
 //! publishing to RabbitMQ, the same with `--prepared_statements=off` (sysbench uses server-side
 //! prepared statements: the difference is what rendering them as text costs, egress program
 //! included), and with `tcpdump -i lo -w /dev/null 'tcp dst port 3306'` (the libpcap capture
-//! the original collector used). Rounds rotate the order of the four; qps and p95 latency are
-//! reported as ratios against "nothing attached" of the same round.
+//! the original collector used); with `--baseline_bin PATH`, another build of the agent too.
+//! Rounds rotate the order of the configurations.
 //!
-//! The agent publishes to an exchange of its own whose queue keeps only the newest message (the
-//! broker routes and confirms each, then drops it): the replaying consumer runs elsewhere, as
-//! tcpdump's file is /dev/null here. (With no queue bound at all, every message would come
-//! back unroutable and count as lost.)
+//! The agent publishes as it is used: to an exchange bound to a queue that a consumer drains
+//! (in this process, as a player would), so the broker routes, stores and delivers each
+//! message; every round checks that the consumer got every unit the agent published.
 //!
-//! `cargo xtask bench overhead -- [--secs 10] [--rounds 5] [--threads 4]
-//!  [--workloads oltp_point_select,oltp_read_write] [--agent_args "--batch_segments=200 ..."]`
+//! Two modes, each reported against nothing attached in the same round:
+//! - `saturated`: sysbench as fast as it goes; qps and p95 latency ratios.
+//! - `paced`: sysbench held at `--rate` transactions/s; CPU time per query by process (the
+//!   capturer, RabbitMQ, MariaDB, and the softirq time of the whole machine), and the kernel
+//!   programs' ns per run and runs per query (the agent with `--bpf_stats`). At a paced rate
+//!   these are far steadier than saturated qps on a noisy VM.
+//!
+//! `cargo xtask bench overhead -- [--secs 10] [--rounds 5] [--threads 4] [--rate 12000]
+//!  [--modes saturated,paced] [--workloads oltp_point_select,oltp_read_write]
+//!  [--agent_args "--batch_segments=200 ..."] [--baseline_bin PATH] [--configs 1,4]`
+//! (`--configs`: a subset by index: 1 the agent, 2 without prepared statements, 3 tcpdump, 4
+//! the baseline; nothing attached always runs.)
+//! (paced runs use the first workload.)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -20,13 +30,14 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader, Read as _},
+    path::PathBuf,
     process::{Child, ChildStderr, Command, Stdio},
     time::Duration,
 };
 
 use common::{
     MYSQL_PASSWORD, MYSQL_USER,
-    agent::{Agent, totals},
+    agent::{Agent, binary, totals},
     broker::TestExchange,
 };
 use serde_json::json;
@@ -41,36 +52,53 @@ enum Config {
     Agent,
     AgentRaw,
     Tcpdump,
+    Baseline,
 }
 
-const CONFIGS: [(Config, &str); 4] = [
-    (Config::Nothing, "nothing attached"),
-    (Config::Agent, "mrte-collector"),
-    (
-        Config::AgentRaw,
-        "mrte-collector, `--prepared_statements=off`",
-    ),
-    (Config::Tcpdump, "tcpdump"),
-];
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Saturated,
+    Paced,
+}
 
 #[derive(Clone, Debug, Default)]
 struct Run {
     qps: f64,
+    queries: f64,
     p95_ms: f64,
     /// The capturing process's CPU during the sysbench run.
     cpu: Duration,
     /// RabbitMQ's (beam.smp) CPU during the run: on this machine it takes CPU from MariaDB
     /// too, where in production it usually runs elsewhere.
     broker_cpu: Duration,
+    server_cpu: Duration,
+    /// The machine's softirq time (all CPUs): where loopback's packets and the TC programs run.
+    softirq: Duration,
     /// What the capturing process says it missed: drop counters or tcpdump's kernel drops.
     drops: u64,
     /// What it captured: published units (agent), packets captured (tcpdump).
     captured: u64,
+    /// Units the consumer took from the queue.
+    consumed: u64,
+    /// Messages published (agent).
+    messages: u64,
     /// The agent's COM_STMT_EXECUTEs published as text.
     rendered: u64,
+    /// Kernel programs (with `--bpf_stats`): runs and ns per run of ingress and egress.
+    ingress_runs: u64,
+    ingress_ns: u64,
+    egress_runs: u64,
+    egress_ns: u64,
+    /// The agent's peak RSS (VmHWM), MiB.
+    rss_mb: u64,
 }
 
 fn sysbench_cmd(workload: &str, threads: u32, secs: u32, action: &str) -> Command {
+    sysbench_paced(workload, threads, secs, 0, action)
+}
+
+/// sysbench held at `rate` transactions/s (0: unpaced).
+fn sysbench_paced(workload: &str, threads: u32, secs: u32, rate: u32, action: &str) -> Command {
     let mut c = Command::new("sysbench");
     c.arg(workload).args([
         "--db-driver=mysql",
@@ -84,6 +112,7 @@ fn sysbench_cmd(workload: &str, threads: u32, secs: u32, action: &str) -> Comman
         &format!("--threads={threads}"),
         &format!("--time={secs}"),
         "--percentile=95",
+        &format!("--rate={rate}"),
         action,
     ]);
     c
@@ -113,8 +142,8 @@ fn prepare() {
     }
 }
 
-/// qps and p95 latency (ms) from sysbench's report.
-fn parse_sysbench(out: &str) -> (f64, f64) {
+/// Queries, qps and p95 latency (ms) from sysbench's report.
+fn parse_sysbench(out: &str) -> (f64, f64, f64) {
     let value_after = |key: &str| {
         out.lines()
             .find_map(|l| l.trim().strip_prefix(key))
@@ -123,12 +152,17 @@ fn parse_sysbench(out: &str) -> (f64, f64) {
             .to_owned()
     };
     let queries = value_after("queries:");
+    let count = queries
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read queries from {queries:?}"));
     let qps = queries
         .split_once('(')
         .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("cannot read qps from {queries:?}"));
     let p95 = value_after("95th percentile:").parse().unwrap();
-    (qps, p95)
+    (count, qps, p95)
 }
 
 /// tcpdump as a child, killed if the benchmark fails half-way.
@@ -193,65 +227,110 @@ fn broker_pid() -> u32 {
     out.trim().parse().expect("RabbitMQ's beam.smp process")
 }
 
-fn run(config: Config, workload: &str, threads: u32, secs: u32, agent_args: &[&str]) -> Run {
-    let broker = broker_pid();
-    let cpu0 = process_cpu(broker);
-    let mut r = run_capturing(config, workload, threads, secs, agent_args);
-    r.broker_cpu = process_cpu(broker) - cpu0;
+/// The MariaDB server's process.
+fn server_pid() -> u32 {
+    let out = output(Command::new("pgrep").args(["-o", "mariadbd"]));
+    out.trim().parse().expect("MariaDB's mariadbd process")
+}
+
+/// Softirq time of all CPUs so far (/proc/stat, the `cpu` line's seventh field).
+fn softirq_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .and_then(|l| l.split_whitespace().nth(6)?.parse().ok())
+        .unwrap_or(0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+struct Setup<'a> {
+    mode: Mode,
+    workload: &'a str,
+    threads: u32,
+    secs: u32,
+    rate: u32,
+    agent_args: &'a [&'a str],
+    baseline: Option<&'a PathBuf>,
+}
+
+fn run(config: Config, s: &Setup) -> Run {
+    let (broker, server) = (broker_pid(), server_pid());
+    let (b0, s0, q0) = (process_cpu(broker), process_cpu(server), softirq_time());
+    let mut r = run_capturing(config, s);
+    r.broker_cpu = process_cpu(broker) - b0;
+    r.server_cpu = process_cpu(server) - s0;
+    r.softirq = softirq_time() - q0;
     r
 }
 
-fn run_capturing(
-    config: Config,
-    workload: &str,
-    threads: u32,
-    secs: u32,
-    agent_args: &[&str],
-) -> Run {
-    let mut bench = sysbench_cmd(workload, threads, secs, "run");
+fn run_capturing(config: Config, s: &Setup) -> Run {
+    let rate = if s.mode == Mode::Paced { s.rate } else { 0 };
+    let mut bench = sysbench_paced(s.workload, s.threads, s.secs, rate, "run");
     match config {
         Config::Nothing => {
-            let (qps, p95_ms) = parse_sysbench(&output(&mut bench));
+            let (queries, qps, p95_ms) = parse_sysbench(&output(&mut bench));
             Run {
                 qps,
+                queries,
                 p95_ms,
                 ..Default::default()
             }
         }
-        Config::Agent | Config::AgentRaw => {
-            // A queue that keeps only the newest message; deleted on drop.
-            let exchange = TestExchange::capped("overhead");
+        Config::Agent | Config::AgentRaw | Config::Baseline => {
+            let (exchange, consumer) = TestExchange::consumed("overhead");
             let name = format!("--rabbitmq_exchange_name={}", exchange.exchange);
             let mut args = vec!["--interface=lo", "--port=3306", &name];
             if config == Config::AgentRaw {
                 args.push("--prepared_statements=off");
             }
-            args.extend(agent_args);
-            let mut agent = Agent::start(&args);
+            if s.mode == Mode::Paced {
+                args.push("--bpf_stats");
+            }
+            args.extend(s.agent_args);
+            let bin = match config {
+                Config::Baseline => s.baseline.expect("--baseline_bin").clone(),
+                _ => binary(),
+            };
+            let mut agent = Agent::start_binary(&bin, &args);
             agent.wait_attached();
             let cpu0 = process_cpu(agent.pid());
-            let (qps, p95_ms) = parse_sysbench(&output(&mut bench));
+            let (queries, qps, p95_ms) = parse_sysbench(&output(&mut bench));
             let cpu = process_cpu(agent.pid()) - cpu0;
             let t = totals(&agent.stop());
             let get = |k: &str| t.get(k).copied().unwrap_or(0);
+            let published = get("published_units");
+            let consumed = consumer
+                .wait_for_units(published, Duration::from_secs(30))
+                .units;
             Run {
                 qps,
+                queries,
                 p95_ms,
                 cpu,
-                drops: get("PacketDropped"),
-                captured: get("published_units"),
+                drops: get("PacketDropped") + get("mq_unroutable_units"),
+                captured: published,
+                consumed,
+                messages: get("published_msgs"),
                 rendered: get("stmt_rendered"),
+                ingress_runs: get("kernel_runs"),
+                ingress_ns: get("kernel_ns_per_packet"),
+                egress_runs: get("reply_kernel_runs"),
+                egress_ns: get("reply_kernel_ns_per_packet"),
+                rss_mb: get("rss_peak_mb"),
                 ..Default::default()
             }
         }
         Config::Tcpdump => {
             let tcpdump = Tcpdump::start();
             let cpu0 = process_cpu(tcpdump.child.id());
-            let (qps, p95_ms) = parse_sysbench(&output(&mut bench));
+            let (queries, qps, p95_ms) = parse_sysbench(&output(&mut bench));
             let cpu = process_cpu(tcpdump.child.id()) - cpu0;
             let (captured, drops) = tcpdump.stop();
             Run {
                 qps,
+                queries,
                 p95_ms,
                 cpu,
                 drops,
@@ -262,100 +341,258 @@ fn run_capturing(
     }
 }
 
+/// Rounds of every configuration, the order rotated each round.
+fn rounds(configs: &[(Config, String)], rounds: usize, s: &Setup) -> Vec<Vec<Run>> {
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        for k in 0..configs.len() {
+            let i = (k + round) % configs.len();
+            let r = run(configs[i].0, s);
+            eprintln!(
+                "{:?} {} round {round} {}: {r:?}",
+                s.mode, s.workload, configs[i].1
+            );
+            runs[i].push(r);
+        }
+    }
+    runs
+}
+
+fn is_agent(c: Config) -> bool {
+    matches!(c, Config::Agent | Config::AgentRaw | Config::Baseline)
+}
+
+/// Units the agent published that the consumer did not get, and what it counted as dropped.
+fn lost(runs: &[Run]) -> String {
+    let missing: u64 = runs
+        .iter()
+        .map(|r| r.captured.saturating_sub(r.consumed))
+        .sum();
+    let dropped: u64 = runs.iter().map(|r| r.drops).sum();
+    format!("{dropped} / {missing}")
+}
+
 fn main() {
     let a = Args::parse(&[
         "secs",
         "rounds",
         "threads",
+        "rate",
+        "modes",
         "workloads",
         "agent_args",
+        "baseline_bin",
+        "configs",
         "out",
     ]);
     let agent_args: String = a.get("agent_args", String::new());
     let agent_args: Vec<&str> = agent_args.split_whitespace().collect();
-    let (secs, rounds, threads) = (
+    let baseline: Option<PathBuf> = a.list::<PathBuf>("baseline_bin", &[]).into_iter().next();
+    let (secs, rounds_n, threads, rate) = (
         a.get("secs", 10u32),
         a.get("rounds", 5usize),
         a.get("threads", 4u32),
+        a.get("rate", 12_000u32),
     );
+    let modes: Vec<String> = a.list("modes", &["paced".to_owned(), "saturated".to_owned()]);
     let workloads: Vec<String> = a.list(
         "workloads",
         &["oltp_point_select".to_owned(), "oltp_read_write".to_owned()],
     );
+    let mut configs: Vec<(Config, String)> = vec![
+        (Config::Nothing, "nothing attached".into()),
+        (Config::Agent, "mrte-collector".into()),
+        (
+            Config::AgentRaw,
+            "mrte-collector, `--prepared_statements=off`".into(),
+        ),
+        (Config::Tcpdump, "tcpdump".into()),
+    ];
+    if let Some(b) = &baseline {
+        configs.push((
+            Config::Baseline,
+            format!("baseline build ({})", b.display()),
+        ));
+    }
+    // A subset, by index in the order above (nothing attached stays first: ratios need it).
+    let only: Vec<usize> = a.list("configs", &[]);
+    if !only.is_empty() {
+        let mut k = 0;
+        configs.retain(|_| {
+            k += 1;
+            k == 1 || only.contains(&(k - 1))
+        });
+    }
     prepare();
+    let flags = if agent_args.is_empty() {
+        String::new()
+    } else {
+        format!(" plus `{}`", agent_args.join(" "))
+    };
     let mut md = format!(
         "## Server overhead ({})\n\n\
-         sysbench against the local MariaDB over TCP on `lo`, {threads} threads, {secs} s per run, \
-         {rounds} rounds, the order of the four rotated each round. Ratios are per round, \
-         against nothing attached in the same round. The agent: release build, default flags{}, \
-         publishing to RabbitMQ on this machine (a queue that keeps the newest message only); tcpdump: `tcpdump \
-         -i lo -w /dev/null 'tcp dst port 3306'`. \"capturer CPU\": the capturing process's \
-         user + system time during the run, as a share of one core (the machine has {}).\n\n\
-         | workload | configuration | qps (min / median / max) | qps ratio (min / median / max) | p95 ms (median) | p95 ratio (min / median / max) | capturer CPU % (median) | RabbitMQ CPU % (median) | captured (median) | dropped (all rounds) |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         sysbench against the local MariaDB over TCP on `lo`, {threads} threads, {secs} s per \
+         run, {rounds_n} rounds, the order of the configurations rotated each round; figures \
+         are min / median / max over the rounds, ratios per round against nothing attached in \
+         the same round. The agent: release build, default flags{flags}, publishing to RabbitMQ \
+         on this machine, to a queue a consumer drains; tcpdump: `tcpdump -i lo -w /dev/null \
+         'tcp dst port 3306'`. The machine has {} cores.\n\n",
         support::machine(),
-        if agent_args.is_empty() {
-            String::new()
-        } else {
-            format!(" plus `{}`", agent_args.join(" "))
-        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let mut json = Vec::new();
-    for workload in &workloads {
-        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); CONFIGS.len()];
-        for round in 0..rounds {
-            for k in 0..CONFIGS.len() {
-                let i = (k + round) % CONFIGS.len();
-                let r = run(CONFIGS[i].0, workload, threads, secs, &agent_args);
-                eprintln!("{workload} round {round} {}: {r:?}", CONFIGS[i].1);
-                runs[i].push(r);
+    if modes.iter().any(|m| m == "paced") {
+        let workload = &workloads[0];
+        let setup = Setup {
+            mode: Mode::Paced,
+            workload,
+            threads,
+            secs,
+            rate,
+            agent_args: &agent_args,
+            baseline: baseline.as_ref(),
+        };
+        let runs = rounds(&configs, rounds_n, &setup);
+        md.push_str(&format!(
+            "### Paced: `{workload}` at {rate} transactions/s\n\n\
+             CPU time (user + system) per query by process during the run; softirq: the whole \
+             machine's, where loopback's packets and the TC programs run. Kernel programs: \
+             the agent with `--bpf_stats` (which itself adds two clock reads per run). \
+             Lost: units the agent counted as dropped / units published that the consumer did \
+             not get, all rounds.\n\n\
+             | configuration | qps (median) | capturer us/query | RabbitMQ us/query | MariaDB us/query | softirq us/query | ingress ns/run | egress ns/run | ingress runs/query | units/message (median) | lost | peak RSS MiB (max) |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        ));
+        for (i, (config, name)) in configs.iter().enumerate() {
+            let r = &runs[i];
+            let per_q = |f: &dyn Fn(&Run) -> Duration| -> Vec<f64> {
+                r.iter()
+                    .map(|x| f(x).as_secs_f64() * 1e6 / x.queries.max(1.0))
+                    .collect()
+            };
+            let col =
+                |v: Vec<f64>, d: usize, on: bool| if on { fmt_spread(&v, d) } else { "-".into() };
+            let agent = is_agent(*config);
+            let ns = |f: &dyn Fn(&Run) -> u64| r.iter().map(|x| f(x) as f64).collect::<Vec<_>>();
+            md.push_str(&format!(
+                "| {name} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                median(r.iter().map(|x| x.qps)),
+                col(per_q(&|x| x.cpu), 2, *config != Config::Nothing),
+                fmt_spread(&per_q(&|x| x.broker_cpu), 2),
+                fmt_spread(&per_q(&|x| x.server_cpu), 2),
+                fmt_spread(&per_q(&|x| x.softirq), 2),
+                col(ns(&|x| x.ingress_ns), 0, agent),
+                col(
+                    ns(&|x| x.egress_ns),
+                    0,
+                    *config == Config::Agent || *config == Config::Baseline
+                ),
+                col(
+                    r.iter()
+                        .map(|x| x.ingress_runs as f64 / x.queries.max(1.0))
+                        .collect(),
+                    2,
+                    agent
+                ),
+                if agent {
+                    format!(
+                        "{:.0}",
+                        median(
+                            r.iter()
+                                .map(|x| x.captured as f64 / x.messages.max(1) as f64)
+                        )
+                    )
+                } else {
+                    "-".into()
+                },
+                if agent { lost(r) } else { "-".into() },
+                if agent {
+                    r.iter().map(|x| x.rss_mb).max().unwrap_or(0).to_string()
+                } else {
+                    "-".into()
+                },
+            ));
+            json.push(run_json("paced", workload, name, r));
+        }
+        md.push('\n');
+    }
+    if modes.iter().any(|m| m == "saturated") {
+        md.push_str(
+            "### Saturated\n\n\
+             | workload | configuration | qps (min / median / max) | qps ratio (min / median / max) | p95 ms (median) | p95 ratio (min / median / max) | capturer CPU % (median) | RabbitMQ CPU % (median) | captured (median) | lost |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for workload in &workloads {
+            let setup = Setup {
+                mode: Mode::Saturated,
+                workload,
+                threads,
+                secs,
+                rate,
+                agent_args: &agent_args,
+                baseline: baseline.as_ref(),
+            };
+            let runs = rounds(&configs, rounds_n, &setup);
+            let qps = |i: usize| runs[i].iter().map(|r| r.qps).collect::<Vec<_>>();
+            let p95 = |i: usize| runs[i].iter().map(|r| r.p95_ms).collect::<Vec<_>>();
+            for (i, (config, name)) in configs.iter().enumerate() {
+                let capturing = *config != Config::Nothing;
+                let pct = |f: &dyn Fn(&Run) -> Duration| {
+                    median(
+                        runs[i]
+                            .iter()
+                            .map(|r| f(r).as_secs_f64() * 100.0 / secs as f64),
+                    )
+                };
+                let captured = median(runs[i].iter().map(|r| r.captured as f64));
+                let rendered = median(runs[i].iter().map(|r| r.rendered as f64));
+                let dash = |s: String| if capturing { s } else { "-".into() };
+                md.push_str(&format!(
+                    "| {workload} | {name} | {} | {} | {:.2} | {} | {} | {:.1} | {} | {} |\n",
+                    fmt_spread(&qps(i), 0),
+                    fmt_spread(&ratios(&qps(i), &qps(0)), 3),
+                    median(p95(i)),
+                    fmt_spread(&ratios(&p95(i), &p95(0)), 3),
+                    dash(format!("{:.1}", pct(&|r| r.cpu))),
+                    pct(&|r| r.broker_cpu),
+                    dash(match config {
+                        Config::Agent | Config::Baseline =>
+                            format!("{captured:.0} units ({rendered:.0} executes as text)"),
+                        Config::AgentRaw => format!("{captured:.0} units"),
+                        _ => format!("{captured:.0} packets"),
+                    }),
+                    dash(if is_agent(*config) {
+                        lost(&runs[i])
+                    } else {
+                        runs[i].iter().map(|r| r.drops).sum::<u64>().to_string()
+                    }),
+                ));
+                let mut j = run_json("saturated", workload, name, &runs[i]);
+                j["qps_ratio"] = json!(ratios(&qps(i), &qps(0)));
+                j["p95_ratio"] = json!(ratios(&p95(i), &p95(0)));
+                json.push(j);
             }
         }
-        let qps = |i: usize| runs[i].iter().map(|r| r.qps).collect::<Vec<_>>();
-        let p95 = |i: usize| runs[i].iter().map(|r| r.p95_ms).collect::<Vec<_>>();
-        for (i, (config, name)) in CONFIGS.iter().enumerate() {
-            let capturing = *config != Config::Nothing;
-            let cpu_pct = median(
-                runs[i]
-                    .iter()
-                    .map(|r| r.cpu.as_secs_f64() * 100.0 / secs as f64),
-            );
-            let captured = median(runs[i].iter().map(|r| r.captured as f64));
-            let rendered = median(runs[i].iter().map(|r| r.rendered as f64));
-            let broker_pct = median(
-                runs[i]
-                    .iter()
-                    .map(|r| r.broker_cpu.as_secs_f64() * 100.0 / secs as f64),
-            );
-            let dash = |s: String| if capturing { s } else { "-".into() };
-            md.push_str(&format!(
-                "| {workload} | {name} | {} | {} | {:.2} | {} | {} | {broker_pct:.1} | {} | {} |\n",
-                fmt_spread(&qps(i), 0),
-                fmt_spread(&ratios(&qps(i), &qps(0)), 3),
-                median(p95(i)),
-                fmt_spread(&ratios(&p95(i), &p95(0)), 3),
-                dash(format!("{cpu_pct:.1}")),
-                dash(match config {
-                    Config::Agent =>
-                        format!("{captured:.0} units ({rendered:.0} executes as text)"),
-                    Config::AgentRaw => format!("{captured:.0} units"),
-                    _ => format!("{captured:.0} packets"),
-                }),
-                dash(runs[i].iter().map(|r| r.drops).sum::<u64>().to_string()),
-            ));
-            json.push(json!({
-                "workload": workload, "configuration": name,
-                "qps": qps(i), "p95_ms": p95(i),
-                "qps_ratio": ratios(&qps(i), &qps(0)), "p95_ratio": ratios(&p95(i), &p95(0)),
-                "capturer_cpu_s": runs[i].iter().map(|r| r.cpu.as_secs_f64()).collect::<Vec<_>>(),
-                "broker_cpu_s": runs[i].iter().map(|r| r.broker_cpu.as_secs_f64()).collect::<Vec<_>>(),
-                "captured": runs[i].iter().map(|r| r.captured).collect::<Vec<_>>(),
-                "rendered": runs[i].iter().map(|r| r.rendered).collect::<Vec<_>>(),
-                "dropped": runs[i].iter().map(|r| r.drops).collect::<Vec<_>>(),
-            }));
-        }
+        md.push('\n');
     }
-    md.push('\n');
     support::write(&a, "overhead", &md, &serde_json::Value::Array(json));
+}
+
+fn run_json(mode: &str, workload: &str, name: &str, r: &[Run]) -> serde_json::Value {
+    let v = |f: &dyn Fn(&Run) -> serde_json::Value| r.iter().map(f).collect::<Vec<_>>();
+    json!({
+        "mode": mode, "workload": workload, "configuration": name,
+        "qps": v(&|x| json!(x.qps)), "queries": v(&|x| json!(x.queries)),
+        "p95_ms": v(&|x| json!(x.p95_ms)),
+        "capturer_cpu_s": v(&|x| json!(x.cpu.as_secs_f64())),
+        "broker_cpu_s": v(&|x| json!(x.broker_cpu.as_secs_f64())),
+        "server_cpu_s": v(&|x| json!(x.server_cpu.as_secs_f64())),
+        "softirq_s": v(&|x| json!(x.softirq.as_secs_f64())),
+        "captured": v(&|x| json!(x.captured)), "consumed": v(&|x| json!(x.consumed)),
+        "messages": v(&|x| json!(x.messages)), "rendered": v(&|x| json!(x.rendered)),
+        "dropped": v(&|x| json!(x.drops)),
+        "ingress_runs": v(&|x| json!(x.ingress_runs)), "ingress_ns_per_run": v(&|x| json!(x.ingress_ns)),
+        "egress_runs": v(&|x| json!(x.egress_runs)), "egress_ns_per_run": v(&|x| json!(x.egress_ns)),
+        "rss_peak_mb": v(&|x| json!(x.rss_mb)),
+    })
 }

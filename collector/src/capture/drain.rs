@@ -74,6 +74,8 @@ pub trait RecordSink {
     fn push(&mut self, record: Record);
     /// Called before each drain hands over its first record.
     fn begin(&mut self) {}
+    /// Called after each drain (records or not): the drain's wake-ups are the sink's too.
+    fn end(&mut self) {}
 }
 
 /// What the drain handed over. `malformed` (an item shorter than its header says) should
@@ -128,10 +130,11 @@ enum Source {
 /// Drains the record buffer into a [`RecordSink`].
 pub struct Drain {
     source: Source,
-    /// The kernel skips wake-ups for records within its wake-up interval; after a drain that
-    /// found records, look once more this long after it (none while idle).
-    recheck_after: Duration,
-    recheck_at: Option<tokio::time::Instant>,
+    /// The kernel wakes the reader only once much of the ring is unread; below that, records
+    /// wait for this timer (none with a zero cadence: the kernel then wakes on each record).
+    cadence: Duration,
+    /// Made on the first wait, inside the runtime.
+    ticker: Option<tokio::time::Interval>,
     /// Arena the records' payloads are copied into; split off per record so that one
     /// allocation serves many records.
     arena: BytesMut,
@@ -148,7 +151,7 @@ fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, CaptureErro
 }
 
 impl Drain {
-    pub(super) fn new(source: RawSource, recheck_after: Duration) -> Result<Self, CaptureError> {
+    pub(super) fn new(source: RawSource, cadence: Duration) -> Result<Self, CaptureError> {
         let source = match source {
             RawSource::Ring(ring) => Source::Ring(register(ring)?),
             RawSource::Perf(bufs) => {
@@ -157,8 +160,8 @@ impl Drain {
         };
         Ok(Self {
             source,
-            recheck_after,
-            recheck_at: None,
+            cadence,
+            ticker: None,
             arena: BytesMut::with_capacity(ARENA_CHUNK),
             stats: DrainStats::default(),
             shared: Arc::default(),
@@ -170,38 +173,38 @@ impl Drain {
         self.shared.clone()
     }
 
-    /// Waits until the buffer has records (or a re-check is due), then hands all of them to
-    /// `sink`.
+    /// Waits until the kernel wakes the reader or the timer ticks, then hands everything in
+    /// the buffer to `sink`.
     pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
+        if self.ticker.is_none() && !self.cadence.is_zero() {
+            let mut t = tokio::time::interval(self.cadence);
+            // A late drain takes everything: no burst of ticks to catch up.
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            self.ticker = Some(t);
+        }
+        let ticker = self.ticker.as_mut();
         match &self.source {
             Source::Ring(ring) => {
-                let recheck = self.recheck_at;
                 tokio::select! {
                     guard = ring.readable() => {
                         // Cleared before draining: data arriving meanwhile wakes us again.
                         guard.map_err(CaptureError::Ring)?.clear_ready();
                     }
-                    _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)),
-                        if recheck.is_some() =>
-                    {
-                        // Only the re-check itself, finding nothing, ends the re-checking: a
-                        // wake-up for records already drained must not cancel it while records
-                        // submitted without a wake-up may still follow.
-                        self.recheck_at = None;
-                    }
+                    _ = tick(ticker) => {}
                 }
             }
             Source::Perf(bufs) => {
                 let ready = bufs.iter().map(|b| Box::pin(b.readable()));
-                let (guard, _, _) = futures_util::future::select_all(ready).await;
-                guard.map_err(CaptureError::Ring)?.clear_ready();
+                tokio::select! {
+                    (guard, _, _) = futures_util::future::select_all(ready) => {
+                        guard.map_err(CaptureError::Ring)?.clear_ready();
+                    }
+                    // The sink's batches leave on the drain's wake-ups.
+                    _ = tick(ticker) => {}
+                }
             }
         }
-        let n = self.drain_now(sink);
-        if n > 0 && !self.recheck_after.is_zero() {
-            self.recheck_at = Some(tokio::time::Instant::now() + self.recheck_after);
-        }
-        Ok(n)
+        Ok(self.drain_now(sink))
     }
 
     /// Hands over whatever is in the buffer now, without waiting.
@@ -217,6 +220,7 @@ impl Drain {
                 .sum(),
         };
         self.shared.publish(&self.stats);
+        sink.end();
         n
     }
 
@@ -235,6 +239,16 @@ impl Drain {
         }
         self.drain_now(sink);
         Ok(())
+    }
+}
+
+/// The timer's next tick; never, without one.
+async fn tick(ticker: Option<&mut tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -38,8 +38,8 @@ pub use qdisc::{has_clsact, remove_clsact_if_unused};
 /// The kernel program, embedded at build time (see `build.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MRTE_EBPF_OBJECT"));
 
-/// Default least time between two wake-ups of the ring buffer's reader.
-pub const DEFAULT_WAKEUP_INTERVAL: Duration = Duration::from_millis(2);
+/// Default cadence of the reader's own drain timer (the agent's follows `--read_timeout`).
+pub const DEFAULT_WAKEUP_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Name of the classifier in the object, and the name the kernel shows for it: how a later
 /// start recognises a hook that a killed instance left behind.
@@ -137,7 +137,8 @@ pub struct CaptureConfig {
     pub attach_mode: AttachMode,
     /// How records reach user space; the ring buffer with size classes unless measuring.
     pub transport: Transport,
-    /// Least time between reader wake-ups; zero wakes on nearly every record.
+    /// How often the reader drains on its own timer; the kernel wakes it sooner only once an
+    /// eighth of the ring is unread. Zero: the kernel wakes it on (nearly) every record.
     pub wakeup_interval: Duration,
     /// Follow prepared statements: the ingress program marks connections that sent a
     /// COM_STMT_PREPARE, and an egress program hands over the head of the reply.
@@ -193,7 +194,7 @@ pub struct Capture {
     /// Set when the netlink fallback added the clsact qdisc, which drop then removes.
     added_clsact: bool,
     mode: &'static str,
-    recheck_after: Duration,
+    cadence: Duration,
     /// The TLS probes, when attached.
     tls: Option<tls::TlsProbes>,
 }
@@ -240,7 +241,7 @@ impl Capture {
             ifindex,
             added_clsact: attached.added_clsact,
             mode: attached.mode,
-            recheck_after: cfg.wakeup_interval * 2,
+            cadence: cfg.wakeup_interval,
             tls,
         })
     }
@@ -318,7 +319,7 @@ impl Capture {
     pub fn take_drain(&mut self) -> Result<Option<Drain>, CaptureError> {
         match self.source.take() {
             None => Ok(None),
-            Some(source) => Ok(Some(Drain::new(source, self.recheck_after)?)),
+            Some(source) => Ok(Some(Drain::new(source, self.cadence)?)),
         }
     }
 
@@ -393,8 +394,11 @@ fn load(
 ) -> Result<Ebpf, CaptureError> {
     let link_kind = link_kind as u8;
     let transport = cfg.transport as u8;
-    let wake_ns = cfg.wakeup_interval.as_nanos() as u64;
-    let wake_at = cfg.ring_bytes as u64 / 4;
+    let wake_at = if cfg.wakeup_interval.is_zero() {
+        0
+    } else {
+        cfg.ring_bytes as u64 / 8
+    };
     let perf = cfg.transport == Transport::PerfSkb;
     let mut loader = EbpfLoader::new();
     // Unknown ones stay 0: the TLS programs then read nothing (`attach_tls` says why).
@@ -407,7 +411,6 @@ fn load(
         .override_global("LINK_KIND", &link_kind, true)
         .override_global("SNAP_LEN", &cfg.snap_len, true)
         .override_global("TRANSPORT", &transport, true)
-        .override_global("WAKE_INTERVAL_NS", &wake_ns, true)
         .override_global("WAKE_AT_BYTES", &wake_at, true)
         .override_global("PREPARED", &u8::from(cfg.prepared), true)
         // The unused transport's map is kept at its minimum size.

@@ -158,6 +158,9 @@ struct Lane {
     open: Option<Batch>,
     /// Sessions of dropped batches, for the next batch that gets through.
     lost: HashSet<(Ipv4Addr, u16)>,
+    /// Length of its last batch: the next one's buffer is sized from it, so that neither a
+    /// full-size buffer is allocated for a few units nor a large batch regrown many times.
+    last_len: usize,
 }
 
 /// Spreads units over the publishers' queues, batching per publisher.
@@ -176,9 +179,9 @@ pub struct Fanout {
 /// The publisher that carries a session: the same for every unit of the session.
 pub fn lane_of(ip: IpAddr, port: u16, lanes: usize) -> usize {
     use std::hash::BuildHasher as _;
-    // Fixed keys: the choice must not change while the collector runs.
-    let h =
-        std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one((ip, port));
+    // A fixed seed: the choice must not change while the collector runs. foldhash, not
+    // SipHash: this runs for every unit.
+    let h = foldhash::fast::FixedState::with_seed(0x6d72_7465).hash_one((ip, port));
     (h % lanes as u64) as usize
 }
 
@@ -199,6 +202,7 @@ impl Fanout {
                     tx,
                     open: None,
                     lost: HashSet::default(),
+                    last_len: 0,
                 })
                 .collect(),
             limits,
@@ -220,9 +224,11 @@ impl Fanout {
         let lane = lane_of(IpAddr::V4(ip), port, self.lanes.len());
         let limits = self.limits;
         let local_ip = self.local_ip;
-        let batch = self.lanes[lane]
+        let l = &mut self.lanes[lane];
+        let capacity = (l.last_len + l.last_len / 4).clamp(4096, limits.bytes.clamp(4096, 1 << 20));
+        let batch = l
             .open
-            .get_or_insert_with(|| Batch::new(local_ip, limits.bytes.min(1 << 20), now));
+            .get_or_insert_with(|| Batch::new(local_ip, capacity, now));
         encode::put_unit(&mut batch.buf, ip, port, data);
         batch.units += 1;
         if batch.captured == 0 {
@@ -242,13 +248,14 @@ impl Fanout {
             .min()
     }
 
-    /// Sends every batch whose oldest unit has waited `max_wait`.
-    pub fn send_due(&mut self, now: Instant) {
+    /// Sends every batch whose oldest unit will have waited `max_wait` at `at` (`now`, or
+    /// the next drain's time).
+    pub fn send_due(&mut self, at: Instant, now: Instant) {
         for lane in 0..self.lanes.len() {
             if self.lanes[lane]
                 .open
                 .as_ref()
-                .is_some_and(|b| now >= b.opened + self.limits.max_wait)
+                .is_some_and(|b| at >= b.opened + self.limits.max_wait)
             {
                 self.send(lane, now);
             }
@@ -276,6 +283,7 @@ impl Fanout {
             return;
         };
         let units = batch.units;
+        self.lanes[lane].last_len = batch.buf.len();
         PipelineCounters::add(&self.counters.batched_units, units);
         // A batch sent early (by time) holds a buffer sized for a full one: queued like
         // that, a stalled broker would pin ~32 KiB per few units. It is copied to its size.
@@ -417,9 +425,9 @@ mod tests {
         // Time: a lone unit leaves once it waited max_wait, not before.
         f.push(ip, 1, b"y", t);
         assert_eq!(f.next_due(), Some(t + LIMITS.max_wait));
-        f.send_due(t + Duration::from_millis(99));
+        f.send_due(t + Duration::from_millis(99), t);
         assert!(rxs[0].try_recv().is_err());
-        f.send_due(t + LIMITS.max_wait);
+        f.send_due(t + LIMITS.max_wait, t);
         assert_eq!(rxs[0].try_recv().unwrap().units(), 1);
         assert_eq!(f.next_due(), None);
     }

@@ -69,6 +69,11 @@ impl Agent {
     /// Starts the agent with `args`, plus the test MariaDB's port and credentials unless
     /// `args` name them.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_binary(&binary(), args)
+    }
+
+    /// [`Self::start`] with another build of the agent (a benchmark's baseline).
+    pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         // A subcommand (inspect, publish-file) takes no MySQL flags.
         let subcommand = args.first().is_some_and(|a| !a.starts_with('-'));
@@ -81,7 +86,7 @@ impl Agent {
                 all.push(format!("{flag}={value}"));
             }
         }
-        let child = Command::new(binary())
+        let child = Command::new(binary)
             .args(&all)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

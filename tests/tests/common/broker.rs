@@ -79,6 +79,14 @@ impl TestExchange {
         this
     }
 
+    /// A fresh fanout exchange with a queue bound that a consumer of its own drains as a player
+    /// would (no acks, a generous prefetch), counting what it takes; for benchmarks.
+    pub fn consumed(tag: &str) -> (Self, Consumer) {
+        let this = Self::declared(tag, false);
+        let consumer = Consumer::start(&this.queue);
+        (this, consumer)
+    }
+
     fn declared(tag: &str, durable: bool) -> Self {
         let this = Self::named(tag);
         this.declare(durable, true, None);
@@ -224,6 +232,100 @@ impl TestExchange {
             conn.close(200, "".into()).await.unwrap();
             out
         })
+    }
+}
+
+/// Messages and units a [`Consumer`] took from its queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Consumed {
+    pub messages: u64,
+    pub units: u64,
+}
+
+/// Drains a queue in a thread of its own until stopped.
+pub struct Consumer {
+    counts: std::sync::Arc<std::sync::Mutex<Consumed>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Consumer {
+    fn start(queue: &str) -> Self {
+        let counts = std::sync::Arc::<std::sync::Mutex<Consumed>>::default();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (q, c) = (queue.to_owned(), counts.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let conn = connect().await;
+                let ch = conn.create_channel().await.unwrap();
+                ch.basic_qos(1000, BasicQosOptions::default())
+                    .await
+                    .unwrap();
+                let mut consumer = ch
+                    .basic_consume(
+                        q.as_str().into(),
+                        "bench".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                loop {
+                    tokio::select! {
+                        d = consumer.next() => {
+                            let Some(Ok(d)) = d else { break };
+                            let units = collector::encode::decode_message(&d.data)
+                                .map_or(0, |m| m.units.len() as u64);
+                            let mut c = c.lock().unwrap();
+                            c.messages += 1;
+                            c.units += units;
+                        }
+                        _ = &mut stopped => break,
+                    }
+                }
+                let _ = conn.close(200, "".into()).await;
+            });
+        });
+        ready.recv().expect("the consumer started");
+        Self {
+            counts,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// What it took so far.
+    pub fn consumed(&self) -> Consumed {
+        *self.counts.lock().unwrap()
+    }
+
+    /// Waits until the queue has given it `units` units or `within` has passed; what it took.
+    pub fn wait_for_units(&self, units: u64, within: Duration) -> Consumed {
+        let deadline = std::time::Instant::now() + within;
+        while self.consumed().units < units && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.consumed()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
