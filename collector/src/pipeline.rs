@@ -29,6 +29,9 @@ const HOLD_MAX_TIME: Duration = Duration::from_secs(10);
 /// How long a session whose end was captured is kept from the GC without a process-list read
 /// showing it gone (MySQL down, or `--mysql_optional` without MySQL).
 const ENDED_LINGER: Duration = Duration::from_secs(10 * 60);
+/// How long a connection of ours replaced by a reconnect is still left out: long enough for
+/// its last segments, short enough that a client reusing its port is not left out for long.
+const FORMER_OWN_LINGER: Duration = Duration::from_secs(60);
 /// What a held segment costs beyond its payload: the record, and its slot in the hold's
 /// vector (which grows by doubling).
 /// Most bytes held back at once unless the memory plan gives less.
@@ -106,6 +109,10 @@ pub struct Pipeline {
     now: Instant,
     /// The collector's own MySQL connection.
     own: Option<SessionKey>,
+    /// Its connections before a reconnect, since when: their last segments (the read that
+    /// found the connection dead) can be drained after the new one is known. Kept for
+    /// [`FORMER_OWN_LINGER`].
+    former_own: Vec<(SessionKey, Instant)>,
     hold: Hold,
     /// Sessions of the last process-list read, with their ids.
     known: HashMap<SessionKey, u64>,
@@ -137,6 +144,7 @@ impl Pipeline {
             counters,
             now,
             own: None,
+            former_own: Vec::new(),
             hold: Hold {
                 all: hold,
                 since: hold.then_some(now),
@@ -177,6 +185,8 @@ impl Pipeline {
         self.flows.expire(now, idle, &self.counters);
         self.ended
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < ENDED_LINGER);
+        self.former_own
+            .retain(|(_, t)| now.saturating_duration_since(*t) < FORMER_OWN_LINGER);
     }
 
     /// When the next batch or held segment must leave.
@@ -271,7 +281,10 @@ impl Pipeline {
             std::mem::take(&mut snap.replication_ids),
         );
         PipelineCounters::add(&self.counters.replication_skipped, new_replicas as u64);
-        if snap.own.is_some() {
+        if snap.own.is_some() && snap.own != self.own {
+            if let Some(old) = self.own {
+                self.former_own.push((old, self.now));
+            }
             self.own = snap.own;
         }
     }
@@ -449,7 +462,8 @@ impl Pipeline {
     fn deliver(&mut self, r: Record) {
         // Checked here, past the hold: a connection of ours made while capturing (a
         // reconnect) is known only from the read its segments were held for.
-        if self.own == Some(r.client()) {
+        let client = r.client();
+        if self.own == Some(client) || self.former_own.iter().any(|(k, _)| *k == client) {
             if r.is_client() {
                 PipelineCounters::add(&self.counters.own_traffic, 1);
             }
