@@ -499,7 +499,7 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
         if ret < 0 {
             return Err(Counter::RingFull);
         }
-    } else if RECORDS.output::<ReplyRecord>(&rec, wake_flags()).is_err() {
+    } else if RECORDS.output::<ReplyRecord>(&rec, wake_flags(size_of::<ReplyRecord>() as u64)).is_err() {
         return Err(Counter::RingFull);
     }
     bump(counters, Counter::Records);
@@ -675,7 +675,7 @@ fn emit_control(
             return Err(Counter::RingFull);
         };
         entry.write(hdr);
-        entry.submit(wake_flags());
+        entry.submit(wake_flags(HDR as u64));
     }
     bump(counters, Counter::Records);
     Ok(())
@@ -708,7 +708,7 @@ fn emit(
         return emit_perf(ctx, counters, seg, &mut hdr, want);
     }
     let fixed = transport == Transport::RingFixed as u8;
-    let wake = wake_flags();
+    let wake = wake_flags((want as usize + HDR) as u64);
     let mut done = 0u32;
     for _ in 0..MAX_RECORDS_PER_SEGMENT {
         if done >= want {
@@ -776,16 +776,21 @@ fn emit_one<const SIZE: usize, const CAP: u32>(
     Ok(n)
 }
 
-/// Submit flags for a segment's last record: wake the reader only once a good part of the ring
-/// is unread (`WAKE_AT_BYTES`); the reader drains on its own timer otherwise. Reads the ring's
-/// two positions, which the reservation just touched: no shared word is written for it.
+/// Submit flags for a segment's last record (`size` bytes of records): wake the reader when
+/// the unread bytes cross `WAKE_AT_BYTES`; the reader drains on its own timer otherwise. Past
+/// the crossing (and a sixteenth more, for producers on other CPUs that read the positions
+/// at the same time) no record wakes it again: one wake-up per fill, not one per record while
+/// a lagging reader catches up. Reads only the ring's two positions, which the reservation has
+/// just touched: no shared word is written for it.
 #[inline(always)]
-pub(crate) fn wake_flags() -> u64 {
+pub(crate) fn wake_flags(size: u64) -> u64 {
     // SAFETY: a load-time constant.
     let wake_at = unsafe { ptr::read_volatile(&WAKE_AT_BYTES) };
     if wake_at == 0 {
-        0
-    } else if RECORDS.query(BPF_RB_AVAIL_DATA) > wake_at {
+        return 0;
+    }
+    let unread = RECORDS.query(BPF_RB_AVAIL_DATA);
+    if unread + size > wake_at && unread <= wake_at + (wake_at >> 4) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -366,7 +366,7 @@ pub fn mrte_ssl_write(ctx: ProbeContext) -> u32 {
         bump(c, Counter::TlsReadFailed);
         return 0;
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags((HDR + CAP_SMALL as usize) as u64));
     bump(c, Counter::TlsReplies);
     bump(c, Counter::Records);
     c.0[Counter::Bytes as usize] += n as u64;
@@ -387,7 +387,7 @@ fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
     };
     hdr.saddr[..4].copy_from_slice(&sock.client);
     hdr.daddr[..4].copy_from_slice(&sock.server);
-    let wake = wake_flags();
+    let wake = wake_flags((want as usize + HDR) as u64);
     let mut done = 0u32;
     for _ in 0..MAX_RECORDS_PER_SEGMENT {
         if done >= want {
