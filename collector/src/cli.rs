@@ -6,9 +6,6 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-/// inspect's drain cadence unless --wakeup_interval_us is given: prompt enough to watch.
-const INSPECT_DRAIN_CADENCE: Duration = Duration::from_millis(20);
-
 use crate::{
     agent::AgentConfig,
     bootstrap::MysqlConfig,
@@ -16,6 +13,9 @@ use crate::{
     inspect::{InspectConfig, Source},
     publish::{BatchLimits, BrokerConfig},
 };
+
+/// inspect's drain cadence unless --wakeup_interval_us is given: prompt enough to watch.
+const INSPECT_DRAIN_CADENCE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, Parser)]
 #[command(
