@@ -245,7 +245,7 @@ pub enum OnOff {
 
 /// The drain's cadence when --wakeup_interval_us is not given: a quarter of the longest time a
 /// segment may take to be published, so that batches have the rest of it to fill.
-pub fn default_drain_cadence(read_timeout: Duration) -> Duration {
+fn default_drain_cadence(read_timeout: Duration) -> Duration {
     (read_timeout / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
 }
 

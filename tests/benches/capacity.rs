@@ -25,30 +25,18 @@ mod support;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use common::{
     Sink,
     agent::{Agent, totals},
-    broker::{AMQP_URI, TestExchange},
-};
-use futures_util::StreamExt as _;
-use lapin::{
-    Connection, ConnectionProperties,
-    options::{BasicConsumeOptions, BasicQosOptions},
-    types::FieldTable,
+    broker::{Consumer, TestExchange},
 };
 use serde_json::json;
 use support::{Args, fmt_spread, median, process_cpu, ratios};
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
-
-/// The synthetic COM_QUIT the agent adds for a connection that ended without its own.
-const COM_QUIT: [u8; 5] = [1, 0, 0, 0, 1];
 
 /// Drop and loss counters of the agent's exit summary, any of which moving means a loss.
 const DROPS: [&str; 10] = [
@@ -154,113 +142,6 @@ async fn generate(addr: SocketAddr, load: Load) -> Sent {
     }
 }
 
-/// Decodes every message of `queue` as it arrives and adds up the payload bytes of its units
-/// (not the agent's own synthetic COM_QUITs).
-struct Consumer {
-    bytes: Arc<AtomicU64>,
-    /// Every unit received, the synthetic ones too.
-    units: Arc<AtomicU64>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Consumer {
-    fn start(queue: &str) -> Self {
-        let bytes = Arc::new(AtomicU64::new(0));
-        let units = Arc::new(AtomicU64::new(0));
-        let (stop, mut stopped) = tokio::sync::oneshot::channel();
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        let (queue, counted, counted_units) = (queue.to_owned(), bytes.clone(), units.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let conn = Connection::connect(AMQP_URI, ConnectionProperties::default())
-                    .await
-                    .unwrap();
-                let ch = conn.create_channel().await.unwrap();
-                ch.basic_qos(2000, BasicQosOptions::default())
-                    .await
-                    .unwrap();
-                let mut deliveries = ch
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "bench".into(),
-                        BasicConsumeOptions {
-                            no_ack: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .unwrap();
-                ready_tx.send(()).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => break,
-                        d = deliveries.next() => {
-                            let Some(d) = d else { break };
-                            let d = d.unwrap();
-                            let m = collector::encode::decode_message(&d.data)
-                                .expect("a published message that does not decode");
-                            let n: usize = m
-                                .units
-                                .iter()
-                                .filter(|u| u.data != COM_QUIT)
-                                .map(|u| u.data.len())
-                                .sum();
-                            counted.fetch_add(n as u64, Ordering::Relaxed);
-                            counted_units.fetch_add(m.units.len() as u64, Ordering::Relaxed);
-                        }
-                    }
-                }
-                let _ = conn.close(200, "".into()).await;
-            })
-        });
-        ready.recv().expect("the consumer did not start");
-        Self {
-            bytes,
-            units,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `want` bytes arrived, or nothing arrived for `quiet`.
-    fn wait_for(&self, want: u64, quiet: Duration) -> u64 {
-        let (mut last, mut since) = (self.bytes(), Instant::now());
-        loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let now = self.bytes();
-            if now >= want {
-                return now;
-            }
-            if now != last {
-                (last, since) = (now, Instant::now());
-            } else if since.elapsed() > quiet {
-                return now;
-            }
-        }
-    }
-}
-
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// One run with the agent attached.
 #[derive(Clone, Debug, Default)]
 struct Captured {
@@ -345,21 +226,22 @@ impl Bench {
         agent.wait_log_blocking("pass=Second");
         let cpu0 = process_cpu(agent.pid());
         let sent = self.rt.block_on(generate(self.sink, load));
-        consumer.wait_for(sent.bytes, Duration::from_secs(3));
+        consumer.wait(|c| c.payload_bytes >= sent.bytes, Duration::from_secs(3));
         let cpu = process_cpu(agent.pid()) - cpu0;
         let out = agent.stop();
         let t = totals(&out);
         let get = |k: &str| t.get(k).copied().unwrap_or(0);
         // Everything the agent published is in the queue: wait for it (bounded).
-        let start = Instant::now();
-        while consumer.units.load(Ordering::Relaxed) < get("published_units")
-            && start.elapsed() < Duration::from_secs(30)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let published = consumer.bytes();
-        let received_units = consumer.units.load(Ordering::Relaxed);
+        let got = consumer.wait(
+            |c| c.units >= get("published_units"),
+            Duration::from_secs(10),
+        );
         drop(consumer);
+        assert_eq!(
+            got.undecodable, 0,
+            "a published message that does not decode"
+        );
+        let (published, received_units) = (got.payload_bytes, got.units);
         assert_eq!(
             received_units,
             get("published_units"),

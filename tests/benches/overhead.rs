@@ -301,9 +301,12 @@ fn run_capturing(config: Config, s: &Setup) -> Run {
             let t = totals(&agent.stop());
             let get = |k: &str| t.get(k).copied().unwrap_or(0);
             let published = get("published_units");
-            let consumed = consumer
-                .wait_for_units(published, Duration::from_secs(30))
-                .units;
+            let got = consumer.wait(|c| c.units >= published, Duration::from_secs(10));
+            assert_eq!(
+                got.undecodable, 0,
+                "messages in the queue that are not MRTE"
+            );
+            let consumed = got.units;
             Run {
                 qps,
                 queries,
@@ -440,19 +443,19 @@ fn main() {
         support::machine(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
+    let setup = |mode, workload| Setup {
+        mode,
+        workload,
+        threads,
+        secs,
+        rate,
+        agent_args: &agent_args,
+        baseline: baseline.as_ref(),
+    };
     let mut json = Vec::new();
     if modes.iter().any(|m| m == "paced") {
         let workload = &workloads[0];
-        let setup = Setup {
-            mode: Mode::Paced,
-            workload,
-            threads,
-            secs,
-            rate,
-            agent_args: &agent_args,
-            baseline: baseline.as_ref(),
-        };
-        let runs = rounds(&configs, rounds_n, &setup);
+        let runs = rounds(&configs, rounds_n, &setup(Mode::Paced, workload));
         md.push_str(&format!(
             "### Paced: `{workload}` at {rate} transactions/s\n\n\
              CPU time (user + system) per query by process during the run; softirq: the whole \
@@ -523,16 +526,7 @@ fn main() {
              |---|---|---|---|---|---|---|---|---|---|\n",
         );
         for workload in &workloads {
-            let setup = Setup {
-                mode: Mode::Saturated,
-                workload,
-                threads,
-                secs,
-                rate,
-                agent_args: &agent_args,
-                baseline: baseline.as_ref(),
-            };
-            let runs = rounds(&configs, rounds_n, &setup);
+            let runs = rounds(&configs, rounds_n, &setup(Mode::Saturated, workload));
             let qps = |i: usize| runs[i].iter().map(|r| r.qps).collect::<Vec<_>>();
             let p95 = |i: usize| runs[i].iter().map(|r| r.p95_ms).collect::<Vec<_>>();
             for (i, (config, name)) in configs.iter().enumerate() {

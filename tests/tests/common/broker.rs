@@ -235,12 +235,20 @@ impl TestExchange {
     }
 }
 
-/// Messages and units a [`Consumer`] took from its queue.
+/// What a [`Consumer`] took from its queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Consumed {
     pub messages: u64,
+    /// Every unit, the agent's synthetic COM_QUITs too.
     pub units: u64,
+    /// Payload bytes of the units, not of the synthetic COM_QUITs.
+    pub payload_bytes: u64,
+    /// Messages that are not MRTE messages.
+    pub undecodable: u64,
 }
+
+/// The synthetic COM_QUIT the agent adds for a connection that ended without its own.
+const COM_QUIT: [u8; 5] = [1, 0, 0, 0, 1];
 
 /// Drains a queue in a thread of its own until stopped.
 pub struct Consumer {
@@ -250,7 +258,8 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    fn start(queue: &str) -> Self {
+    /// Drains `queue` until dropped.
+    pub fn start(queue: &str) -> Self {
         let counts = std::sync::Arc::<std::sync::Mutex<Consumed>>::default();
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -283,11 +292,20 @@ impl Consumer {
                     tokio::select! {
                         d = consumer.next() => {
                             let Some(Ok(d)) = d else { break };
-                            let units = collector::encode::decode_message(&d.data)
-                                .map_or(0, |m| m.units.len() as u64);
                             let mut c = c.lock().unwrap();
                             c.messages += 1;
-                            c.units += units;
+                            match collector::encode::decode_message(&d.data) {
+                                Ok(m) => {
+                                    c.units += m.units.len() as u64;
+                                    c.payload_bytes += m
+                                        .units
+                                        .iter()
+                                        .filter(|u| u.data != COM_QUIT)
+                                        .map(|u| u.data.len() as u64)
+                                        .sum::<u64>();
+                                }
+                                Err(_) => c.undecodable += 1,
+                            }
                         }
                         _ = &mut stopped => break,
                     }
@@ -308,13 +326,22 @@ impl Consumer {
         *self.counts.lock().unwrap()
     }
 
-    /// Waits until the queue has given it `units` units or `within` has passed; what it took.
-    pub fn wait_for_units(&self, units: u64, within: Duration) -> Consumed {
-        let deadline = std::time::Instant::now() + within;
-        while self.consumed().units < units && std::time::Instant::now() < deadline {
+    /// Waits until `done` holds of what it took, or nothing more arrived for `quiet`; what
+    /// it took.
+    pub fn wait(&self, done: impl Fn(&Consumed) -> bool, quiet: Duration) -> Consumed {
+        let (mut last, mut since) = (self.consumed(), std::time::Instant::now());
+        loop {
+            let now = self.consumed();
+            if done(&now) {
+                return now;
+            }
+            if now != last {
+                (last, since) = (now, std::time::Instant::now());
+            } else if since.elapsed() > quiet {
+                return now;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.consumed()
     }
 }
 
