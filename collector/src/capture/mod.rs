@@ -80,8 +80,21 @@ pub enum CaptureError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "--attach_mode=tcx needs Linux 6.6 or later (TCX links); this kernel is {kernel}: use \
+         --attach_mode=auto (TCX where there is, else clsact + netlink) or netlink"
+    )]
+    TcxUnsupported { kernel: String },
     #[error("attaching to {interface} {side} ({mode}) failed")]
     Attach {
+        interface: String,
+        side: &'static str,
+        mode: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("detaching from {interface} {side} ({mode}) failed")]
+    Detach {
         interface: String,
         side: &'static str,
         mode: &'static str,
@@ -339,7 +352,7 @@ impl Capture {
             return Ok(());
         };
         let prog = classifier(&mut self.ebpf, name)?;
-        prog.detach(link).map_err(|source| CaptureError::Attach {
+        prog.detach(link).map_err(|source| CaptureError::Detach {
             interface: self.interface.clone(),
             side,
             mode: self.mode,
@@ -594,12 +607,30 @@ fn side_name(side: TcAttachType) -> &'static str {
     }
 }
 
+/// The first kernel with TCX links.
+const TCX_SINCE: aya::util::KernelVersion = aya::util::KernelVersion::new(6, 6, 0);
+
+/// `uname -r`, for errors that name the kernel.
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn attach_program(
     prog: &mut SchedClassifier,
     interface: &str,
     mode: AttachMode,
     side: TcAttachType,
 ) -> Result<(SchedClassifierLinkId, &'static str, bool), CaptureError> {
+    if mode == AttachMode::Tcx
+        && let Ok(kernel) = aya::util::KernelVersion::current()
+        && kernel < TCX_SINCE
+    {
+        return Err(CaptureError::TcxUnsupported {
+            kernel: kernel_release(),
+        });
+    }
     if mode != AttachMode::Netlink {
         match prog.attach_with_options(
             interface,

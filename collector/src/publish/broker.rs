@@ -343,6 +343,10 @@ pub struct Link {
     /// deleted exchange wait until one of them has declared it *and* bound the queue (a
     /// message published in between is routed nowhere).
     recheck: tokio::sync::Mutex<()>,
+    /// The publishers' channels, held until the connection is closed: a channel whose last
+    /// handle drops closes itself, and lapin fails the whole connection (socket closed at
+    /// once, close never confirmed) when that meets the connection's own close.
+    channels: Mutex<Vec<Channel>>,
 }
 
 impl Link {
@@ -353,6 +357,7 @@ impl Link {
             dead: watch::channel(None).0,
             events: Mutex::new(Some(events)),
             recheck: tokio::sync::Mutex::new(()),
+            channels: Mutex::default(),
         })
     }
 
@@ -420,6 +425,9 @@ impl Link {
                     .await
                     .map_err(amqp(cfg, "turning on publisher confirms"))?;
             }
+            let mut held = self.channels.lock().expect("channels lock");
+            held.retain(|c| c.status().connected() || c.status().closing());
+            held.push(channel.clone());
             Ok(channel)
         })
         .await
@@ -453,9 +461,21 @@ impl Link {
             }
         };
         let wait = (cfg.timeout * 6).max(Duration::from_secs(30));
+        let start = Instant::now();
         tokio::select! {
-            _ = close => {}
-            _ = gone => {}
+            r = close => match r {
+                Ok(()) => tracing::debug!("old connection closed after {:?}", start.elapsed()),
+                Err(e) => tracing::warn!(
+                    "closing the old connection failed after {:?}: {e}; what it held may \
+                     still reach the broker after what the next one publishes",
+                    start.elapsed()
+                ),
+            },
+            _ = gone => tracing::warn!(
+                "the old connection {} before its close was confirmed ({:?})",
+                if status.errored() { "failed" } else { "closed" },
+                start.elapsed()
+            ),
             _ = tokio::time::sleep(wait) => tracing::warn!(
                 "the broker did not close the old connection within {wait:?}; opening another \
                  anyway"

@@ -466,16 +466,24 @@ pub fn numbered_commands(stream: &[u8], s: usize) -> Vec<Option<u32>> {
 /// after a COM_QUIT of the agent's, its last query `sent - 1`, its own COM_QUIT last. Returns
 /// how many COM_QUITs stood for losses.
 pub fn check_ended_at_losses(got: &[Option<u32>], sent: u32, what: &str) -> u64 {
+    ended_at_losses(got, sent, what).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`check_ended_at_losses`], with what went wrong (and the commands around it) as the error.
+pub fn ended_at_losses(got: &[Option<u32>], sent: u32, what: &str) -> Result<u64, String> {
+    let around = |i: usize| format!("{:?}", &got[i.saturating_sub(8)..(i + 8).min(got.len())]);
     let mut next = 0;
     let mut after_quit = false;
     let mut quits = 0;
     for (i, c) in got.iter().enumerate() {
         match c {
             Some(n) => {
-                assert!(
-                    *n == next || (after_quit && *n > next),
-                    "{what}: query {n} at {i}, expected {next}"
-                );
+                if !(*n == next || (after_quit && *n > next)) {
+                    return Err(format!(
+                        "{what}: query {n} at {i}, expected {next}; around it: {}",
+                        around(i)
+                    ));
+                }
                 next = n + 1;
                 after_quit = false;
             }
@@ -486,7 +494,11 @@ pub fn check_ended_at_losses(got: &[Option<u32>], sent: u32, what: &str) -> u64 
             }
         }
     }
-    assert_eq!(next, sent, "{what}: its last query arrived");
-    assert_eq!(got.last(), Some(&None), "{what}: ends with its own quit");
-    quits
+    if next != sent {
+        return Err(format!("{what}: its last query {next} arrived, not {sent}"));
+    }
+    if got.last() != Some(&None) {
+        return Err(format!("{what}: does not end with its own quit"));
+    }
+    Ok(quits)
 }
