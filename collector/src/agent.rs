@@ -305,8 +305,11 @@ impl Agent {
         }
     }
 
-    /// Detaches, publishes what was captured (within [`SHUTDOWN_GRACE`]), closes the broker
-    /// connection and the recording, and prints the exit summary.
+    /// Detaches, reads the kernel's final counters, drains the ring, publishes what was
+    /// captured (within [`SHUTDOWN_GRACE`]), closes the broker connection and the recording,
+    /// and prints the exit summary. Each step runs even if one before it failed (the first
+    /// error is returned): every record the kernel counted is drained, and the summary says
+    /// what became of it.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let Self {
             cfg,
@@ -323,13 +326,26 @@ impl Agent {
             metrics_server,
             ..
         } = self;
-        drain.drain_now(&mut pipeline);
-        let kernel = (capture.read_counters()?, capture.read_reply_counters()?);
-        let cost = kernel_cost.map(|k| k.since(&capture)).unwrap_or_default();
+        let mut capture = capture;
         if let Some(m) = metrics_server {
             m.abort();
         }
-        capture.detach()?;
+        // Detached first: nothing the kernel counts after this is left unread.
+        let mut failed = capture.detach_programs().err().map(anyhow::Error::from);
+        let mut keep = |r: Result<_, crate::capture::CaptureError>| {
+            r.unwrap_or_else(|e| {
+                tracing::error!("{e:#}");
+                failed.get_or_insert(e.into());
+                Default::default()
+            })
+        };
+        let kernel = (
+            keep(capture.read_counters()),
+            keep(capture.read_reply_counters()),
+        );
+        let cost = kernel_cost.map(|k| k.since(&capture)).unwrap_or_default();
+        drain.drain_now(&mut pipeline);
+        drop(capture);
         // Clean-up of the lock (and of a qdisc we added, once unused): after the detach.
         drop(instance);
         bootstrap.abort();
@@ -368,7 +384,7 @@ impl Agent {
             }
             print_status(&line);
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 

@@ -53,9 +53,10 @@ pub enum BootstrapError {
     #[error("no answer from MySQL at {addr} within {secs} s (--mysql_host, --mysql_port)")]
     Timeout { addr: String, secs: u64 },
     #[error(
-        "MySQL user {user:?} lacks the PROCESS privilege, so the process list shows only its own \
-         sessions: GRANT PROCESS ON *.* TO the user, or pass --mysql_optional to run without \
-         the session bootstrap"
+        "MySQL user {user:?} lacks the PROCESS privilege (granted neither to it nor to a role \
+         it has enabled), so the process list shows only its own sessions: GRANT PROCESS ON \
+         *.* TO the user (or to a role that is its default), or pass --mysql_optional to run \
+         without the session bootstrap"
     )]
     NoProcessPrivilege { user: String },
     #[error("reading the process list from MySQL at {addr}: {cause}")]
@@ -150,6 +151,33 @@ const REPLICATION_COMMANDS: [&str; 2] = ["Binlog Dump", "Binlog Dump GTID"];
 pub fn is_replication(command: &str, state: Option<&str>) -> bool {
     REPLICATION_COMMANDS.contains(&command)
         || state.is_some_and(|s| REPLICATION_STATES.iter().any(|p| s.starts_with(p)))
+}
+
+/// The server's error for a statement an option prevents (`--skip-grant-tables` for SHOW
+/// GRANTS).
+const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
+
+/// Whether one `SHOW GRANTS` line grants PROCESS globally: `GRANT <privileges> ON *.* TO ..`
+/// with PROCESS or ALL [PRIVILEGES] among the privileges (MySQL 8 lists ALL one by one).
+/// Role grants (`GRANT role TO user`) and names that merely contain "process" do not count.
+pub fn grants_process(line: &str) -> bool {
+    let line = line.to_ascii_uppercase();
+    let Some(rest) = line.strip_prefix("GRANT ") else {
+        return false;
+    };
+    let Some((privileges, target)) = rest.split_once(" ON ") else {
+        return false;
+    };
+    target.trim_start().starts_with("*.* ")
+        && privileges
+            .split(',')
+            .map(str::trim)
+            .any(|p| matches!(p, "PROCESS" | "ALL" | "ALL PRIVILEGES"))
+}
+
+/// An identifier in backticks, for a statement.
+fn quoted(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
 }
 
 /// Splits a process-list host into name (or address) and port: `ip:port`, `[v6]:port`,
@@ -315,27 +343,55 @@ impl Mysql {
     }
 
     /// Without the PROCESS privilege the process list shows only the user's own sessions, and
-    /// the bootstrap would silently find nothing.
+    /// the bootstrap would silently find nothing. Judged by what the server grants the
+    /// session: the user's global grants, those of its enabled roles (MariaDB lists them in
+    /// `SHOW GRANTS`; MySQL 8 only when asked for each role), or no grant tables at all.
     pub async fn check_process_privilege(&mut self) -> Result<(), BootstrapError> {
-        let grants: Vec<String> = self
-            .conn
-            .query("SHOW GRANTS FOR CURRENT_USER()")
-            .await
-            .map_err(|cause| BootstrapError::Query {
-                addr: Self::addr(&self.cfg),
-                cause,
-            })?;
-        let has = grants.iter().any(|g| {
-            let g = g.to_ascii_uppercase();
-            g.contains("ALL PRIVILEGES ON *.*") || (g.contains(" ON *.*") && g.contains("PROCESS"))
-        });
-        if has {
-            Ok(())
-        } else {
-            Err(BootstrapError::NoProcessPrivilege {
-                user: self.cfg.user.clone(),
-            })
+        let addr = Self::addr(&self.cfg);
+        let grants: Vec<String> = match self.conn.query("SHOW GRANTS").await {
+            Ok(g) => g,
+            Err(mysql_async::Error::Server(e)) if e.code == ER_OPTION_PREVENTS_STATEMENT => {
+                // --skip-grant-tables: nothing is checked, every session is listed (but
+                // without client hosts, so no session open before capture can be placed).
+                tracing::warn!(
+                    "MySQL at {addr} runs without grant tables (--skip-grant-tables): its \
+                     process list names no client hosts, so sessions open before capture start \
+                     without their database"
+                );
+                return Ok(());
+            }
+            Err(cause) => return Err(BootstrapError::Query { addr, cause }),
+        };
+        if grants.iter().any(|g| grants_process(g)) {
+            return Ok(());
         }
+        // MySQL 8.0.19+ (ROLE_NAME, ROLE_HOST, ...); MariaDB (ROLE_NAME); older servers have
+        // no such table, and a role that cannot be looked up grants nothing here.
+        let roles: Vec<mysql_async::Row> = self
+            .conn
+            .query("SELECT * FROM information_schema.ENABLED_ROLES")
+            .await
+            .unwrap_or_default();
+        for role in roles {
+            let Some(Some(name)) = role.get_opt::<Option<String>, _>(0).and_then(Result::ok) else {
+                continue;
+            };
+            let host = role
+                .get_opt::<Option<String>, _>(1)
+                .and_then(Result::ok)
+                .flatten();
+            let sql = match host {
+                Some(host) => format!("SHOW GRANTS FOR {}@{}", quoted(&name), quoted(&host)),
+                None => format!("SHOW GRANTS FOR {}", quoted(&name)),
+            };
+            let grants: Vec<String> = self.conn.query(sql).await.unwrap_or_default();
+            if grants.iter().any(|g| grants_process(g)) {
+                return Ok(());
+            }
+        }
+        Err(BootstrapError::NoProcessPrivilege {
+            user: self.cfg.user.clone(),
+        })
     }
 
     /// Reads the process list (the collector's own row marked).
@@ -489,6 +545,34 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_is_granted_only_globally_and_by_name() {
+        for yes in [
+            "GRANT PROCESS ON *.* TO `mrte`@`%`",
+            "GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost` WITH GRANT OPTION",
+            "GRANT SELECT, RELOAD, PROCESS, REPLICATION CLIENT ON *.* TO `u`@`h`",
+            // MySQL 8's ALL, static privileges listed one by one.
+            "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, RELOAD, SHUTDOWN, PROCESS, FILE \
+             ON *.* TO `root`@`localhost` WITH GRANT OPTION",
+            // A role's line, as MariaDB's SHOW GRANTS lists it for the enabled role.
+            "grant process on *.* to `monitoring`",
+        ] {
+            assert!(grants_process(yes), "{yes}");
+        }
+        for no in [
+            "GRANT USAGE ON *.* TO `processor`@`localhost` IDENTIFIED BY PASSWORD '*7B9E'",
+            "GRANT `process_role` TO `u`@`localhost`",
+            "GRANT ALL PRIVILEGES ON `process`.* TO `u`@`%`",
+            "GRANT SELECT ON `db`.`process` TO `u`@`%`",
+            // MySQL 8's dynamic privileges, on their own line.
+            "GRANT BACKUP_ADMIN,CONNECTION_ADMIN ON *.* TO `u`@`%`",
+            "GRANT PROXY ON ''@'%' TO 'u'@'%' WITH GRANT OPTION",
+            "SET DEFAULT ROLE `process` FOR `u`@`localhost`",
+        ] {
+            assert!(!grants_process(no), "{no}");
+        }
+    }
 
     #[test]
     fn hosts_split_in_every_spelling() {

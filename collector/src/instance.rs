@@ -10,10 +10,10 @@
 //! A TCX link is the agent's file descriptor, so the kernel removes it with the process. The
 //! netlink fallback's filter and clsact qdisc outlive a SIGKILL: the agent that gets the lock
 //! next removes every ingress filter named [`PROGRAM_NAME`] and egress filter named
-//! [`REPLIES_PROGRAM_NAME`] on the interface (no live agent can
-//! own one: it would hold the lock) and, if the lock file says the dead agent added the
-//! qdisc, the qdisc too once no filter of anyone else's is left on it. Other filters are never
-//! touched.
+//! [`REPLIES_PROGRAM_NAME`] on the interface whose program no live process holds (an
+//! `inspect`'s is held by it; no other agent can run there: it would hold the lock) and, if
+//! the lock file says the dead agent added the qdisc, the qdisc too once no filter of anyone
+//! else's is left on it. Other filters are never touched.
 
 use std::{
     fs::File,
@@ -22,13 +22,12 @@ use std::{
     path::PathBuf,
 };
 
-use aya::programs::{
-    TcAttachType,
-    tc::{TcError, qdisc_detach_program},
-};
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME, has_clsact, remove_clsact_if_unused};
+use crate::capture::{
+    PROGRAM_NAME, REPLIES_PROGRAM_NAME, bpf_filters, delete_filter, has_clsact, held_programs,
+    remove_clsact_if_unused,
+};
 
 pub const LOCK_DIR: &str = "/run/mrte-collector";
 
@@ -177,27 +176,49 @@ impl Instance {
             .predecessor
             .as_ref()
             .map_or_else(|| "unknown".into(), |p| p.pid.clone());
-        for (side, side_name, name) in [
-            (TcAttachType::Ingress, "ingress", PROGRAM_NAME),
-            (TcAttachType::Egress, "egress", REPLIES_PROGRAM_NAME),
+        let held = held_programs();
+        for (egress, side_name, name) in [
+            (false, "ingress", PROGRAM_NAME),
+            (true, "egress", REPLIES_PROGRAM_NAME),
         ] {
-            match qdisc_detach_program(&self.interface, side, name) {
-                Ok(()) => {
-                    removed += 1;
+            let filters = match bpf_filters(&self.interface, egress, name) {
+                Ok(f) => f,
+                Err(e) => {
                     tracing::warn!(
                         interface = %self.interface,
-                        dead_pid = %dead,
-                        "removed the {name} filter an agent that did not exit cleanly left on \
-                         the {side_name}"
+                        "could not look for filters a previous agent left: {e}"
                     );
+                    continue;
                 }
-                Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                // No clsact qdisc: nothing of ours can be there either.
-                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => tracing::warn!(
-                    interface = %self.interface,
-                    "could not look for filters a previous agent left: {e}"
-                ),
+            };
+            for f in filters {
+                if held.contains(&f.prog_id) {
+                    // A live process's (an `inspect`'s): not this lock's to clean.
+                    tracing::info!(
+                        interface = %self.interface,
+                        prog_id = f.prog_id,
+                        "left the {name} filter on the {side_name}: a running process holds \
+                         its program"
+                    );
+                    continue;
+                }
+                match delete_filter(&f) {
+                    Ok(()) => {
+                        removed += 1;
+                        tracing::warn!(
+                            interface = %self.interface,
+                            dead_pid = %dead,
+                            "removed the {name} filter an agent that did not exit cleanly \
+                             left on the {side_name}"
+                        );
+                    }
+                    // Gone meanwhile.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => tracing::warn!(
+                        interface = %self.interface,
+                        "could not remove the {name} filter a previous agent left: {e}"
+                    ),
+                }
             }
         }
         if self.me.clsact {

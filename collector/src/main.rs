@@ -63,6 +63,11 @@ fn main() -> ExitCode {
 
 async fn run(run: Run) -> anyhow::Result<()> {
     let mut agent = Agent::start(run.config()?).await?;
-    agent.run_until_signal().await?;
-    agent.shutdown().await
+    let ran = agent.run_until_signal().await;
+    if let Err(e) = &ran {
+        // Attached and capturing: what was captured is still published and counted.
+        tracing::error!("{e:#}; stopping");
+    }
+    let shut = agent.shutdown().await;
+    ran.and(shut)
 }

@@ -230,7 +230,7 @@ impl Bench {
         let cpu = process_cpu(agent.pid()) - cpu0;
         let out = agent.stop();
         let t = totals(&out);
-        let get = |k: &str| t.get(k).copied().unwrap_or(0);
+        let get = |k: &str| t.get(k);
         // Everything the agent published is in the queue: wait for it (bounded).
         let got = consumer.wait(
             |c| c.units >= get("published_units"),

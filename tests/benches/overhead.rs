@@ -299,7 +299,7 @@ fn run_capturing(config: Config, s: &Setup) -> Run {
             let (queries, qps, p95_ms) = parse_sysbench(&output(&mut bench));
             let cpu = process_cpu(agent.pid()) - cpu0;
             let t = totals(&agent.stop());
-            let get = |k: &str| t.get(k).copied().unwrap_or(0);
+            let get = |k: &str| t.get(k);
             let published = get("published_units");
             let got = consumer.wait(|c| c.units >= published, Duration::from_secs(10));
             assert_eq!(

@@ -117,7 +117,7 @@ fn run(server: &TestServer, config: Config, tls: bool, a: &(u32, u32, u32)) -> R
     let (queries, qps) = parse(&output(&mut bench));
     let (server_cpu, agent_cpu) = (process_cpu(pid) - s0, process_cpu(agent.pid()) - a0);
     let t = totals(&agent.stop());
-    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    let get = |k: &str| t.get(k);
     Run {
         qps,
         queries,

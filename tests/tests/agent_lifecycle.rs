@@ -312,6 +312,89 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
     );
 }
 
+/// `inspect` and an agent on one interface in netlink mode, in both start orders: the agent's
+/// clean-up leaves the filter of a program a live process holds, both capture the same query,
+/// and each removes only its own filter.
+#[test]
+fn inspect_and_an_agent_coexist_in_netlink_mode() {
+    let ns = common::NetNs::new();
+    common::sh(&["ip", "addr", "add", "198.18.8.1/24", "dev", &ns.host]);
+    common::sh(&["ip", "link", "set", &ns.host, "up"]);
+    ns.ip(&["addr", "add", "198.18.8.2/24", "dev", &ns.peer]);
+    ns.ip(&["link", "set", &ns.peer, "up"]);
+    let listener = std::net::TcpListener::bind("198.18.8.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mq = TestExchange::new("netlink_both");
+    let iface = format!("--interface={}", ns.host);
+    let port_arg = format!("--port={port}");
+    let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
+    let agent_args = [
+        iface.as_str(),
+        &port_arg,
+        "--attach_mode=netlink",
+        "--mysql_optional",
+        "--mysql_port=1",
+        &exchange,
+    ];
+    let inspect_args = ["inspect", &iface, &port_arg, "--attach_mode=netlink"];
+    let ingress = || {
+        tc_show(&["filter", "show", "dev", &ns.host, "ingress"])
+            .lines()
+            .filter(|l| l.contains(PROGRAM_NAME))
+            .count()
+    };
+    for inspect_first in [true, false] {
+        let (mut inspect, mut agent);
+        if inspect_first {
+            inspect = Agent::start(&inspect_args);
+            inspect.wait_attached();
+            agent = Agent::start(&agent_args);
+            agent.wait_attached();
+        } else {
+            agent = Agent::start(&agent_args);
+            agent.wait_attached();
+            inspect = Agent::start(&inspect_args);
+            inspect.wait_attached();
+        }
+        assert_eq!(ingress(), 2, "inspect first: {inspect_first}");
+        assert!(inspect.running(), "inspect first: {inspect_first}");
+        let sql = format!("SELECT 0, {}", u8::from(inspect_first));
+        ns.run({
+            let query = common::numbered_query(0, u32::from(inspect_first));
+            move || {
+                let mut c = std::net::TcpStream::connect(("198.18.8.1", port)).unwrap();
+                std::io::Write::write_all(&mut c, &query).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let _ = listener.accept().unwrap();
+        let agent_log = agent.log.clone();
+        let stdout = agent.stop();
+        let agent_log = agent_log.lock().unwrap().clone();
+        assert!(
+            !agent_log.contains("removed the"),
+            "inspect first: {inspect_first}: {agent_log}"
+        );
+        assert!(
+            common::agent::totals(&stdout)["ValidPacket"] >= 1,
+            "{stdout}"
+        );
+        // The agent took only its own filter with it.
+        assert_eq!(ingress(), 1, "inspect first: {inspect_first}");
+        assert!(inspect.running(), "inspect first: {inspect_first}");
+        let inspect_log = inspect.log.clone();
+        let out = inspect.stop();
+        let inspect_log = inspect_log.lock().unwrap().clone();
+        assert!(out.contains(&sql), "inspect first: {inspect_first}: {out}");
+        assert!(!inspect_log.contains(" ERROR "), "{inspect_log}");
+        assert_eq!(ingress(), 0, "inspect first: {inspect_first}");
+        if inspect_first {
+            // The inspect added the qdisc and was the last to leave it.
+            assert!(!tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
+        }
+    }
+}
+
 #[test]
 fn sighup_prints_a_status_line_and_a_closed_stdout_stops_nothing() {
     let mq = TestExchange::new("sighup");

@@ -166,7 +166,7 @@ async fn sessions_open_before_capture_get_their_database_first_and_a_quit_when_g
     );
 
     let t = totals(&stdout);
-    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    let get = |k: &str| t.get(k);
     assert_eq!(get("bootstrap_units"), 7, "{stdout}");
     assert!(get("gc_quits") >= 1, "{stdout}");
     assert!(
@@ -203,6 +203,67 @@ impl Drop for NoProcessUser {
             ])
             .output();
     }
+}
+
+/// PROCESS however the server grants it. Through a role (nested, enabled by default) the
+/// agent sees another user's session; a user whose name merely contains "process", or whose
+/// role is not enabled, is refused (its process list really is limited); a server without
+/// grant tables lets any user read the whole list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_privilege_counts_however_the_server_grants_it() {
+    let mut server = TestServer::start(&[]);
+    server.root_sql(
+        "CREATE DATABASE mrte_priv; CREATE TABLE mrte_priv.t (v INT);
+         CREATE ROLE mrte_mon; GRANT PROCESS ON *.* TO mrte_mon;
+         CREATE ROLE mrte_ops; GRANT mrte_mon TO mrte_ops;
+         CREATE USER 'via_role'@'localhost' IDENTIFIED BY 'p';
+         GRANT mrte_ops TO 'via_role'@'localhost';
+         SET DEFAULT ROLE mrte_ops FOR 'via_role'@'localhost';
+         CREATE USER 'role_off'@'localhost' IDENTIFIED BY 'p';
+         GRANT mrte_ops TO 'role_off'@'localhost';
+         CREATE USER 'processor'@'localhost' IDENTIFIED BY 'p';",
+    );
+    let mq = TestExchange::new("priv");
+    let port = server.port;
+    let args = |user: &str| {
+        let mut a = local_server_args(port, &mq.exchange);
+        a.push(format!("--mysql_user={user}"));
+        a.push("--mysql_password=p".into());
+        a
+    };
+    for user in ["processor", "role_off"] {
+        let a = args(user);
+        fails_before_attaching(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[],
+            &["lacks the PROCESS privilege", "GRANT PROCESS"],
+        );
+    }
+
+    // Another user's session with a database, open before capture: the bootstrap finds it.
+    let opts = mysql_async::OptsBuilder::from_opts(server.opts()).db_name(Some("mrte_priv"));
+    let mut other = mysql_async::Conn::new(opts).await.unwrap();
+    let a = args("via_role");
+    let mut agent = Agent::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    agent.wait_attached();
+    other.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
+    agent.wait_log("pass=Second").await;
+    let stdout = tokio::task::block_in_place(|| agent.stop());
+    let t = totals(&stdout);
+    assert_eq!(t["bootstrap_units"], 1, "{stdout}");
+    assert_eq!(t["mysql_errors"], 0, "{stdout}");
+    drop(other);
+
+    // No grant tables: any user, any password, and a warning of what it costs.
+    tokio::task::block_in_place(|| server.restart_with(&["--skip-grant-tables"], Duration::ZERO));
+    let a = args("anyone");
+    let mut agent = Agent::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    agent.wait_attached();
+    let log = agent.log.clone();
+    let stdout = tokio::task::block_in_place(|| agent.stop());
+    assert_eq!(totals(&stdout)["mysql_errors"], 0, "{stdout}");
+    let log = log.lock().unwrap();
+    assert!(log.contains("--skip-grant-tables"), "{log}");
 }
 
 #[test]
@@ -323,7 +384,7 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
     );
     assert_eq!(units[&client_port][0].data, com_init_db(b"mrte_repl"));
     let t = totals(&stdout);
-    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    let get = |k: &str| t.get(k);
     assert_eq!(get("replication_skipped"), 1, "{stdout}");
     assert_eq!(get("gc_quits"), 0, "{stdout}");
     assert_eq!(get("bootstrap_units"), 1, "{stdout}");
@@ -404,7 +465,7 @@ async fn a_mariadb_restart_mid_run_is_survived_and_the_gc_ends_its_sessions() {
     drop(a);
 
     let t = totals(&stdout);
-    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    let get = |k: &str| t.get(k);
     assert!(get("mysql_errors") >= 1, "{stdout}");
     assert!(get("gc_quits") >= 1, "{stdout}");
     assert_eq!(get("hold_overflow"), 0, "{stdout}");

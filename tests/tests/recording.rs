@@ -102,7 +102,7 @@ async fn a_recording_published_later_equals_the_live_publish() {
     let live_messages = data(live.take_all());
     assert_eq!(t["published_msgs"], live_messages.len() as u64, "{out}");
     assert_eq!(t["recorded_msgs"], t["published_msgs"], "{out}");
-    assert_eq!(t.get("PacketDropped"), Some(&0), "{out}");
+    assert_eq!(t.printed("PacketDropped"), Some(0), "{out}");
     // Cut into files of 1 MiB at most.
     let parts: Vec<PathBuf> = (0..)
         .map(|i| collector::recording::part(&path, i))
@@ -230,7 +230,7 @@ fn a_recording_needs_no_broker_and_is_never_overwritten() {
     let t = totals(&out);
     assert!(t["recorded_msgs"] > 0, "{out}");
     assert_eq!(t["published_msgs"], t["recorded_msgs"], "{out}");
-    assert_eq!(t.get("mq_errors"), None, "{out}");
+    assert_eq!(t.printed("mq_errors"), None, "{out}");
     let shown =
         String::from_utf8(run(&["inspect", "--from_file", &path.display().to_string()]).stdout)
             .unwrap();

@@ -140,7 +140,15 @@ pub struct Drain {
     arena: BytesMut,
     pub stats: DrainStats,
     shared: Arc<SharedDrainStats>,
+    /// The last drain stopped at [`DRAIN_BATCH`] with records left: the next one does not
+    /// wait (the kernel wakes the reader only when the unread bytes cross a threshold).
+    more: bool,
 }
+
+/// Records one drain hands over at most before it yields to the runtime's other tasks (the
+/// status line, signals, the publishers on a single-threaded runtime): a ring fed as fast as
+/// it is read never empties.
+const DRAIN_BATCH: usize = 4096;
 
 const ARENA_CHUNK: usize = 1 << 20;
 
@@ -165,6 +173,7 @@ impl Drain {
             arena: BytesMut::with_capacity(ARENA_CHUNK),
             stats: DrainStats::default(),
             shared: Arc::default(),
+            more: false,
         })
     }
 
@@ -173,8 +182,9 @@ impl Drain {
         self.shared.clone()
     }
 
-    /// Waits until the kernel wakes the reader or the timer ticks, then hands everything in
-    /// the buffer to `sink`.
+    /// Waits until the kernel wakes the reader or the timer ticks (not at all if the last
+    /// drain left records), then hands what is in the buffer, [`DRAIN_BATCH`] records at
+    /// most, to `sink`.
     pub async fn drain_once(&mut self, sink: &mut impl RecordSink) -> Result<usize, CaptureError> {
         if self.ticker.is_none() && !self.cadence.is_zero() {
             let mut t = tokio::time::interval(self.cadence);
@@ -183,6 +193,10 @@ impl Drain {
             self.ticker = Some(t);
         }
         let ticker = self.ticker.as_mut();
+        if self.more {
+            tokio::task::yield_now().await;
+            return Ok(self.drain_batch(sink, DRAIN_BATCH));
+        }
         match &self.source {
             Source::Ring(ring) => {
                 tokio::select! {
@@ -204,15 +218,29 @@ impl Drain {
                 }
             }
         }
-        Ok(self.drain_now(sink))
+        Ok(self.drain_batch(sink, DRAIN_BATCH))
     }
 
-    /// Hands over whatever is in the buffer now, without waiting.
+    /// Hands over whatever is in the buffer now, without waiting, however much it is.
     pub fn drain_now(&mut self, sink: &mut impl RecordSink) -> usize {
+        self.drain_batch(sink, usize::MAX)
+    }
+
+    /// Hands over what is in the buffer now, up to `limit` ring records (a perf buffer is
+    /// read whole: each is bounded by its size).
+    fn drain_batch(&mut self, sink: &mut impl RecordSink, limit: usize) -> usize {
         sink.begin();
         let n = match &mut self.source {
             Source::Ring(ring) => {
-                drain_ring(ring.get_mut(), &mut self.arena, &mut self.stats, sink)
+                let (n, more) = drain_ring(
+                    ring.get_mut(),
+                    &mut self.arena,
+                    &mut self.stats,
+                    sink,
+                    limit,
+                );
+                self.more = more;
+                n
             }
             Source::Perf(bufs) => bufs
                 .iter_mut()
@@ -277,12 +305,16 @@ fn drain_ring(
     arena: &mut BytesMut,
     stats: &mut DrainStats,
     sink: &mut impl RecordSink,
-) -> usize {
+    limit: usize,
+) -> (usize, bool) {
     let mut n = 0;
-    while let Some(item) = ring.next() {
+    for _ in 0..limit {
+        let Some(item) = ring.next() else {
+            return (n, false);
+        };
         n += deliver(&item, arena, stats, sink);
     }
-    n
+    (n, true)
 }
 
 fn drain_perf(

@@ -33,7 +33,7 @@ use drain::RawSource;
 pub use drain::{Drain, DrainStats, Record, RecordKind, RecordSink, SharedDrainStats, decode};
 use iface::{check_privileges, link_kind, page_size};
 pub use iface::{interface_index, interface_ipv4};
-pub use qdisc::{has_clsact, remove_clsact_if_unused};
+pub use qdisc::{bpf_filters, delete_filter, has_clsact, held_programs, remove_clsact_if_unused};
 
 /// The kernel program, embedded at build time (see `build.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MRTE_EBPF_OBJECT"));
@@ -368,6 +368,12 @@ impl Capture {
         self.detach_inner()
     }
 
+    /// [`Self::detach`], keeping the maps readable: the counters are read, and the ring
+    /// drained, once nothing can add to them.
+    pub fn detach_programs(&mut self) -> Result<(), CaptureError> {
+        self.detach_inner()
+    }
+
     fn detach_inner(&mut self) -> Result<(), CaptureError> {
         // The reply program first: it was attached first.
         let replies = self.replies_link.take();
@@ -377,6 +383,9 @@ impl Capture {
         if self.added_clsact {
             self.added_clsact = false;
             remove_clsact_if_unused(&self.interface);
+        }
+        if self.tls.take().is_some() {
+            tls::detach(&mut self.ebpf);
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    tc::{TcAttribute, TcHandle, TcMessage},
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -103,6 +103,126 @@ fn clsact_filters(ifindex: u32) -> io::Result<usize> {
             .count();
     }
     Ok(n)
+}
+
+/// A BPF filter on a clsact hook: where it sits (for its removal) and the program it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BpfFilter {
+    ifindex: u32,
+    parent: TcHandle,
+    handle: TcHandle,
+    /// Priority and protocol, as the kernel reports them.
+    info: u32,
+    pub prog_id: u32,
+}
+
+/// The BPF filters whose program is named `name` on the interface's ingress (or egress) hook.
+/// No clsact qdisc: none.
+pub fn bpf_filters(interface: &str, egress: bool, name: &str) -> io::Result<Vec<BpfFilter>> {
+    let ifindex = interface_index(interface)
+        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+    if !clsact_present(ifindex)? {
+        return Ok(Vec::new());
+    }
+    let parent = TcHandle {
+        major: u16::MAX,
+        minor: if egress {
+            TcHandle::MIN_EGRESS
+        } else {
+            TcHandle::MIN_INGRESS
+        },
+    };
+    let dump = request(
+        RouteNetlinkMessage::GetTrafficFilter(tc_message(ifindex, parent, TcHandle::UNSPEC)),
+        NLM_F_DUMP,
+    )?;
+    Ok(dump
+        .into_iter()
+        .filter_map(|m| {
+            let RouteNetlinkMessage::NewTrafficFilter(f) = m else {
+                return None;
+            };
+            if f.header.index != ifindex as i32 || f.header.handle == TcHandle::UNSPEC {
+                return None;
+            }
+            let bpf = f.attributes.iter().find_map(|a| match a {
+                TcAttribute::Options(o) => Some(o),
+                _ => None,
+            })?;
+            let option = |want: fn(&TcFilterBpfOption) -> bool| {
+                bpf.iter().find_map(|o| match o {
+                    TcOption::Bpf(b) if want(b) => Some(b.clone()),
+                    _ => None,
+                })
+            };
+            let Some(TcFilterBpfOption::ProgName(prog)) =
+                option(|b| matches!(b, TcFilterBpfOption::ProgName(_)))
+            else {
+                return None;
+            };
+            let Some(TcFilterBpfOption::ProgId(prog_id)) =
+                option(|b| matches!(b, TcFilterBpfOption::ProgId(_)))
+            else {
+                return None;
+            };
+            (prog == name).then_some(BpfFilter {
+                ifindex,
+                parent: f.header.parent,
+                handle: f.header.handle,
+                info: f.header.info,
+                prog_id,
+            })
+        })
+        .collect())
+}
+
+/// Removes one filter found by [`bpf_filters`].
+pub fn delete_filter(f: &BpfFilter) -> io::Result<()> {
+    let mut m = tc_message(f.ifindex, f.parent, f.handle);
+    m.header.info = f.info;
+    m.attributes.push(TcAttribute::Kind("bpf".into()));
+    request(RouteNetlinkMessage::DelTrafficFilter(m), NLM_F_ACK).map(drop)
+}
+
+/// Ids of the BPF programs some live process holds a descriptor of (from /proc/*/fdinfo): a
+/// netlink filter whose program nobody holds was left by a process that died.
+pub fn held_programs() -> std::collections::HashSet<u32> {
+    let mut held = std::collections::HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return held;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // Programs and links (a TCX link holds its program too); sockets and files are
+            // told apart by their link alone.
+            let bpf = std::fs::read_link(fd.path()).is_ok_and(|t| {
+                t.as_os_str() == "anon_inode:bpf-prog" || t.as_os_str() == "anon_inode:bpf_link"
+            });
+            if !bpf {
+                continue;
+            }
+            let info = p.path().join("fdinfo").join(fd.file_name());
+            if let Ok(info) = std::fs::read_to_string(info) {
+                held.extend(
+                    info.lines()
+                        .filter_map(|l| l.strip_prefix("prog_id:"))
+                        .filter_map(|v| v.trim().parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    held
 }
 
 /// Removes the interface's clsact qdisc (and whatever filters are on it).

@@ -216,17 +216,39 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
 
 /// Loads and attaches the TLS programs for the server listening on `port`; with `prepared`,
 /// also the one on `SSL_write` that hands over the heads of COM_STMT_PREPARE replies.
+/// The TLS programs: the uprobes, then the raw tracepoint.
+const PROGRAMS: [&str; 5] = [
+    "mrte_ssl_read",
+    "mrte_ssl_read_ex",
+    "mrte_ssl_read_ret",
+    "mrte_ssl_write",
+    "mrte_sys_enter",
+];
+
+/// Detaches (and unloads) the TLS programs, so that nothing adds to the ring after it.
+pub fn detach(ebpf: &mut Ebpf) {
+    for name in PROGRAMS {
+        let unloaded = match ebpf.program_mut(name) {
+            Some(aya::programs::Program::UProbe(p)) => p.unload(),
+            Some(aya::programs::Program::RawTracePoint(p)) => p.unload(),
+            _ => Ok(()),
+        };
+        match unloaded {
+            // Not attached here (no SSL_read_ex, say).
+            Ok(()) | Err(aya::programs::ProgramError::NotLoaded) => {}
+            Err(e) => tracing::warn!("detaching {name}: {e}"),
+        }
+    }
+}
+
 pub fn attach(ebpf: &mut Ebpf, port: u16, prepared: bool) -> Result<TlsProbes, TlsError> {
     let pid = server_process(port)?;
     let (library, is_exe) = ssl_library(pid)?;
     let target = library.display().to_string();
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("a process id"));
-    for name in [
-        "mrte_ssl_read",
-        "mrte_ssl_read_ex",
-        "mrte_ssl_read_ret",
-        "mrte_ssl_write",
-    ] {
+    // The uprobes (all but the raw tracepoint, last).
+    for name in &PROGRAMS[..PROGRAMS.len() - 1] {
+        let name = *name;
         uprobe(ebpf, name)?
             .load()
             .map_err(|source| TlsError::Load { name, source })?;

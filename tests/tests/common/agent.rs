@@ -263,29 +263,89 @@ pub fn status_rows(stdout: &str) -> Vec<std::collections::HashMap<String, u64>> 
         .collect()
 }
 
-/// The exit summary (`Totals: Name=value ...`) as a map; a counter that never moved is 0.
-pub fn totals(stdout: &str) -> std::collections::HashMap<String, u64> {
+/// The exit summary's `Totals:` line. A counter that did not move is not printed and reads 0;
+/// a name the agent has no counter for panics, so a renamed counter cannot pass as zero.
+pub fn totals(stdout: &str) -> Totals {
     let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("Totals: "))
         .unwrap_or_else(|| panic!("no Totals line in: {stdout}"));
-    line.split_whitespace()
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap();
-            (k.to_owned(), v.parse().unwrap())
+    Totals(
+        line.split_whitespace()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_owned(), v.parse().unwrap())
+            })
+            .collect(),
+    )
+}
+
+/// See [`totals`].
+pub struct Totals(std::collections::HashMap<String, u64>);
+
+impl Totals {
+    /// The counter's total, 0 if it did not move.
+    pub fn get(&self, name: &str) -> u64 {
+        self[name]
+    }
+
+    /// The counter's total if the line printed it (the original's columns always are).
+    pub fn printed(&self, name: &str) -> Option<u64> {
+        let _ = self[name];
+        self.0.get(name).copied()
+    }
+}
+
+impl std::ops::Index<&str> for Totals {
+    type Output = u64;
+
+    fn index(&self, name: &str) -> &u64 {
+        self.0.get(name).unwrap_or_else(|| {
+            let known = [
+                "TotalPacket",
+                "ValidPacket",
+                "PacketDropped",
+                "PacketIfDropped",
+                "WaitingQueueCnt",
+                "MQError",
+                "rss_peak_mb",
+            ]
+            .contains(&name)
+                || collector::status::Totals::default()
+                    .named()
+                    .iter()
+                    .any(|(n, kind, _)| *n == name && *kind == collector::status::Kind::Counter);
+            assert!(known, "the agent has no counter {name:?}");
+            &0
         })
-        .collect()
+    }
 }
 
 /// Runs the agent with `args` (and `env`) and checks that it fails with every one of
 /// `needles` in its error, and that nothing was attached.
 pub fn fails_before_attaching(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
     let before = ours_attached("lo");
-    let out = Command::new(binary())
+    let mut child = Command::new(binary())
         .args(args)
         .envs(env.iter().copied())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // An agent that did not stop is running: it is stopped, and the test fails.
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} still ran after 60 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
     for n in needles {

@@ -102,6 +102,12 @@ impl TestServer {
         self.spawn();
     }
 
+    /// [`restart`](Self::restart) with other server options than it was started with.
+    pub fn restart_with(&mut self, extra: &[&str], down: Duration) {
+        self.extra = extra.iter().map(|a| a.to_string()).collect();
+        self.restart(down);
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
