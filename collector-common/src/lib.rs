@@ -254,6 +254,9 @@ macro_rules! counters {
 counters! {
     /// Every packet the program ran on.
     Packets = "packets", Packets, Some("reply_packets");
+    /// Received for another host's MAC (promiscuous mode, a mirror port), left out unless
+    /// `--other_hosts`.
+    OtherHost = "other_host", Packets, None;
     /// L3 neither IPv4 nor IPv6 (ARP, LLDP, ...).
     NotIp = "not_ip", Packets, Some("reply_not_ip");
     /// IP, but not TCP.

@@ -62,6 +62,14 @@ static WAKE_AT_BYTES: u64 = DEFAULT_RING_BYTES as u64 / 8;
 #[unsafe(no_mangle)]
 static PREPARED: u8 = 1;
 
+/// Non-zero: capture segments the interface received for other hosts too (promiscuous mode,
+/// a mirror port); zero: leave them out, counted.
+#[unsafe(no_mangle)]
+static OTHER_HOSTS: u8 = 0;
+
+/// `skb->pkt_type` of a frame addressed to another host's MAC (uapi `if_packet.h`).
+const PACKET_OTHERHOST: u32 = 3;
+
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
 
@@ -297,6 +305,12 @@ fn prepared_on() -> bool {
 
 #[inline(always)]
 fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
+    // SAFETY: the context pointer the kernel passed in; OTHER_HOSTS is a load-time constant.
+    let (pkt_type, other_hosts) =
+        unsafe { ((*ctx.skb.skb).pkt_type, ptr::read_volatile(&OTHER_HOSTS)) };
+    if pkt_type == PACKET_OTHERHOST && other_hosts == 0 {
+        return Err(Counter::OtherHost);
+    }
     let (seg, ifindex, pkt) = parse(ctx, counters)?;
     if !captured_port(seg.dport) {
         return Err(Counter::OtherPort);

@@ -229,6 +229,12 @@ pub struct CaptureArgs {
     /// never published (counted: tls_sessions, tls_bytes).
     #[arg(long, value_enum, default_value_t = AutoOff::Auto, help_heading = "Capture")]
     pub tls: AutoOff,
+
+    /// Capture segments the interface received for other hosts' MAC addresses too (the
+    /// interface in promiscuous mode, a mirror port). By default they are left out and counted
+    /// (other_host): they are not this server's sessions.
+    #[arg(long, help_heading = "Capture")]
+    pub other_hosts: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -265,6 +271,7 @@ impl CaptureArgs {
                 .map_or(cadence, Duration::from_micros),
             prepared: false,
             tls: (self.tls == AutoOff::Auto).then(|| self.port[0]),
+            other_hosts: self.other_hosts,
         }
     }
 }

@@ -91,6 +91,9 @@ pipeline_counters! {
     syn_opened,
     fin_closed in flows_closed,
     rst_closed in flows_closed,
+    /// RSTs outside the connection's window (behind what the client already sent, or far
+    /// past it): the server drops them too, so the flow goes on.
+    rst_ignored,
     /// Synthetic COM_QUIT units for connections that ended (FIN/RST) without the client's own.
     close_quits,
     /// Replica sessions recognised by their COM_REGISTER_SLAVE / COM_BINLOG_DUMP(_GTID), and

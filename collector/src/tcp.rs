@@ -259,6 +259,13 @@ impl Flows {
         };
         flow.last_seen = now;
         if flags & TCP_RST != 0 {
+            // The server takes a RST only inside its window (RFC 5961: at the next byte, or
+            // after a challenge ACK); one behind what the client already sent (a stale or
+            // forged one), or far past it, it drops, and the connection goes on.
+            if seq != flow.next_seq && flow.ahead(seq).is_none() {
+                PipelineCounters::add(&c.rst_ignored, 1);
+                return;
+            }
             // The connection is gone; nothing waiting will ever be completed.
             self.close(key, flags, now, c, out);
             return;
@@ -1010,6 +1017,33 @@ mod tests {
             (1, 1, 7, 1)
         );
         assert_eq!((f.len(), f.pending_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_rst_outside_the_window_is_ignored_like_the_server_does() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let q = packet(command::QUERY, b"SELECT 1");
+        let r = packet(command::QUERY, b"SELECT 2");
+        let end = q.len() as u32;
+        let got = run(
+            &mut f,
+            &c,
+            key(),
+            &[
+                (0, 0, &q),
+                // Behind the next byte (a stale RST), and far past it.
+                (TCP_RST, 3, b""),
+                (TCP_RST, end + (MAX_REORDER_DISTANCE + 1), b""),
+                (0, end, &r),
+                // At the next byte: the connection ends.
+                (TCP_RST, end + r.len() as u32, b""),
+            ],
+        );
+        assert_eq!(got, [&q[..], &r[..], b"QC"].concat());
+        let l = c.load();
+        assert_eq!((l.rst_ignored, l.rst_closed, l.close_quits), (2, 1, 1));
+        assert_eq!(f.len(), 0);
     }
 
     #[test]

@@ -192,11 +192,15 @@ async fn a_stalled_broker_keeps_rss_under_max_mem_mb() {
         rss_column.iter().all(|&mb| mb > 0 && mb <= MAX_MEM_MB),
         "{rss_column:?}"
     );
-    // The exit summary's peak (taken later, so no lower) is within the budget too.
+    // The exit summary's peak (taken later) is within the budget too, and no lower than the
+    // test's reading but for the kernel's own imprecision: RSS is summed from per-CPU counters
+    // read without folding them (each CPU may hold up to 31 pages of each kind unfolded), so
+    // two VmHWM readings can be a MiB boundary apart (a CI run read 62 MiB, then the agent 61).
     let summary_peak = get("rss_peak_mb");
     assert!(
-        summary_peak >= peak >> 20 && summary_peak <= MAX_MEM_MB,
-        "{stdout}"
+        summary_peak + 1 >= peak >> 20 && summary_peak <= MAX_MEM_MB,
+        "summary {summary_peak} MiB, the test's reading {} MiB: {stdout}",
+        peak >> 20
     );
     drop(sink);
 }

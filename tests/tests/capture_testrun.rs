@@ -102,6 +102,38 @@ async fn frames_shorter_than_ethernet_are_refused_by_the_kernel_not_parsed() {
     assert_eq!(delta(&before, &cap.counters(), Counter::NotIp), 1);
 }
 
+/// A frame for another host's MAC (what promiscuous mode or a mirror port lets in; the test
+/// run's `eth_type_trans` on lo, whose address is all zeros, marks it PACKET_OTHERHOST): left
+/// out and counted as other_host, before it is even a TotalPacket; with `other_hosts`, captured.
+#[tokio::test]
+async fn other_hosts_frames_are_left_out_unless_asked_for() {
+    let payload = b"\x05\x00\x00\x00\x03hello";
+    let mut frame = frame(0x0800, &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x18, payload)));
+    frame[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x09]);
+    let cap = TestCapture::start_with(CaptureConfig::new("lo", vec![PORT]));
+    let before = cap.counters();
+    let run = cap.capture.test_run(&frame, 1).unwrap();
+    assert_eq!(run.retval, CONTINUE);
+    let after = cap.counters();
+    assert_eq!(delta(&before, &after, Counter::OtherHost), 1);
+    for c in [Counter::TcpToPort, Counter::WithPayload, Counter::Records] {
+        assert_eq!(delta(&before, &after, c), 0, "{c:?}");
+    }
+    drop(cap);
+
+    let mut cfg = CaptureConfig::new("lo", vec![PORT]);
+    cfg.other_hosts = true;
+    let mut cap = TestCapture::start_with(cfg);
+    let before = cap.counters();
+    cap.capture.test_run(&frame, 1).unwrap();
+    let after = cap.counters();
+    assert_eq!(delta(&before, &after, Counter::OtherHost), 0);
+    assert_eq!(delta(&before, &after, Counter::Records), 1);
+    cap.collect_until(Duration::from_secs(5), "the record", |r, _| !r.is_empty())
+        .await;
+    assert_eq!(&cap.records[0].data[..], payload);
+}
+
 /// A server's segment to the client of `frames::tcp`'s frames: addresses and ports swapped.
 fn from_server(payload: &[u8]) -> Vec<u8> {
     let mut t = tcp(PORT, 5, 0x18, payload);

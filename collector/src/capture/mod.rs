@@ -159,6 +159,9 @@ pub struct CaptureConfig {
     /// Read TLS sessions' plaintext from the server listening on this port (uprobes on its
     /// SSL library); when that cannot be done, a warning says why and they stay unread.
     pub tls: Option<u16>,
+    /// Capture segments received for other hosts' MACs too (promiscuous mode, a mirror
+    /// port); else they are left out and counted (`other_host`).
+    pub other_hosts: bool,
 }
 
 impl CaptureConfig {
@@ -190,6 +193,7 @@ impl CaptureConfig {
             wakeup_interval: DEFAULT_WAKEUP_INTERVAL,
             prepared: false,
             tls: None,
+            other_hosts: false,
         }
     }
 }
@@ -435,6 +439,7 @@ fn load(
         .override_global("TRANSPORT", &transport, true)
         .override_global("WAKE_AT_BYTES", &wake_at, true)
         .override_global("PREPARED", &u8::from(cfg.prepared), true)
+        .override_global("OTHER_HOSTS", &u8::from(cfg.other_hosts), true)
         // The unused transport's map is kept at its minimum size.
         .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
         .load(EBPF_OBJECT)?)

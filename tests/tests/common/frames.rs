@@ -125,7 +125,12 @@ pub fn cases() -> Vec<Case> {
     // A destination-options header whose 8 bytes run past a 4-byte IPv6 payload.
     let mut ext_cut = ipv6(&[], 60, &[6, 0, 0, 0], None);
     ext_cut[4..6].copy_from_slice(&4u16.to_be_bytes());
+    // For another host's MAC (a mirror port, promiscuous mode): the kernel marks it
+    // PACKET_OTHERHOST (on a veth, and in a test run on lo, whose address is all zeros).
+    let mut other_host = frame(0x0800, &good4);
+    other_host[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x09]);
     vec![
+        bad("for another host", other_host, Counter::OtherHost),
         ok("valid IPv4", frame(0x0800, &good4)),
         ok(
             "IPv4 with options",
