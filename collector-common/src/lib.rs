@@ -254,15 +254,15 @@ macro_rules! counters {
 counters! {
     /// Every packet the program ran on.
     Packets = "packets", Packets, Some("reply_packets");
-    /// Received for another host's MAC (promiscuous mode, a mirror port), left out unless
-    /// `--other_hosts`.
-    OtherHost = "other_host", Packets, None;
     /// L3 neither IPv4 nor IPv6 (ARP, LLDP, ...).
     NotIp = "not_ip", Packets, Some("reply_not_ip");
     /// IP, but not TCP.
     NotTcp = "not_tcp", Packets, Some("reply_not_tcp");
     /// TCP to a port that is not captured.
     OtherPort = "other_port", Packets, Some("reply_other_port");
+    /// TCP to a captured port, but received for another host's MAC (promiscuous mode, a mirror
+    /// port, a bridge port or macvlan parent): left out unless `--other_hosts`.
+    OtherHost = "other_host", Packets, None;
     /// TCP segments to a captured port (TotalPacket); egress: from it.
     TcpToPort = "tcp_to_port", Packets, Some("reply_from_port");
     /// Of those, segments with payload (ValidPacket).

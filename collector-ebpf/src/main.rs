@@ -305,15 +305,15 @@ fn prepared_on() -> bool {
 
 #[inline(always)]
 fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
+    let (seg, ifindex, pkt) = parse(ctx, counters)?;
+    if !captured_port(seg.dport) {
+        return Err(Counter::OtherPort);
+    }
     // SAFETY: the context pointer the kernel passed in; OTHER_HOSTS is a load-time constant.
     let (pkt_type, other_hosts) =
         unsafe { ((*ctx.skb.skb).pkt_type, ptr::read_volatile(&OTHER_HOSTS)) };
     if pkt_type == PACKET_OTHERHOST && other_hosts == 0 {
         return Err(Counter::OtherHost);
-    }
-    let (seg, ifindex, pkt) = parse(ctx, counters)?;
-    if !captured_port(seg.dport) {
-        return Err(Counter::OtherPort);
     }
     bump(counters, Counter::TcpToPort);
     if seg.payload_len == 0 {

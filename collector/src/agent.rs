@@ -54,6 +54,9 @@ pub struct AgentConfig {
 
 /// Sessions silent this long are forgotten by the flow table.
 const FLOW_IDLE: Duration = Duration::from_secs(15 * 60);
+/// How often idle flows and the ended-session maps are pruned at least (else with each status
+/// line): with --status_interval=3600 they would grow for an hour.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 /// How long publishers get at exit to hand their queues to the broker.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -258,6 +261,9 @@ impl Agent {
         let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
         let mut last = Instant::now();
         let mut status_due = false;
+        let mut other_host_told = false;
+        let every = period.min(EXPIRE_EVERY);
+        let mut expire = tokio::time::interval_at(Instant::now() + every, every);
         loop {
             let due = self.pipeline.next_due();
             tokio::select! {
@@ -274,6 +280,7 @@ impl Agent {
                     let _ = self.again.send(());
                 }
                 _ = ticker.tick() => status_due = true,
+                _ = expire.tick() => self.pipeline.expire(Instant::now(), FLOW_IDLE),
                 _ = self.signals.hup.recv() => {
                     tracing::info!(
                         "SIGHUP: a status line now; nothing is re-read (restart the agent to \
@@ -293,6 +300,16 @@ impl Agent {
                 };
                 print_status(&line);
                 last = Instant::now();
+                let other_host = now.kernel.get(collector_common::Counter::OtherHost);
+                if other_host > 0 && !std::mem::replace(&mut other_host_told, true) {
+                    tracing::warn!(
+                        interface = %self.cfg.capture.interface,
+                        "{other_host} segments to the MySQL port(s) came for other hosts' MAC \
+                         addresses and were left out (other_host): on a bridge port or a \
+                         macvlan parent, capture on the bridge or the macvlan, or pass \
+                         --other_hosts to take them"
+                    );
+                }
                 if let Some(r) = &self.recorder
                     && let Err(e) = r.lock().expect("recorder lock").flush()
                 {
@@ -300,7 +317,6 @@ impl Agent {
                     PipelineCounters::add(&self.counters.record_errors, 1);
                     tracing::error!("{e}");
                 }
-                self.pipeline.expire(last, FLOW_IDLE);
             }
         }
     }

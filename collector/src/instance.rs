@@ -176,7 +176,8 @@ impl Instance {
             .predecessor
             .as_ref()
             .map_or_else(|| "unknown".into(), |p| p.pid.clone());
-        let held = held_programs();
+        // Read only if there is a filter to judge: it walks every process's descriptors.
+        let mut held = None;
         for (egress, side_name, name) in [
             (false, "ingress", PROGRAM_NAME),
             (true, "egress", REPLIES_PROGRAM_NAME),
@@ -192,7 +193,7 @@ impl Instance {
                 }
             };
             for f in filters {
-                if held.contains(&f.prog_id) {
+                if held.get_or_insert_with(held_programs).contains(&f.prog_id) {
                     // A live process's (an `inspect`'s): not this lock's to clean.
                     tracing::info!(
                         interface = %self.interface,

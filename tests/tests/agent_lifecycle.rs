@@ -395,6 +395,71 @@ fn inspect_and_an_agent_coexist_in_netlink_mode() {
     }
 }
 
+/// A segment for another host's MAC (what a bridge port, a macvlan parent or a mirror port
+/// sees): left out and counted, and the log says so once, naming --other_hosts; with the flag
+/// it is captured.
+#[test]
+fn segments_for_other_hosts_are_left_out_and_told_unless_asked_for() {
+    use common::frames::{PORT, frame, ipv4, tcp};
+    let ns = common::NetNs::new();
+    common::sh(&["ip", "link", "set", &ns.host, "up"]);
+    ns.ip(&["link", "set", &ns.peer, "up"]);
+    let mq = TestExchange::new("other_host");
+    let iface = format!("--interface={}", ns.host);
+    let port = format!("--port={PORT}");
+    let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
+    let mut other = frame(
+        0x0800,
+        &ipv4(5, 6, 0, None, &tcp(PORT, 5, 0x18, b"\x01\0\0\0\x0e")),
+    );
+    other[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x09]);
+    for asked in [false, true] {
+        let mut args = vec![
+            iface.as_str(),
+            &port,
+            "--mysql_optional",
+            "--mysql_port=1",
+            &exchange,
+            "--status_interval=1",
+            "--status_format=json",
+            "--local_ip=198.18.9.1",
+        ];
+        if asked {
+            args.push("--other_hosts");
+        }
+        let mut agent = Agent::start(&args);
+        let lines = agent.take_stdout_lines();
+        agent.wait_attached();
+        ns.inject(other.clone());
+        // A status line that counted it.
+        let counted = |key: &str| {
+            lines.lock().unwrap().iter().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["totals"][key].as_u64().is_some_and(|n| n > 0))
+            })
+        };
+        let key = if asked { "with_payload" } else { "other_host" };
+        let start = std::time::Instant::now();
+        while !counted(key) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "asked: {asked}: no {key} counted"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !asked {
+            agent.wait_log_blocking("left out (other_host)");
+            assert!(!counted("with_payload"));
+        } else {
+            assert!(!counted("other_host"));
+        }
+        let log = agent.log.clone();
+        agent.stop();
+        let told = log.lock().unwrap().matches("left out (other_host)").count();
+        assert_eq!(told, usize::from(!asked), "asked: {asked}");
+    }
+}
+
 #[test]
 fn sighup_prints_a_status_line_and_a_closed_stdout_stops_nothing() {
     let mq = TestExchange::new("sighup");

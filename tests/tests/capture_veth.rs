@@ -70,41 +70,6 @@ async fn veth_ipv4_and_ipv6_clients_are_captured() {
     drop(ns);
 }
 
-/// Sends `frame` from the peer side; it arrives on the host side's ingress.
-fn inject(ns: &NetNs, frame: Vec<u8>) {
-    let peer = ns.peer.clone();
-    ns.run(move || {
-        use nix::sys::socket::*;
-        let ifindex = nix::net::if_::if_nametoindex(peer.as_str()).unwrap();
-        let fd = socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&DST_MAC);
-        let addr = unsafe {
-            LinkAddr::from_raw(
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                Some(std::mem::size_of::<libc::sockaddr_ll>() as u32),
-            )
-        }
-        .unwrap();
-        sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &frame,
-            &addr,
-            MsgFlags::empty(),
-        )
-        .expect("AF_PACKET send");
-    });
-}
-
 async fn wait_packets(cap: &TestCapture, before: &Counters, n: u64) -> Counters {
     let start = Instant::now();
     loop {
@@ -143,7 +108,7 @@ async fn malformed_and_unusual_frames_move_the_right_counter() {
         cap.collect();
         let records_before = cap.records.len();
         let before = cap.counters();
-        inject(&ns, case.frame.clone());
+        ns.inject(case.frame.clone());
         let after = wait_packets(&cap, &before, 1).await;
         // Give the ring buffer a moment to deliver a record, if one was made.
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -412,6 +412,44 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Sends `frame` (Ethernet header and all) from the peer side with an AF_PACKET socket; it
+    /// arrives on the host side's ingress.
+    pub fn inject(&self, frame: Vec<u8>) {
+        let peer = self.peer.clone();
+        self.run(move || {
+            use nix::sys::socket::*;
+            let ifindex = nix::net::if_::if_nametoindex(peer.as_str()).unwrap();
+            let fd = socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::empty(),
+                None,
+            )
+            .unwrap();
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let addr = unsafe {
+                LinkAddr::from_raw(
+                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    Some(std::mem::size_of::<libc::sockaddr_ll>() as u32),
+                )
+            }
+            .unwrap();
+            sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &frame,
+                &addr,
+                MsgFlags::empty(),
+            )
+            .expect("AF_PACKET send");
+        });
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")
