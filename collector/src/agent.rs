@@ -330,7 +330,7 @@ impl Agent {
         let Self {
             cfg,
             instance,
-            capture,
+            mut capture,
             mut drain,
             mut pipeline,
             publishers,
@@ -342,7 +342,6 @@ impl Agent {
             metrics_server,
             ..
         } = self;
-        let mut capture = capture;
         if let Some(m) = metrics_server {
             m.abort();
         }

@@ -229,11 +229,7 @@ fn our_filters(dev: &str) -> usize {
 
 #[test]
 fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
-    let ns = common::NetNs::new();
-    common::sh(&["ip", "addr", "add", "198.18.7.1/24", "dev", &ns.host]);
-    common::sh(&["ip", "link", "set", &ns.host, "up"]);
-    ns.ip(&["addr", "add", "198.18.7.2/24", "dev", &ns.peer]);
-    ns.ip(&["link", "set", &ns.peer, "up"]);
+    let ns = common::NetNs::addressed(7);
     let mq = TestExchange::new("netlink_kill");
     let iface = format!("--interface={}", ns.host);
     let args = [
@@ -317,11 +313,7 @@ fn sigkill_in_netlink_mode_leaves_a_filter_the_next_start_removes() {
 /// and each removes only its own filter.
 #[test]
 fn inspect_and_an_agent_coexist_in_netlink_mode() {
-    let ns = common::NetNs::new();
-    common::sh(&["ip", "addr", "add", "198.18.8.1/24", "dev", &ns.host]);
-    common::sh(&["ip", "link", "set", &ns.host, "up"]);
-    ns.ip(&["addr", "add", "198.18.8.2/24", "dev", &ns.peer]);
-    ns.ip(&["link", "set", &ns.peer, "up"]);
+    let ns = common::NetNs::addressed(8);
     let listener = std::net::TcpListener::bind("198.18.8.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let mq = TestExchange::new("netlink_both");

@@ -369,16 +369,12 @@ impl Capture {
     /// Detaches the program (and removes a clsact qdisc this agent added, unless another
     /// filter is on it).
     pub fn detach(mut self) -> Result<(), CaptureError> {
-        self.detach_inner()
+        self.detach_programs()
     }
 
     /// [`Self::detach`], keeping the maps readable: the counters are read, and the ring
     /// drained, once nothing can add to them.
     pub fn detach_programs(&mut self) -> Result<(), CaptureError> {
-        self.detach_inner()
-    }
-
-    fn detach_inner(&mut self) -> Result<(), CaptureError> {
         // The reply program first: it was attached first.
         let replies = self.replies_link.take();
         self.detach_one(replies, REPLIES_PROGRAM_NAME, "egress", "reply program")?;
@@ -397,7 +393,7 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        if let Err(e) = self.detach_inner() {
+        if let Err(e) = self.detach_programs() {
             tracing::warn!("detaching on drop: {e}");
         }
     }

@@ -145,27 +145,21 @@ pub fn bpf_filters(interface: &str, egress: bool, name: &str) -> io::Result<Vec<
             if f.header.index != ifindex as i32 || f.header.handle == TcHandle::UNSPEC {
                 return None;
             }
-            let bpf = f.attributes.iter().find_map(|a| match a {
-                TcAttribute::Options(o) => Some(o),
-                _ => None,
-            })?;
-            let option = |want: fn(&TcFilterBpfOption) -> bool| {
-                bpf.iter().find_map(|o| match o {
-                    TcOption::Bpf(b) if want(b) => Some(b.clone()),
-                    _ => None,
-                })
-            };
-            let Some(TcFilterBpfOption::ProgName(prog)) =
-                option(|b| matches!(b, TcFilterBpfOption::ProgName(_)))
-            else {
-                return None;
-            };
-            let Some(TcFilterBpfOption::ProgId(prog_id)) =
-                option(|b| matches!(b, TcFilterBpfOption::ProgId(_)))
-            else {
-                return None;
-            };
-            (prog == name).then_some(BpfFilter {
+            let (mut prog, mut prog_id) = (None, None);
+            for a in &f.attributes {
+                let TcAttribute::Options(options) = a else {
+                    continue;
+                };
+                for o in options {
+                    match o {
+                        TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => prog = Some(n),
+                        TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => prog_id = Some(*id),
+                        _ => {}
+                    }
+                }
+            }
+            let prog_id = prog_id?;
+            (prog? == name).then_some(BpfFilter {
                 ifindex,
                 parent: f.header.parent,
                 handle: f.header.handle,

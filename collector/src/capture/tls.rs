@@ -214,8 +214,6 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
     Ok(prog)
 }
 
-/// Loads and attaches the TLS programs for the server listening on `port`; with `prepared`,
-/// also the one on `SSL_write` that hands over the heads of COM_STMT_PREPARE replies.
 /// The TLS programs: the uprobes, then the raw tracepoint.
 const PROGRAMS: [&str; 5] = [
     "mrte_ssl_read",
@@ -241,14 +239,15 @@ pub fn detach(ebpf: &mut Ebpf) {
     }
 }
 
+/// Loads and attaches the TLS programs for the server listening on `port`; with `prepared`,
+/// also the one on `SSL_write` that hands over the heads of COM_STMT_PREPARE replies.
 pub fn attach(ebpf: &mut Ebpf, port: u16, prepared: bool) -> Result<TlsProbes, TlsError> {
     let pid = server_process(port)?;
     let (library, is_exe) = ssl_library(pid)?;
     let target = library.display().to_string();
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("a process id"));
     // The uprobes (all but the raw tracepoint, last).
-    for name in &PROGRAMS[..PROGRAMS.len() - 1] {
-        let name = *name;
+    for &name in &PROGRAMS[..PROGRAMS.len() - 1] {
         uprobe(ebpf, name)?
             .load()
             .map_err(|source| TlsError::Load { name, source })?;

@@ -413,6 +413,30 @@ impl NetNs {
 }
 
 impl NetNs {
+    /// A namespace whose veth pair is up with IPv4 addresses: host side 198.18.`net`.1/24,
+    /// peer side .2.
+    pub fn addressed(net: u8) -> Self {
+        let ns = Self::new();
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.{net}.1/24"),
+            "dev",
+            &ns.host,
+        ]);
+        sh(&["ip", "link", "set", &ns.host, "up"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("198.18.{net}.2/24"),
+            "dev",
+            &ns.peer,
+        ]);
+        ns.ip(&["link", "set", &ns.peer, "up"]);
+        ns
+    }
+
     /// Sends `frame` (Ethernet header and all) from the peer side with an AF_PACKET socket; it
     /// arrives on the host side's ingress.
     pub fn inject(&self, frame: Vec<u8>) {
