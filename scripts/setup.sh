@@ -12,7 +12,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev mariadb-server mariadb-client
-          rabbitmq-server iproute2 nftables sysbench tcpdump tshark openssl)
+          rabbitmq-server iproute2 nftables sysbench tcpdump tshark openssl
+          # The kernel matrix (xtask/src/vm.rs): qemu, the guest's init, its relays, modprobe.
+          qemu-system-x86 busybox-static socat kmod cpio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -55,4 +57,7 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   rabbitmq-diagnostics -q ping >/dev/null 2>&1 || { log "RabbitMQ did not start"; exit 1; }
   rabbitmqctl -q await_startup >/dev/null
 fi
+# Debian 12's own kernel for the kernel matrix, unpacked (not installed) with its initramfs.
+bash "$(dirname "$0")/vm-kernel.sh"
+
 log "ready: MariaDB on 127.0.0.1:3306 (user mrte/mrte), RabbitMQ on 127.0.0.1:5672 (guest/guest)"

@@ -1,14 +1,14 @@
 //! TLS sessions' plaintext, taken where the server decrypts it: uprobes on `SSL_read` and
 //! `SSL_read_ex` of the SSL library the server process maps (attached for that process only),
-//! a uretprobe that hands over what the call returned, and a raw tracepoint on `sys_enter`
-//! that ties the call to its connection: the read syscall OpenSSL makes inside `SSL_read`
-//! names a file descriptor, and the task's file table (offsets from the kernel's BTF) leads to
-//! its `struct sock`, whose first fields (`struct sock_common`: addresses and ports) have kept
-//! their offsets since Linux 2.6. Tying the read to its socket in the kernel, at the read,
-//! means a descriptor reused by the next connection cannot be mistaken for the last one. A
-//! read served from OpenSSL's own buffer makes no syscall: the SSL object's last socket
-//! (`SSL_SOCKS`) stands for it. (No kprobe or fentry: kernels without CONFIG_KPROBES, and
-//! policies that refuse tracing programs, have raw tracepoints.)
+//! a uretprobe that hands over what the call returned, and a hook that ties the call to its
+//! connection at the socket read OpenSSL makes inside `SSL_read`: fentry on `tcp_recvmsg`,
+//! which is handed the `struct sock`, or where fentry is refused, a raw tracepoint on
+//! `sys_enter`, whose read syscall names a file descriptor that the task's file table
+//! (offsets from the kernel's BTF) leads to its socket. The first fields of `struct sock`
+//! (`struct sock_common`: addresses and ports) have kept their offsets since Linux 2.6. Tying
+//! the read to its socket in the kernel, at the read, means a descriptor reused by the next
+//! connection cannot be mistaken for the last one. A read served from OpenSSL's own buffer
+//! reads no socket: the SSL object's last socket (`SSL_SOCKS`) stands for it.
 //!
 //! They only read: the probed functions run as they would without them.
 
@@ -145,8 +145,25 @@ fn fd_sock(fd: u64) -> Option<u64> {
     kptr(socket, off(&OFF_SOCKET_SK))
 }
 
-/// `sys_enter` (raw tracepoint): a read syscall inside a probed `SSL_read` names the
-/// connection it reads (its fd, and through the task's file table, its socket).
+/// `tcp_recvmsg` (fentry): a TCP read inside a probed `SSL_read` names the connection it
+/// reads. It runs only for TCP reads (of any process: one map lookup for those not inside a
+/// probed call), and hands the socket itself: no walk of the file table.
+#[aya_ebpf::macros::fentry(function = "tcp_recvmsg")]
+pub fn mrte_tcp_recv(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: a pointer into the map's value, only this thread's entry.
+    let Some(call) = SSL_CALLS.get_ptr_mut(&id).map(|c| unsafe { &mut *c }) else {
+        return 0;
+    };
+    let sk: u64 = ctx.arg(0);
+    tie(call, sk);
+    0
+}
+
+/// `sys_enter` (raw tracepoint), where fentry is not to be had: a read syscall inside a
+/// probed `SSL_read` names the connection it reads (its fd, and through the task's file
+/// table, its socket). It runs for every syscall on the host, which then all take the
+/// tracing entry path: the fallback, not the default.
 #[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_enter")]
 pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
     let nr: u64 = ctx.arg(1);
@@ -167,9 +184,16 @@ pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
     else {
         return 0;
     };
-    let Some(sk) = fd_sock(fd) else {
-        return 0;
-    };
+    if let Some(sk) = fd_sock(fd) {
+        tie(call, sk);
+    }
+    0
+}
+
+/// Ties the SSL call under way to the connection of `sk` (a `struct sock`), if it is one to
+/// a captured port, and remembers it as the SSL object's last connection.
+#[inline(always)]
+fn tie(call: &mut SslCall, sk: u64) {
     let sk = sk as *const u8;
     // SAFETY: kernel reads through the helper, which fails cleanly on a bad address.
     let read = |off: usize| unsafe { bpf_probe_read_kernel(sk.add(off) as *const [u8; 4]) };
@@ -180,12 +204,12 @@ pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
         // SAFETY: as above.
         unsafe { bpf_probe_read_kernel(sk.add(SKC_FAMILY) as *const u16) },
     ) else {
-        return 0;
+        return;
     };
     let server_port = u16::from_ne_bytes([ports[2], ports[3]]);
     // Only a connection to a captured port (a stale table entry, a pipe, a file: not ours).
     if !crate::captured_port(server_port) {
-        return 0;
+        return;
     }
     // An IPv6 socket carries an IPv4 client's address here too (v4-mapped); a real IPv6
     // client has none.
@@ -193,7 +217,7 @@ pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
         if let Some(c) = counters() {
             bump(c, Counter::TlsIpv6);
         }
-        return 0;
+        return;
     }
     call.sock = SslSock {
         client: daddr,
@@ -202,7 +226,6 @@ pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
         server_port,
     };
     let _ = SSL_SOCKS.insert(&call.ssl, &call.sock, 0);
-    0
 }
 
 /// `SSL_read` / `SSL_read_ex` return: the plaintext they gave the server, handed over.

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     agent::AgentConfig,
     bootstrap::MysqlConfig,
-    capture::{AttachMode, CaptureConfig, Transport},
+    capture::{AttachMode, CaptureConfig, Transport, tls::TlsHook},
     inspect::{InspectConfig, Source},
     publish::{BatchLimits, BrokerConfig},
 };
@@ -230,6 +230,12 @@ pub struct CaptureArgs {
     #[arg(long, value_enum, default_value_t = AutoOff::Auto, help_heading = "Capture")]
     pub tls: AutoOff,
 
+    /// What ties a TLS read to its connection: fentry on tcp_recvmsg (runs for TCP reads
+    /// only), or the sys_enter raw tracepoint (every syscall on the host then takes the
+    /// tracing entry path); auto: fentry, else the raw tracepoint.
+    #[arg(long, value_enum, default_value_t = TlsHook::Auto, help_heading = "Capture")]
+    pub tls_hook: TlsHook,
+
     /// Capture segments the interface received for other hosts' MAC addresses too (the
     /// interface in promiscuous mode, a mirror port). By default they are left out and counted
     /// (other_host): they are not this server's sessions.
@@ -271,6 +277,7 @@ impl CaptureArgs {
                 .map_or(cadence, Duration::from_micros),
             prepared: false,
             tls: (self.tls == AutoOff::Auto).then(|| self.port[0]),
+            tls_hook: self.tls_hook,
             other_hosts: self.other_hosts,
         }
     }

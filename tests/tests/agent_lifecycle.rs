@@ -520,3 +520,55 @@ async fn a_full_kernel_buffer_never_blocks_traffic_and_shows_in_packet_dropped()
     // Counted per segment that did not fit (a segment is one or more records).
     assert!(t["ring_full"] <= t["with_payload"], "{stdout}");
 }
+
+/// The attach modes by kernel: from 6.6 `auto` takes TCX and `--attach_mode=tcx` works; before
+/// it `auto` falls back to clsact + netlink, and `tcx` is refused before anything is attached,
+/// with an error naming the kernel and what TCX needs (the kernel matrix runs this on 6.1).
+#[test]
+fn attach_modes_follow_the_kernel() {
+    let kernel = aya::util::KernelVersion::current().unwrap();
+    let has_tcx = kernel >= aya::util::KernelVersion::new(6, 6, 0);
+    let ns = common::NetNs::new();
+    common::sh(&["ip", "link", "set", &ns.host, "up"]);
+    let mq = TestExchange::new("modes");
+    let iface = format!("--interface={}", ns.host);
+    let exchange = format!("--rabbitmq_exchange_name={}", mq.exchange);
+    let base = [iface.as_str(), "--local_ip=198.18.0.1", exchange.as_str()];
+    let mut modes = vec!["auto"];
+    if has_tcx {
+        modes.push("tcx");
+    }
+    for mode in modes {
+        let mut agent = Agent::start(&[&base[..], &[&format!("--attach_mode={mode}")]].concat());
+        agent.wait_attached();
+        let line = agent.log_line("capture program attached").unwrap();
+        let want = if has_tcx { "tcx" } else { "netlink" };
+        assert!(line.contains(&format!("mode=\"{want}\"")), "{mode}: {line}");
+        let clsact = tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact");
+        assert_eq!(
+            clsact, !has_tcx,
+            "{mode}: a clsact qdisc only in netlink mode"
+        );
+        agent.signal(Signal::SIGINT);
+        assert!(agent.wait().status.success());
+        assert!(!tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
+    }
+    if !has_tcx {
+        let release = nix::sys::utsname::uname().unwrap();
+        let release = release.release().to_string_lossy().into_owned();
+        common::agent::fails_before_attaching(
+            &[
+                &base[..],
+                &[
+                    "--attach_mode=tcx",
+                    "--mysql_user=mrte",
+                    "--mysql_password=mrte",
+                ],
+            ]
+            .concat(),
+            &[],
+            &["--attach_mode=tcx needs Linux 6.6 or later", &release],
+        );
+        assert!(!tc_show(&["qdisc", "show", "dev", &ns.host]).contains("clsact"));
+    }
+}

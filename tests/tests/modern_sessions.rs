@@ -145,15 +145,46 @@ impl Drop for TlsClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_compressed_and_change_user_sessions_replay_identically() {
-    workload(true).await;
+    workload(true, None).await;
+}
+
+/// The same with reads tied to their sockets by the fallback, the `sys_enter` raw tracepoint
+/// (what `auto` takes where the kernel refuses fentry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_replay_identically_through_the_sys_enter_hook() {
+    workload(true, Some("sys_enter")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tls_off_tls_sessions_publish_nothing_and_the_rest_replays() {
-    workload(false).await;
+    workload(false, None).await;
 }
 
-async fn workload(read_tls: bool) {
+/// Whether the kernel lets tracing programs attach to `tcp_recvmsg`: ftrace lists it among
+/// the functions it can trace (a sandboxed kernel may list none). tracefs is mounted for the
+/// look if it is not, and unmounted again.
+fn tcp_recvmsg_traceable() -> bool {
+    const DIR: &str = "/sys/kernel/tracing";
+    let file = format!("{DIR}/available_filter_functions");
+    let mounted = std::path::Path::new(&file).exists();
+    if !mounted {
+        let ok = Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", DIR])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot mount tracefs on {DIR}");
+    }
+    let listed = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("tcp_recvmsg"));
+    if !mounted {
+        let _ = Command::new("umount").arg(DIR).status();
+    }
+    listed
+}
+
+async fn workload(read_tls: bool, hook: Option<&str>) {
     let mq = TestExchange::new("modern");
     let TlsPair { source, target, .. } = &TlsPair::start(SCHEMA);
     let have_ssl = source.root_sql("SHOW GLOBAL VARIABLES LIKE 'have_ssl'");
@@ -182,10 +213,30 @@ async fn workload(read_tls: bool) {
     if !read_tls {
         args.push("--tls=off".into());
     }
+    if let Some(hook) = hook {
+        args.push(format!("--tls_hook={hook}"));
+    }
     let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_attached();
     if read_tls {
         agent.wait_log("TLS probes attached").await;
+        // auto: fentry wherever the kernel can trace tcp_recvmsg, the raw tracepoint (said in
+        // the log) only where it cannot.
+        let want = if hook.is_none() && tcp_recvmsg_traceable() {
+            "fentry/tcp_recvmsg"
+        } else {
+            "raw_tracepoint/sys_enter"
+        };
+        let line = agent.log_line("TLS probes attached").unwrap();
+        assert!(line.contains(&format!("socket_hook=\"{want}\"")), "{line}");
+        if hook.is_none() && want != "fentry/tcp_recvmsg" {
+            assert!(
+                agent
+                    .log_line("fentry on tcp_recvmsg is not available")
+                    .is_some(),
+                "the fallback is not told"
+            );
+        }
     }
 
     // Compressed, after: small statements (frames sent as they are) and a large one (zlib,
@@ -576,8 +627,9 @@ fn tls_programs_loaded() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| {
-            p.name_as_str()
-                .is_some_and(|n| n.starts_with("mrte_ssl_read") || n == "mrte_sys_enter")
+            p.name_as_str().is_some_and(|n| {
+                n.starts_with("mrte_ssl_read") || n == "mrte_sys_enter" || n == "mrte_tcp_recv"
+            })
         })
         .count()
 }

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Args {
@@ -18,7 +20,8 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need (idempotent): rust-src for nightly, LLVM 22,
-    /// bpf-linker, MariaDB, RabbitMQ, iproute2, nftables; start MariaDB and RabbitMQ.
+    /// bpf-linker, MariaDB, RabbitMQ, iproute2, nftables, qemu and Debian 12's kernel for the
+    /// kernel matrix; start MariaDB and RabbitMQ.
     Setup,
     /// Build the kernel program into target/ebpf/collector-ebpf.o.
     BuildEbpf {
@@ -44,8 +47,11 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build, then run the kernel matrix: the kernel-dependent integration tests inside a
+    /// qemu guest of each kernel (Debian 12's 6.1; see xtask/src/vm.rs).
+    VmTest,
     /// Set up, build, then run every test (unit and integration) plus fmt and clippy checks,
-    /// and the soak (two minutes) unless a filter is given.
+    /// and, unless a filter is given, the soak (two minutes) and the kernel matrix.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -189,6 +195,16 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::VmTest => {
+            build_ebpf(true)?;
+            run(cargo().args(["build", "-p", "collector"]))?;
+            let (passed, failed) = vm::run(&root())?;
+            println!("kernel matrix: {passed} passed, {failed} failed");
+            if failed > 0 {
+                bail!("{failed} tests failed in the kernel matrix");
+            }
+            Ok(())
+        }
         Cmd::Test { args } => {
             setup()?;
             build_ebpf(true)?;
@@ -225,8 +241,16 @@ fn main() -> anyhow::Result<()> {
                 ]))?;
                 passed += p;
                 failed += f;
+                // The kernel matrix: the kernel-dependent tests on Debian 12's own kernel.
+                let (p, f) = vm::run(&root())?;
+                println!("kernel matrix: {p} passed, {f} failed");
+                passed += p;
+                failed += f;
             }
             println!("tests: {passed} passed, {failed} failed");
+            if failed > 0 {
+                bail!("{failed} tests failed");
+            }
             Ok(())
         }
     }

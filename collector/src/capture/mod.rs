@@ -159,6 +159,8 @@ pub struct CaptureConfig {
     /// Read TLS sessions' plaintext from the server listening on this port (uprobes on its
     /// SSL library); when that cannot be done, a warning says why and they stay unread.
     pub tls: Option<u16>,
+    /// What ties a TLS read to its connection.
+    pub tls_hook: tls::TlsHook,
     /// Capture segments received for other hosts' MACs too (promiscuous mode, a mirror
     /// port); else they are left out and counted (`other_host`).
     pub other_hosts: bool,
@@ -193,6 +195,7 @@ impl CaptureConfig {
             wakeup_interval: DEFAULT_WAKEUP_INTERVAL,
             prepared: false,
             tls: None,
+            tls_hook: tls::TlsHook::Auto,
             other_hosts: false,
         }
     }
@@ -222,7 +225,14 @@ impl Capture {
     pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let (ifindex, link_kind) = cfg.check()?;
         // The TLS programs' kernel offsets, from BTF: load-time constants.
-        let offsets = cfg.tls.map(|_| tls::kernel_offsets());
+        let offsets = cfg.tls.map(|_| {
+            if cfg.tls_hook.may_use_sys_enter() {
+                tls::kernel_offsets()
+            } else {
+                // Only the raw tracepoint reads them.
+                Ok([0; 6])
+            }
+        });
         let mut ebpf = load(
             cfg,
             link_kind,
@@ -455,22 +465,17 @@ fn attach_tls(
         );
         return None;
     }
-    match offsets.and_then(|_| tls::attach(ebpf, port, cfg.prepared)) {
+    match offsets.and_then(|_| tls::attach(ebpf, port, cfg.prepared, cfg.tls_hook)) {
         Ok(p) => {
             tracing::info!(
                 pid = p.pid, library = %p.library.display(), ssl_read_ex = p.read_ex,
+                socket_hook = p.socket_hook,
                 "TLS probes attached: TLS sessions are read as the server decrypts them"
             );
             Some(p)
         }
         Err(e) => {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why.push_str(": ");
-                why.push_str(&s.to_string());
-                source = s.source();
-            }
+            let why = tls::error_chain(&e);
             tracing::warn!(
                 "TLS sessions will not be read (left out and counted, as tls_sessions): {why} \
                  (--tls=off silences this)"

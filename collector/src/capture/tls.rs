@@ -1,17 +1,38 @@
 //! TLS sessions read where the server decrypts them: the server process is the one listening
 //! on the MySQL port; its SSL library is the `libssl` it maps (or its own executable, when it
 //! links OpenSSL statically and exports the symbols). The uprobes on `SSL_read` /
-//! `SSL_read_ex` are attached for that process only, the raw tracepoint on `sys_enter` for all
-//! (it does nothing outside a probed `SSL_read`, and takes only read syscalls that far); the
-//! kernel structure offsets it needs come from the running kernel's BTF. See
-//! `collector-ebpf/src/tls.rs`.
+//! `SSL_read_ex` are attached for that process only. What ties a call to its connection runs
+//! for all: fentry on `tcp_recvmsg` (a map lookup per TCP read outside a probed `SSL_read`),
+//! or where the kernel refuses fentry, the raw tracepoint on `sys_enter`, which puts every
+//! syscall on the host through the tracing entry path (the kernel structure offsets it needs
+//! come from the running kernel's BTF). See `collector-ebpf/src/tls.rs`.
 
 use std::{num::NonZeroU32, path::PathBuf};
 
 use aya::{
-    Ebpf,
-    programs::{ProgramError, RawTracePoint, UProbe, uprobe::UProbeScope},
+    Btf, Ebpf,
+    programs::{FEntry, ProgramError, RawTracePoint, UProbe, uprobe::UProbeScope},
 };
+
+/// What ties an `SSL_read` to the connection it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsHook {
+    /// fentry, else the raw tracepoint.
+    Auto,
+    /// fentry on `tcp_recvmsg`: runs for TCP reads only (Linux 5.5+, BTF).
+    Fentry,
+    /// The raw tracepoint on `sys_enter`: runs for every syscall on the host.
+    #[value(name = "sys_enter")]
+    SysEnter,
+}
+
+impl TlsHook {
+    /// Whether the raw tracepoint may be used, so that its kernel offsets must be known at
+    /// load time.
+    pub fn may_use_sys_enter(self) -> bool {
+        self != TlsHook::Fentry
+    }
+}
 
 /// Why TLS sessions cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +164,9 @@ pub struct TlsProbes {
     pub library: PathBuf,
     /// `SSL_read_ex` was found too (OpenSSL 1.1.1+).
     pub read_ex: bool,
+    /// The program that ties a read to its socket: `fentry/tcp_recvmsg` or
+    /// `raw_tracepoint/sys_enter`.
+    pub socket_hook: &'static str,
 }
 
 /// The process listening on TCP `port` (IPv4 or IPv6).
@@ -214,13 +238,18 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
     Ok(prog)
 }
 
-/// The TLS programs: the uprobes, then the raw tracepoint.
-const PROGRAMS: [&str; 5] = [
+/// The uprobes.
+const UPROBES: [&str; 4] = [
     "mrte_ssl_read",
     "mrte_ssl_read_ex",
     "mrte_ssl_read_ret",
     "mrte_ssl_write",
-    "mrte_sys_enter",
+];
+const FENTRY: &str = "mrte_tcp_recv";
+const SYS_ENTER: &str = "mrte_sys_enter";
+/// The TLS programs: the uprobes, then the two socket hooks.
+const PROGRAMS: [&str; 6] = [
+    UPROBES[0], UPROBES[1], UPROBES[2], UPROBES[3], FENTRY, SYS_ENTER,
 ];
 
 /// Detaches (and unloads) the TLS programs, so that nothing adds to the ring after it.
@@ -229,6 +258,7 @@ pub fn detach(ebpf: &mut Ebpf) {
         let unloaded = match ebpf.program_mut(name) {
             Some(aya::programs::Program::UProbe(p)) => p.unload(),
             Some(aya::programs::Program::RawTracePoint(p)) => p.unload(),
+            Some(aya::programs::Program::FEntry(p)) => p.unload(),
             _ => Ok(()),
         };
         match unloaded {
@@ -241,36 +271,22 @@ pub fn detach(ebpf: &mut Ebpf) {
 
 /// Loads and attaches the TLS programs for the server listening on `port`; with `prepared`,
 /// also the one on `SSL_write` that hands over the heads of COM_STMT_PREPARE replies.
-pub fn attach(ebpf: &mut Ebpf, port: u16, prepared: bool) -> Result<TlsProbes, TlsError> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    port: u16,
+    prepared: bool,
+    hook: TlsHook,
+) -> Result<TlsProbes, TlsError> {
     let pid = server_process(port)?;
     let (library, is_exe) = ssl_library(pid)?;
     let target = library.display().to_string();
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("a process id"));
-    // The uprobes (all but the raw tracepoint, last).
-    for &name in &PROGRAMS[..PROGRAMS.len() - 1] {
+    for name in UPROBES {
         uprobe(ebpf, name)?
             .load()
             .map_err(|source| TlsError::Load { name, source })?;
     }
-    let rt: &mut RawTracePoint = ebpf
-        .program_mut("mrte_sys_enter")
-        .ok_or(TlsError::Missing {
-            name: "mrte_sys_enter",
-        })?
-        .try_into()
-        .map_err(|source| TlsError::Load {
-            name: "mrte_sys_enter",
-            source,
-        })?;
-    rt.load().map_err(|source| TlsError::Load {
-        name: "mrte_sys_enter",
-        source,
-    })?;
-    rt.attach("sys_enter").map_err(|source| TlsError::Attach {
-        name: "mrte_sys_enter",
-        target: "sys_enter".into(),
-        source,
-    })?;
+    let socket_hook = attach_socket_hook(ebpf, hook)?;
     // The return probe first: a call entered before it was attached would wait in
     // `SSL_CALLS` for a return nobody sees.
     let mut read_ex = false;
@@ -328,5 +344,79 @@ pub fn attach(ebpf: &mut Ebpf, port: u16, prepared: bool) -> Result<TlsProbes, T
         pid,
         library,
         read_ex,
+        socket_hook,
     })
+}
+
+/// Attaches the program that ties a read to its socket (before the uprobes: a call they
+/// see must find it there): fentry unless `hook` says otherwise or the kernel refuses it.
+fn attach_socket_hook(ebpf: &mut Ebpf, hook: TlsHook) -> Result<&'static str, TlsError> {
+    if hook != TlsHook::SysEnter {
+        match attach_fentry(ebpf) {
+            Ok(()) => return Ok("fentry/tcp_recvmsg"),
+            Err(e) if hook == TlsHook::Auto => {
+                tracing::info!(
+                    "fentry on tcp_recvmsg is not available ({}); TLS reads are tied to their \
+                     sockets on the sys_enter raw tracepoint, which every syscall on the host \
+                     then passes through",
+                    error_chain(&e)
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let load = |source| TlsError::Load {
+        name: SYS_ENTER,
+        source,
+    };
+    let rt: &mut RawTracePoint = ebpf
+        .program_mut(SYS_ENTER)
+        .ok_or(TlsError::Missing { name: SYS_ENTER })?
+        .try_into()
+        .map_err(load)?;
+    rt.load().map_err(load)?;
+    rt.attach("sys_enter").map_err(|source| TlsError::Attach {
+        name: SYS_ENTER,
+        target: "sys_enter".into(),
+        source,
+    })?;
+    Ok("raw_tracepoint/sys_enter")
+}
+
+/// The error and its sources, joined by ": ".
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    why
+}
+
+fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), TlsError> {
+    let load = |source| TlsError::Load {
+        name: FENTRY,
+        source,
+    };
+    let btf = Btf::from_sys_fs().map_err(|e| TlsError::Btf {
+        what: format!("reading /sys/kernel/btf/vmlinux: {e}"),
+    })?;
+    let p: &mut FEntry = ebpf
+        .program_mut(FENTRY)
+        .ok_or(TlsError::Missing { name: FENTRY })?
+        .try_into()
+        .map_err(load)?;
+    p.load("tcp_recvmsg", &btf).map_err(load)?;
+    if let Err(source) = p.attach() {
+        // Loaded but not attached: unloaded, so that the fallback is the only hook.
+        let _ = p.unload();
+        return Err(TlsError::Attach {
+            name: FENTRY,
+            target: "tcp_recvmsg".into(),
+            source,
+        });
+    }
+    Ok(())
 }

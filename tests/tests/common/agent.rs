@@ -50,7 +50,25 @@ pub fn replies_attached(interface: &str) -> usize {
     tcx_count(interface, TcAttachType::Egress, REPLIES_PROGRAM_NAME)
 }
 
+/// On a kernel without TCX (before 6.6), where the TCX query is refused and the agent attaches
+/// through netlink, its tc filters of that name are counted instead.
 fn tcx_count(interface: &str, side: TcAttachType, name: &str) -> usize {
+    let tcx = aya::util::KernelVersion::new(6, 6, 0);
+    if aya::util::KernelVersion::current().is_ok_and(|k| k < tcx) {
+        let dir = if side == TcAttachType::Ingress {
+            "ingress"
+        } else {
+            "egress"
+        };
+        let out = Command::new("tc")
+            .args(["filter", "show", "dev", interface, dir])
+            .output()
+            .unwrap();
+        return String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == name))
+            .count();
+    }
     let (_, progs) = SchedClassifier::query_tcx(interface, side).unwrap();
     progs
         .iter()
@@ -105,12 +123,16 @@ impl Agent {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("capture program attached") {
+                let attached = line.contains("capture program attached");
+                {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                // Told once the line is in the log, for a test that reads it next.
+                if attached {
                     let _ = tx.send(());
                 }
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         });
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {
@@ -127,6 +149,12 @@ impl Agent {
         while !self.logged(needle, start) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The first line of the log so far that contains `needle`.
+    pub fn log_line(&self, needle: &str) -> Option<String> {
+        let log = self.log.lock().unwrap();
+        log.lines().find(|l| l.contains(needle)).map(str::to_owned)
     }
 
     /// [`Self::wait_log`] for tests without a runtime.
