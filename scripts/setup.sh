@@ -14,7 +14,9 @@ fi
 packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev mariadb-server mariadb-client
           rabbitmq-server iproute2 nftables sysbench tcpdump tshark openssl
           # The kernel matrix (xtask/src/vm.rs): qemu, the guest's init, its relays, modprobe.
-          qemu-system-x86 busybox-static socat kmod cpio)
+          qemu-system-x86 busybox-static socat kmod cpio
+          # The package (scripts/package.sh) and its test: strip, man, systemd-analyze, setpriv.
+          binutils man-db systemd util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -220,7 +220,13 @@ pub fn resolve(host: &str, connections: &[SocketAddr]) -> Option<SessionKey> {
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Some((ip.to_canonical(), port));
     }
-    let mut candidates = connections.iter().filter(|c| c.port() == port);
+    // `localhost` is a loopback client whatever else uses that port (found by the `flood`
+    // test: with 20,000 clients on other addresses, the agent's own `localhost:PORT` matched
+    // one of theirs).
+    let loopback = name == "localhost";
+    let mut candidates = connections
+        .iter()
+        .filter(|c| c.port() == port && (!loopback || c.ip().is_loopback()));
     let first = candidates.next()?;
     let more: Vec<_> = candidates.collect();
     if more.is_empty() {
@@ -606,6 +612,9 @@ mod tests {
             Some((ip("198.18.0.9"), 7))
         );
         assert_eq!(resolve("localhost:40002", &conns), None);
+        // The only client on a port, but not a loopback one: not "localhost".
+        let other = vec!["198.18.7.2:40003".parse().unwrap()];
+        assert_eq!(resolve("localhost:40003", &other), None);
     }
 
     #[test]

@@ -49,12 +49,45 @@ pub enum Command {
     /// own peak memory).
     #[command(hide = true)]
     TlsOffsets,
+    /// Prints the man page (roff, section 8), generated from these flags (the package's).
+    #[command(hide = true)]
+    Man,
+    /// Prints the shell completions for SHELL (the package's).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The man page of [`Cli`] (and its subcommands' flags), roff.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .section("8")
+        .manual("System Administration")
+        .render(&mut out)?;
+    Ok(out)
+}
+
+/// The completions of [`Cli`] for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "mrte-collector", &mut out);
+    out
 }
 
 /// The agent: capture, flows, bootstrap, publishing.
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct Run {
+    /// Read flags from FILE: one `flag = value` per line (`flag` alone for a switch), `#`
+    /// comments. The command line, and a password's environment variable, override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Network interface to capture on (e.g. eth0, lo).
     #[arg(long, required = true, help_heading = "Capture")]
     pub interface: Option<String>,

@@ -35,6 +35,7 @@ pub mod agent;
 pub mod bootstrap;
 pub mod capture;
 pub mod cli;
+pub mod config_file;
 pub mod encode;
 pub mod inspect;
 pub mod instance;
@@ -49,3 +50,16 @@ pub mod session;
 pub mod status;
 pub mod tcp;
 pub mod types;
+
+/// An error and its sources, joined by ": " (for a log line or a message that is not
+/// anyhow's `{:#}`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    why
+}

@@ -17,7 +17,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,lapin=off".into()),
         )
         .init();
-    let cli = Cli::parse();
+    let args = match collector::config_file::expand(std::env::args_os().collect(), |w| {
+        tracing::warn!("{w}")
+    }) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mrte-collector: error: {}", collector::error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -46,6 +55,16 @@ fn main() -> ExitCode {
                 (None, None) => unreachable!("clap requires a recording or --pcap"),
             },
             Some(Command::TlsOffsets) => collector::capture::tls::print_kernel_offsets(),
+            Some(Command::Man) => {
+                use std::io::Write as _;
+                let page = collector::cli::man_page()?;
+                std::io::stdout().write_all(&page).map_err(Into::into)
+            }
+            Some(Command::Completions { shell }) => {
+                use std::io::Write as _;
+                let out = collector::cli::completions(shell);
+                std::io::stdout().write_all(&out).map_err(Into::into)
+            }
         }
     };
     let code = match runtime.block_on(work) {

@@ -5,10 +5,10 @@
 //! (the kernel maps its data pages twice, so that a record wrapping around the end reads as one
 //! piece: `2 × --ring_buffer_mb` of RSS) and the agent itself (code, runtime, client libraries,
 //! the drain's arena: [`FIXED_MB`], measured under load with a margin). What is left is split
-//! between the three buffers that grow with traffic, each with its own cap so that none can
-//! starve the others: segments held for the session bootstrap, segments waiting behind TCP gaps,
+//! between what grows with traffic, each with its own cap so that none can starve the others:
+//! segments held for the session bootstrap, segments waiting behind TCP gaps, the flow table,
 //! and batches queued for the broker (the rest). Past a cap the buffer gives up its oldest or
-//! newest data and counts it (`hold_overflow`, `gap_overflow`, `mem_limit`).
+//! newest data and counts it (`hold_overflow`, `gap_overflow`, `flow_evicted`, `mem_limit`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +23,18 @@ pub const MIN_BUFFERS_MB: u64 = 8;
 /// Caps of the hold and the reorder buffers whatever the budget (what they need at most).
 const HOLD_MAX: u64 = 32 << 20;
 const REORDER_MAX: u64 = 64 << 20;
+const FLOWS_MAX: u64 = 64 << 20;
+/// What a flow costs: its table entry (312 bytes of key and state) with the hash table's
+/// control byte and spare capacity (up to half of it empty after a growth), a session's small
+/// buffers. Measured by the `flood` test without the cap: 120 MiB for 205,000 flows.
+pub const FLOW_BYTES: u64 = 640;
+
+impl MemoryPlan {
+    /// Most flows the table may hold (and most ended flows remembered).
+    pub fn max_flows(&self) -> usize {
+        (self.flows / FLOW_BYTES).max(1024) as usize
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -51,6 +63,8 @@ pub struct MemoryPlan {
     pub hold: u64,
     /// Segments waiting behind TCP gaps.
     pub reorder: u64,
+    /// The flow table and the ended flows remembered (at [`FLOW_BYTES`] a flow).
+    pub flows: u64,
     /// Batches queued for the broker.
     pub queues: u64,
 }
@@ -74,13 +88,15 @@ impl MemoryPlan {
         let buffers = (max_mem_mb - ring_rss_mb - FIXED_MB) << 20;
         let hold = (buffers / 4).min(HOLD_MAX);
         let reorder = (buffers / 8).min(REORDER_MAX);
+        let flows = (buffers / 8).min(FLOWS_MAX);
         Ok(Self {
             total: max_mem_mb << 20,
             ring_rss: ring_rss_mb << 20,
             fixed: FIXED_MB << 20,
             hold,
             reorder,
-            queues: buffers - hold - reorder,
+            flows,
+            queues: buffers - hold - reorder - flows,
         })
     }
 }
@@ -146,10 +162,12 @@ mod tests {
         let p = MemoryPlan::new(64, 8, Transport::RingClasses).unwrap();
         assert_eq!(p.ring_rss, 16 << 20);
         let buffers = (64 - 16 - FIXED_MB) << 20;
-        assert_eq!(p.hold + p.reorder + p.queues, buffers);
+        assert_eq!(p.hold + p.reorder + p.flows + p.queues, buffers);
         assert_eq!(p.hold, buffers / 4);
+        assert_eq!(p.flows, buffers / 8);
+        assert_eq!(p.max_flows(), (buffers / 8 / FLOW_BYTES) as usize);
         assert_eq!(
-            p.ring_rss + p.fixed + p.hold + p.reorder + p.queues,
+            p.ring_rss + p.fixed + p.hold + p.reorder + p.flows + p.queues,
             p.total
         );
         // Perf buffers are mapped once.
@@ -157,7 +175,10 @@ mod tests {
         assert_eq!(perf.ring_rss, 8 << 20);
         // Large budgets: hold and reorder stop at what they can use, queues get the rest.
         let big = MemoryPlan::new(4096, 64, Transport::RingClasses).unwrap();
-        assert_eq!((big.hold, big.reorder), (HOLD_MAX, REORDER_MAX));
+        assert_eq!(
+            (big.hold, big.reorder, big.flows),
+            (HOLD_MAX, REORDER_MAX, FLOWS_MAX)
+        );
     }
 
     #[test]

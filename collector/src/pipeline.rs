@@ -120,6 +120,8 @@ pub struct Pipeline {
     /// process list no longer shows them (or [`ENDED_LINGER`] passed, when MySQL is not
     /// read): the GC must not end them a second time.
     ended: HashMap<SessionKey, (Option<u64>, Instant)>,
+    /// Most sessions in `ended` (the flow table's cap: a flood of RSTs must not grow it).
+    max_ended: usize,
     /// Sessions read just before attaching, until the first read after.
     before: Option<HashMap<SessionKey, Session>>,
     /// The drain's timer cadence, when it has one: each drain then sends the batches that
@@ -153,6 +155,7 @@ impl Pipeline {
             },
             known: HashMap::default(),
             ended: HashMap::default(),
+            max_ended: crate::tcp::MAX_FLOWS,
             before: None,
             flush_ahead: None,
         }
@@ -164,10 +167,12 @@ impl Pipeline {
         self.flush_ahead = (!cadence.is_zero()).then_some(cadence);
     }
 
-    /// The memory plan's shares of the hold and of the bytes waiting behind gaps.
+    /// The memory plan's shares of the hold, of the bytes waiting behind gaps and of the flows.
     pub fn set_memory(&mut self, plan: &MemoryPlan) {
+        self.max_ended = plan.max_flows();
         self.hold.max = plan.hold as usize;
         self.flows.set_pending_max(plan.reorder as usize);
+        self.flows.set_max_flows(plan.max_flows());
     }
 
     /// The collector's own MySQL connection, known before capture starts.
@@ -504,6 +509,12 @@ impl Pipeline {
         }
         self.fanout.set_captured(0);
         self.out = out;
+        // Flows the table gave up for this one's room end for the consumer too.
+        if self.flows.has_evicted() {
+            for (k, o) in self.flows.take_evicted() {
+                self.publish(k.client, o);
+            }
+        }
     }
 
     /// Publishes what flows let out when their gaps are given up: timed out, or `all`.
@@ -530,7 +541,11 @@ impl Pipeline {
                 // session the bootstrap gave a database ends for the consumer too.
                 let id = self.known.remove(&session);
                 let known = id.is_some();
-                self.ended.insert(session, (id, self.now));
+                if self.ended.len() < self.max_ended || self.ended.contains_key(&session) {
+                    self.ended.insert(session, (id, self.now));
+                } else {
+                    PipelineCounters::add(&self.counters.closed_unremembered, 1);
+                }
                 self.hold.pending.remove(&session);
                 if known && !ended {
                     self.fanout.push(ip, session.1, &encode::COM_QUIT, self.now);

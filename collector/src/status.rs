@@ -89,8 +89,17 @@ pipeline_counters! {
     /// Connections opened by a SYN the capture saw (their stream is exact from the first byte),
     /// and flows ended by the client's FIN (once every byte before it arrived) or RST.
     syn_opened,
+    /// SYNs of a connection already opened (the client sent its SYN again).
+    syn_retransmitted,
     fin_closed in flows_closed,
     rst_closed in flows_closed,
+    /// Flows given up because the flow table was at its cap (the memory plan's share of
+    /// `--max_mem_mb`): those that published nothing (a bare SYN, a flood) first, then the
+    /// longest idle, whose session got a COM_QUIT.
+    flow_evicted in flows_closed,
+    /// Ended flows not remembered because their table was at the same cap: a retransmission
+    /// of theirs then looks like a new connection's first segment.
+    closed_unremembered,
     /// RSTs outside the connection's window (behind what the client already sent, or far
     /// past it): the server drops them too, so the flow goes on.
     rst_ignored,

@@ -156,7 +156,16 @@ pub struct Flows {
     policy: Policy,
     /// No gap times out before this (it may be early: a gap can close before its deadline).
     next_gap: Option<Instant>,
+    /// Most flows in `table`, and most ended ones in `closed` (the memory plan's share).
+    max_flows: usize,
+    /// What flows given up at the cap let out (their COM_QUIT, their end), by flow.
+    evicted: Vec<(FlowKey, Output)>,
+    /// When `closed` may be pruned again at its cap (not on every insert of a flood).
+    next_closed_prune: Option<Instant>,
 }
+
+/// Most flows without a memory plan (tests, `inspect`).
+pub const MAX_FLOWS: usize = 1 << 20;
 
 impl Default for Flows {
     fn default() -> Self {
@@ -177,7 +186,76 @@ impl Flows {
                 ..Default::default()
             },
             next_gap: None,
+            max_flows: MAX_FLOWS,
+            evicted: Vec::new(),
+            next_closed_prune: None,
         }
+    }
+
+    /// Caps the flows tracked, and the ended flows remembered (the memory plan's share).
+    pub fn set_max_flows(&mut self, max: usize) {
+        self.max_flows = max.max(1);
+    }
+
+    /// Whether flows were given up at the cap since [`Self::take_evicted`].
+    pub fn has_evicted(&self) -> bool {
+        !self.evicted.is_empty()
+    }
+
+    /// What the flows given up at the cap let out, by flow.
+    pub fn take_evicted(&mut self) -> Vec<(FlowKey, Output)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Before a new flow is added: at the cap, a sixteenth of the table goes (one pass over it
+    /// per sixteenth of the cap, not one per new flow): flows that published nothing first (a
+    /// bare SYN, a flood's), then the longest idle. A session that published something ends
+    /// for the consumer with its COM_QUIT; one that did not is only forgotten.
+    fn make_room(&mut self, c: &PipelineCounters) {
+        if self.table.len() < self.max_flows {
+            return;
+        }
+        let mut order: Vec<(bool, Instant, FlowKey)> = self
+            .table
+            .iter()
+            .map(|(k, f)| (f.published, f.last_seen, *k))
+            .collect();
+        let n = (self.max_flows / 16).clamp(1, order.len());
+        order.select_nth_unstable_by_key(n - 1, |(published, seen, _)| (*published, *seen));
+        let mut step = Vec::new();
+        for (_, _, key) in order.into_iter().take(n) {
+            let Some(mut flow) = self.table.remove(&key) else {
+                continue;
+            };
+            PipelineCounters::add(&c.flow_evicted, 1);
+            self.pending_bytes -= flow.pending_bytes;
+            PipelineCounters::add(&c.gap_bytes, flow.pending_bytes as u64);
+            if !flow.published {
+                // Nothing of it reached the consumer: only its state is forgotten (its next
+                // segment starts a flow mid-stream, as one that began before capture).
+                continue;
+            }
+            let ended = flow.end(&mut step);
+            step.push(Output::Closed { ended });
+            self.evicted.extend(step.drain(..).map(|o| (key, o)));
+        }
+    }
+
+    /// Remembers an ended flow (where its bytes end, and when), unless that table is at the
+    /// cap even after its expired entries are pruned (at most once a second).
+    fn remember_closed(&mut self, key: FlowKey, last_seq: u32, now: Instant, c: &PipelineCounters) {
+        if self.closed.len() >= self.max_flows && !self.closed.contains_key(&key) {
+            if self.next_closed_prune.is_none_or(|t| now >= t) {
+                self.closed
+                    .retain(|_, (_, t)| now.saturating_duration_since(*t) < CLOSED_LINGER);
+                self.next_closed_prune = Some(now + Duration::from_secs(1));
+            }
+            if self.closed.len() >= self.max_flows {
+                PipelineCounters::add(&c.closed_unremembered, 1);
+                return;
+            }
+        }
+        self.closed.insert(key, (last_seq, now));
     }
 
     /// Takes prepared-statement commands out of the streams and publishes executes as text.
@@ -243,11 +321,12 @@ impl Flows {
                 if flags & (TCP_FIN | TCP_RST) != 0 {
                     // The end of a connection that sent nothing while captured.
                     Self::count_close(flags, c);
-                    self.closed.insert(key, (end, now));
+                    self.remember_closed(key, end, now, c);
                     out.push(Output::Closed { ended: false });
                 }
                 return;
             }
+            self.make_room(c);
             let mut flow = Flow::new(seq, now);
             if !self.policy.include_replication && self.replicas.contains(&key.client) {
                 flow.follower.mark_replica();
@@ -369,10 +448,12 @@ impl Flows {
         if let Some(flow) = self.table.get_mut(&key) {
             if flow.isn == Some(isn) {
                 // The SYN again (retransmitted).
+                PipelineCounters::add(&c.syn_retransmitted, 1);
                 return;
             }
             if flow.isn.is_none() && (seq == flow.next_seq || flow.behind(seq).is_some()) {
                 // The SYN of the connection whose bytes came first (held apart from them).
+                PipelineCounters::add(&c.syn_opened, 1);
                 flow.isn = Some(isn);
                 return;
             }
@@ -383,6 +464,9 @@ impl Flows {
             out.push(Output::Closed { ended });
         }
         PipelineCounters::add(&c.syn_opened, 1);
+        if !self.table.contains_key(&key) {
+            self.make_room(c);
+        }
         let mut flow = Flow::new(seq, now);
         flow.isn = Some(isn);
         self.table.insert(key, flow);
@@ -450,7 +534,7 @@ impl Flows {
             .max(flow.fin.unwrap_or(0))
             .max(flow.pos);
         let last_seq = flow.next_seq.wrapping_add((last - flow.pos) as u32);
-        self.closed.insert(key, (last_seq, now));
+        self.remember_closed(key, last_seq, now, c);
     }
 
     /// After the stream moved: the flow ends if it reached its FIN; a FIN past a gap waits
@@ -569,7 +653,11 @@ impl Flows {
         c: &PipelineCounters,
         out: &mut Vec<Output>,
     ) {
-        // The flow exists: its TLS request or its first encrypted segment came first.
+        // The flow exists: its TLS request or its first encrypted segment came first (unless
+        // the cap gave it up since).
+        if !self.table.contains_key(&key) {
+            self.make_room(c);
+        }
         let flow = self.table.entry(key).or_insert_with(|| Flow::new(0, now));
         flow.last_seen = now;
         let before = out.len();
@@ -897,6 +985,89 @@ mod tests {
         flatten(out)
     }
 
+    fn client(port: u16) -> FlowKey {
+        FlowKey {
+            client: ("198.18.0.2".parse().unwrap(), port),
+            ..key()
+        }
+    }
+
+    #[test]
+    fn at_the_cap_flows_that_published_nothing_go_first_then_the_longest_idle_with_a_quit() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        f.set_max_flows(32);
+        let q = packet(command::QUERY, b"SELECT 1");
+        // A session that published, then a SYN flood of 200 connections that send nothing.
+        assert_eq!(
+            run(&mut f, &c, client(1), &[(TCP_SYN, 99, b""), (0, 100, &q)]),
+            q
+        );
+        for port in 1000..1200 {
+            run(&mut f, &c, client(port), &[(TCP_SYN, 7, b"")]);
+            assert!(f.len() <= 32, "{}", f.len());
+        }
+        assert!(
+            f.table.contains_key(&client(1)),
+            "the published session was evicted"
+        );
+        let evicted = f.take_evicted();
+        let l = c.load();
+        assert!(l.flow_evicted >= 200 - 31, "{}", l.flow_evicted);
+        assert!(
+            evicted.is_empty(),
+            "nothing was published for the flood: nothing to end ({evicted:?})"
+        );
+        // Only published sessions: the longest idle goes, with its COM_QUIT.
+        for port in 2000..2031 {
+            run(
+                &mut f,
+                &c,
+                client(port),
+                &[(TCP_SYN, 99, b""), (0, 100, &q)],
+            );
+        }
+        let _ = f.take_evicted();
+        run(
+            &mut f,
+            &c,
+            client(3000),
+            &[(TCP_SYN, 99, b""), (0, 100, &q)],
+        );
+        let evicted = f.take_evicted();
+        assert!(evicted.contains(&(client(1), Output::Quit)), "{evicted:?}");
+        assert!(!f.table.contains_key(&client(1)));
+        assert!(f.table.contains_key(&client(3000)));
+        // Ended flows are remembered within the same cap, the rest counted.
+        let before = c.load().closed_unremembered;
+        for port in 4000..4100 {
+            run(&mut f, &c, client(port), &[(TCP_RST, 5, b"")]);
+        }
+        assert!(f.closed_len() <= 32);
+        assert_eq!(c.load().closed_unremembered - before, 100 - 32);
+    }
+
+    /// Found by the permutation property: a flow joined mid-stream whose first packet is an
+    /// empty COM_QUERY, followed in the same segment by the next packet, whose header bytes
+    /// (`00 01 ...`) once passed for an attribute block, ending the session.
+    #[test]
+    fn an_empty_query_joined_mid_stream_is_not_taken_for_query_attributes() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let stream = [
+            packet(command::QUERY, b""),
+            packet(command::QUERY, &[b'a'; 255]),
+        ]
+        .concat();
+        let segs: Vec<(u32, &[u8])> = stream
+            .chunks(7)
+            .enumerate()
+            .map(|(n, s)| ((n * 7) as u32, s))
+            .collect();
+        assert_eq!(feed(&mut f, &c, &segs), stream);
+        assert_eq!(c.load().unreplayable_attributes, 0);
+    }
+
     #[test]
     fn a_syn_fixes_the_start_so_a_late_first_segment_is_not_lost() {
         let c = PipelineCounters::default();
@@ -916,7 +1087,9 @@ mod tests {
         );
         assert_eq!(got, q);
         let l = c.load();
+        // The SYN seen twice counts once as opened, once as a retransmission.
         assert_eq!((l.syn_opened, l.seq_gaps, l.retransmitted), (1, 1, 0));
+        assert_eq!(l.syn_retransmitted, 1);
         // A SYN handed over after the first bytes of its connection is not a new connection.
         let got = run(
             &mut f,

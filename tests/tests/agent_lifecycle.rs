@@ -130,6 +130,10 @@ fn unprivileged_user_is_told_which_capabilities_are_missing() {
     assert!(stderr.contains("missing privileges"), "{stderr}");
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
     assert!(stderr.contains("CAP_NET_ADMIN"), "{stderr}");
+    assert!(
+        stderr.contains("missing privileges: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{stderr}"
+    );
     assert_eq!(ours_attached("lo"), 0);
 }
 

@@ -160,30 +160,6 @@ async fn with_tls_off_tls_sessions_publish_nothing_and_the_rest_replays() {
     workload(false, None).await;
 }
 
-/// Whether the kernel lets tracing programs attach to `tcp_recvmsg`: ftrace lists it among
-/// the functions it can trace (a sandboxed kernel may list none). tracefs is mounted for the
-/// look if it is not, and unmounted again.
-fn tcp_recvmsg_traceable() -> bool {
-    const DIR: &str = "/sys/kernel/tracing";
-    let file = format!("{DIR}/available_filter_functions");
-    let mounted = std::path::Path::new(&file).exists();
-    if !mounted {
-        let ok = Command::new("mount")
-            .args(["-t", "tracefs", "tracefs", DIR])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot mount tracefs on {DIR}");
-    }
-    let listed = std::fs::read_to_string(&file)
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some("tcp_recvmsg"));
-    if !mounted {
-        let _ = Command::new("umount").arg(DIR).status();
-    }
-    listed
-}
-
 async fn workload(read_tls: bool, hook: Option<&str>) {
     let mq = TestExchange::new("modern");
     let TlsPair { source, target, .. } = &TlsPair::start(SCHEMA);
@@ -222,7 +198,7 @@ async fn workload(read_tls: bool, hook: Option<&str>) {
         agent.wait_log("TLS probes attached").await;
         // auto: fentry wherever the kernel can trace tcp_recvmsg, the raw tracepoint (said in
         // the log) only where it cannot.
-        let want = if hook.is_none() && tcp_recvmsg_traceable() {
+        let want = if hook.is_none() && common::tcp_recvmsg_traceable() {
             "fentry/tcp_recvmsg"
         } else {
             "raw_tracepoint/sys_enter"

@@ -47,6 +47,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the release binary and the Debian package from it (binary, man page, shell
+    /// completions, systemd unit, configuration file): target/package/mrte-collector_*.deb.
+    Package,
     /// Build, then run the kernel matrix: the kernel-dependent integration tests inside a
     /// qemu guest of each kernel (Debian 12's 6.1; see xtask/src/vm.rs).
     VmTest,
@@ -194,6 +197,14 @@ fn main() -> anyhow::Result<()> {
                     ))?;
             }
             Ok(())
+        }
+        Cmd::Package => {
+            build_ebpf(true)?;
+            run(cargo().args(["build", "--release", "-p", "collector"]))?;
+            run(Command::new("bash")
+                .arg(root().join("scripts/package.sh"))
+                .arg(root().join("target/release/mrte-collector"))
+                .arg(root().join("target/package")))
         }
         Cmd::VmTest => {
             build_ebpf(true)?;

@@ -6,25 +6,21 @@ use collector_common::LinkKind;
 
 use super::CaptureError;
 
-/// Reads the effective capability set: loading needs CAP_BPF (or CAP_SYS_ADMIN) and attaching
-/// needs CAP_NET_ADMIN; checking first gives a clearer message than the kernel's EPERM.
+/// Reads the effective capability set: loading needs CAP_BPF and CAP_PERFMON (the verifier
+/// refuses the programs' pointer arithmetic on packet and map values without it), or
+/// CAP_SYS_ADMIN for both; attaching needs CAP_NET_ADMIN. Checking first gives a clearer
+/// message than the kernel's EPERM.
 pub(super) fn check_privileges() -> Result<(), CaptureError> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let Some(eff) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-    else {
+    let Some(has) = capabilities() else {
         // No /proc: let the kernel decide.
         return Ok(());
     };
-    let has = |cap: u32| eff & (1u64 << cap) != 0;
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
@@ -33,9 +29,27 @@ pub(super) fn check_privileges() -> Result<(), CaptureError> {
         Ok(())
     } else {
         Err(CaptureError::NotPrivileged {
-            missing: missing.join(" and "),
+            missing: missing.join(", "),
         })
     }
+}
+
+pub(super) const CAP_DAC_READ_SEARCH: u32 = 2;
+pub(super) const CAP_NET_ADMIN: u32 = 12;
+pub(super) const CAP_SYS_PTRACE: u32 = 19;
+pub(super) const CAP_SYS_ADMIN: u32 = 21;
+pub(super) const CAP_PERFMON: u32 = 38;
+pub(super) const CAP_BPF: u32 = 39;
+
+/// Whether this process has a capability in its effective set (from /proc/self/status;
+/// None without /proc).
+pub(super) fn capabilities() -> Option<impl Fn(u32) -> bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())?;
+    Some(move |cap: u32| eff & (1u64 << cap) != 0)
 }
 
 /// The interface's index, or an error listing the interfaces that do exist.

@@ -50,8 +50,9 @@ pub const REPLIES_PROGRAM_NAME: &str = "mrte_replies";
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(
-        "missing privileges: {missing} (run as root, or grant the binary CAP_BPF, CAP_NET_ADMIN \
-         and CAP_PERFMON: setcap cap_bpf,cap_net_admin,cap_perfmon+ep mrte-collector)"
+        "missing privileges: {missing} (run as root, or grant the binary CAP_BPF, CAP_PERFMON \
+         and CAP_NET_ADMIN, and for TLS sessions CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: setcap \
+         cap_bpf,cap_perfmon,cap_net_admin,cap_sys_ptrace,cap_dac_read_search+ep mrte-collector)"
     )]
     NotPrivileged { missing: String },
     #[error("unknown interface {name:?}; interfaces on this host: {available}")]
@@ -475,7 +476,7 @@ fn attach_tls(
             Some(p)
         }
         Err(e) => {
-            let why = tls::error_chain(&e);
+            let why = crate::error_chain(&e);
             tracing::warn!(
                 "TLS sessions will not be read (left out and counted, as tls_sessions): {why} \
                  (--tls=off silences this)"

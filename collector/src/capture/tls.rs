@@ -52,6 +52,11 @@ pub enum TlsError {
         #[source]
         source: procfs::ProcError,
     },
+    #[error("{missing} is missing: {needed_for}")]
+    NotPrivileged {
+        missing: &'static str,
+        needed_for: &'static str,
+    },
     #[error("the kernel's BTF does not give the socket path: {what}")]
     Btf { what: String },
     #[error("the eBPF object has no program {name}")]
@@ -176,18 +181,35 @@ pub fn server_process(port: u16) -> Result<u32, TlsError> {
         move |source| TlsError::Proc { what, source }
     };
     let mut inodes = Vec::new();
+    let mut other_user = false;
+    let me = nix::unistd::geteuid().as_raw();
     for table in [procfs::net::tcp(), procfs::net::tcp6()] {
         let Ok(entries) = table else { continue };
-        inodes.extend(
-            entries
-                .into_iter()
-                .filter(|e| e.state == procfs::net::TcpState::Listen)
-                .filter(|e| e.local_address.port() == port)
-                .map(|e| e.inode),
-        );
+        for e in entries {
+            if e.state == procfs::net::TcpState::Listen && e.local_address.port() == port {
+                inodes.push(e.inode);
+                other_user |= e.uid != me;
+            }
+        }
     }
     if inodes.is_empty() {
         return Err(TlsError::NoServer { port });
+    }
+    // Another user's /proc/PID/fd cannot be listed (CAP_DAC_READ_SEARCH) nor its links and
+    // maps read (CAP_SYS_PTRACE) without them: the listener would seem to be no one's.
+    if other_user && let Some(has) = super::iface::capabilities() {
+        for (cap, name) in [
+            (super::iface::CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+            (super::iface::CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+        ] {
+            if !has(cap) {
+                return Err(TlsError::NotPrivileged {
+                    missing: name,
+                    needed_for: "finding the server process and the SSL library it maps \
+                                 (/proc/PID of another user)",
+                });
+            }
+        }
     }
     for p in procfs::process::all_processes().map_err(proc_err("/proc"))? {
         let Ok(p) = p else { continue };
@@ -359,7 +381,7 @@ fn attach_socket_hook(ebpf: &mut Ebpf, hook: TlsHook) -> Result<&'static str, Tl
                     "fentry on tcp_recvmsg is not available ({}); TLS reads are tied to their \
                      sockets on the sys_enter raw tracepoint, which every syscall on the host \
                      then passes through",
-                    error_chain(&e)
+                    crate::error_chain(&e)
                 );
             }
             Err(e) => return Err(e),
@@ -381,18 +403,6 @@ fn attach_socket_hook(ebpf: &mut Ebpf, hook: TlsHook) -> Result<&'static str, Tl
         source,
     })?;
     Ok("raw_tracepoint/sys_enter")
-}
-
-/// The error and its sources, joined by ": ".
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut why = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        why.push_str(": ");
-        why.push_str(&s.to_string());
-        source = s.source();
-    }
-    why
 }
 
 fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), TlsError> {

@@ -12,7 +12,7 @@
 use std::{collections::VecDeque, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use foldhash::HashSet;
+use foldhash::HashMap;
 use futures_util::FutureExt as _;
 use lapin::{
     BasicProperties, Channel, Confirmation, PublisherConfirm, options::BasicPublishOptions,
@@ -60,7 +60,7 @@ pub fn start_publishers(
         let publisher = Publisher {
             index,
             shared: shared.clone(),
-            broken: HashSet::default(),
+            broken: Broken::default(),
             record_errors: Throttled::default(),
             errors: Throttled::default(),
             unroutable: Unroutable::default(),
@@ -203,10 +203,56 @@ struct Publisher {
     shared: PublisherShared,
     /// Sessions that lost units and got their COM_QUIT: their units are left out until one
     /// starts a command.
-    broken: HashSet<(Ipv4Addr, u16)>,
+    broken: Broken,
     record_errors: Throttled,
     errors: Throttled,
     unroutable: Unroutable,
+}
+
+/// Sessions that lost units, since when. An entry goes when the session's next unit starts a
+/// command; one whose session never sends another (its last message was the lost one) goes
+/// after [`BROKEN_TTL`], so that the set stays bounded on an agent that runs for months.
+#[derive(Default)]
+struct Broken {
+    since: HashMap<(Ipv4Addr, u16), Instant>,
+    /// When to look for old entries next (at most once a minute).
+    next_prune: Option<Instant>,
+}
+
+/// How long a broken session's entry is kept: longer than a client leaves a session idle
+/// between commands in practice, and a session idle longer starts its next unit as a command
+/// (or a new handshake) anyway.
+const BROKEN_TTL: Duration = Duration::from_secs(30 * 60);
+const BROKEN_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+impl Broken {
+    fn is_empty(&self) -> bool {
+        self.since.is_empty()
+    }
+
+    fn contains(&self, s: &(Ipv4Addr, u16)) -> bool {
+        self.since.contains_key(s)
+    }
+
+    fn remove(&mut self, s: &(Ipv4Addr, u16)) {
+        self.since.remove(s);
+    }
+
+    /// Adds `s` (false if it was there), and drops the entries older than [`BROKEN_TTL`].
+    fn insert(&mut self, s: (Ipv4Addr, u16), now: Instant) -> bool {
+        if self.next_prune.is_none_or(|at| now >= at) {
+            self.since
+                .retain(|_, since| now.saturating_duration_since(*since) < BROKEN_TTL);
+            self.next_prune = Some(now + BROKEN_PRUNE_EVERY);
+        }
+        match self.since.entry(s) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
 }
 
 /// Messages the broker returned because no queue took them (a queue not bound yet, or
@@ -656,7 +702,7 @@ impl Publisher {
         let mut quits = Batch::new(self.shared.local_ip, 0, Instant::now());
         quits.synthetic = true;
         for s in sessions {
-            if self.broken.insert(s) {
+            if self.broken.insert(s, Instant::now()) {
                 encode::put_unit(&mut quits.buf, s.0, s.1, &encode::COM_QUIT);
                 quits.units += 1;
             }
@@ -693,5 +739,29 @@ impl Publisher {
             units,
             ..batch
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_sessions_that_never_come_back_are_forgotten_after_the_ttl() {
+        let t0 = Instant::now();
+        let mut b = Broken::default();
+        let a = (Ipv4Addr::new(198, 18, 0, 1), 40000);
+        let c = (Ipv4Addr::new(198, 18, 0, 2), 40001);
+        assert!(b.insert(a, t0));
+        assert!(!b.insert(a, t0 + Duration::from_secs(1)), "already there");
+        assert!(b.insert(c, t0 + BROKEN_TTL / 2));
+        // Within the TTL both stay; past a's TTL (and the prune cadence) only c does.
+        let later = t0 + BROKEN_TTL + BROKEN_PRUNE_EVERY;
+        assert!(b.insert((Ipv4Addr::new(198, 18, 0, 3), 40002), later));
+        assert!(!b.contains(&a), "a's entry outlived its TTL");
+        assert!(b.contains(&c));
+        b.remove(&c);
+        assert!(!b.contains(&c));
+        assert_eq!(b.since.len(), 1);
     }
 }

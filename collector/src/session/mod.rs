@@ -532,9 +532,14 @@ impl Follower {
         let collected = match cmd {
             _ if seq != 0 => None,
             _ if policy.prepared && is_statement(cmd) => Some(Collected::Statement),
+            // Only this packet's body counts: after an empty query come the next packet's
+            // header bytes, which look like an attribute block (`00 01`).
             command::QUERY
                 if self.attributes.unwrap_or_else(|| {
-                    data.get(i..).is_some_and(attributes::looks_like_attributes)
+                    let body = data.get(i..).unwrap_or_default();
+                    attributes::looks_like_attributes(
+                        &body[..body.len().min(len.saturating_sub(1))],
+                    )
                 }) =>
             {
                 Some(Collected::Query)

@@ -352,8 +352,18 @@ impl std::ops::Index<&str> for Totals {
 /// Runs the agent with `args` (and `env`) and checks that it fails with every one of
 /// `needles` in its error, and that nothing was attached.
 pub fn fails_before_attaching(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    fails_before_attaching_as(&binary(), args, env, needles)
+}
+
+/// [`fails_before_attaching`] with `program` (the agent under a wrapper, say) in its place.
+pub fn fails_before_attaching_as(
+    program: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    needles: &[&str],
+) {
     let before = ours_attached("lo");
-    let mut child = Command::new(binary())
+    let mut child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())

@@ -440,6 +440,11 @@ impl NetNs {
     /// Sends `frame` (Ethernet header and all) from the peer side with an AF_PACKET socket; it
     /// arrives on the host side's ingress.
     pub fn inject(&self, frame: Vec<u8>) {
+        self.inject_all(vec![frame]);
+    }
+
+    /// [`Self::inject`] for many frames, through one socket.
+    pub fn inject_all(&self, frames: Vec<Vec<u8>>) {
         let peer = self.peer.clone();
         self.run(move || {
             use nix::sys::socket::*;
@@ -451,25 +456,30 @@ impl NetNs {
                 None,
             )
             .unwrap();
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = ifindex as i32;
-            sll.sll_halen = 6;
-            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let addr = unsafe {
-                LinkAddr::from_raw(
-                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    Some(std::mem::size_of::<libc::sockaddr_ll>() as u32),
-                )
+            for frame in frames {
+                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_ifindex = ifindex as i32;
+                sll.sll_halen = 6;
+                sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+                let addr = unsafe {
+                    LinkAddr::from_raw(
+                        &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                        Some(std::mem::size_of::<libc::sockaddr_ll>() as u32),
+                    )
+                }
+                .unwrap();
+                // A full device queue: a moment, then again.
+                while let Err(e) = sendto(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    &frame,
+                    &addr,
+                    MsgFlags::empty(),
+                ) {
+                    assert_eq!(e, nix::errno::Errno::ENOBUFS, "AF_PACKET send");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
-            .unwrap();
-            sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &frame,
-                &addr,
-                MsgFlags::empty(),
-            )
-            .expect("AF_PACKET send");
         });
     }
 }
@@ -563,4 +573,30 @@ pub fn ended_at_losses(got: &[Option<u32>], sent: u32, what: &str) -> Result<u64
         return Err(format!("{what}: does not end with its own quit"));
     }
     Ok(quits)
+}
+
+/// Whether the kernel lets tracing programs attach to `tcp_recvmsg`: ftrace lists it among
+/// the functions it can trace. This project's sandboxed kernel lists none, and refuses fentry,
+/// kprobes and uprobes to anything less than CAP_SYS_ADMIN; a stock kernel (the matrix's
+/// Debian 6.1) lists them all. tracefs is mounted for the
+/// look if it is not, and unmounted again.
+pub fn tcp_recvmsg_traceable() -> bool {
+    const DIR: &str = "/sys/kernel/tracing";
+    let file = format!("{DIR}/available_filter_functions");
+    let mounted = std::path::Path::new(&file).exists();
+    if !mounted {
+        let ok = Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", DIR])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot mount tracefs on {DIR}");
+    }
+    let listed = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("tcp_recvmsg"));
+    if !mounted {
+        let _ = Command::new("umount").arg(DIR).status();
+    }
+    listed
 }
