@@ -176,6 +176,10 @@ async fn survive(fault: Fault, rounds: usize, load: bool, causes: &[&str]) {
         }
         let before = replaced(fault, &agent.log.lock().unwrap());
         tokio::task::block_in_place(|| faults.cause(fault, &mq.exchange));
+        if matches!(fault, Fault::Kill | Fault::StopApp) {
+            // The broker's own recovery of the queue is not the agent's to wait for.
+            tokio::task::block_in_place(|| mq.wait_queue_running(120));
+        }
         let lines_then = stdout.lock().unwrap().len();
         let fault_took = round_start.elapsed();
         let start = Instant::now();

@@ -93,6 +93,20 @@ impl TestExchange {
         this
     }
 
+    /// Waits (up to `secs`) until the broker lists the queue as running: a quorum queue
+    /// recovers its log after the broker restarts, and until then the broker routes nothing
+    /// to it (a loaded machine has taken over 20 s after a SIGKILL).
+    pub fn wait_queue_running(&self, secs: u64) {
+        wait_for(secs, &format!("queue {} running again", self.queue), || {
+            rabbitmqctl(&["list_queues", "name", "state"]).is_some_and(|out| {
+                out.lines().any(|l| {
+                    let mut f = l.split_whitespace();
+                    f.next() == Some(self.queue.as_str()) && f.next() == Some("running")
+                })
+            })
+        });
+    }
+
     /// Binds the queue to the exchange.
     pub fn bind(&self) {
         let (e, q) = (self.exchange.clone(), self.queue.clone());
