@@ -29,7 +29,7 @@ use collector_common::{
     SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslPrepares, SslSock,
 };
 
-use crate::{CAP_LARGE, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags};
+use crate::{CAP_LARGE, CAP_MEDIUM, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags};
 
 /// `SSL_read`s under way, by thread.
 #[map]
@@ -396,6 +396,47 @@ pub fn mrte_ssl_write(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// One record of `SIZE` bytes (header + `CAP`) with up to `CAP` of the `n` plaintext bytes
+/// at `done` in the call's buffer; the bytes it took, or None (counted) if it could not.
+#[inline(always)]
+fn emit_one<const SIZE: usize, const CAP: u32>(
+    c: &mut Counters,
+    hdr: &mut RecordHeader,
+    call: &SslCall,
+    done: u32,
+    n: u32,
+    flags: u64,
+) -> Option<u32> {
+    let n = if n > CAP { CAP } else { n };
+    // The verifier must see the length in 1..=CAP (see the TC program's `emit_one`).
+    // SAFETY: reads a local.
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    let n = (n.wrapping_sub(1) & (CAP - 1)) + 1;
+    let Some(mut entry) = RECORDS.reserve::<[u8; SIZE]>(0) else {
+        bump(c, Counter::RingFull);
+        return None;
+    };
+    hdr.cap_len = n;
+    let base = entry.as_mut_ptr() as *mut u8;
+    // SAFETY: entries are 8-aligned and hold the header and CAP bytes; the helper reads the
+    // user buffer and fails cleanly on a bad address.
+    let r = unsafe {
+        core::ptr::write(base as *mut RecordHeader, *hdr);
+        probe_read_user(
+            base.add(HDR) as *mut c_void,
+            n,
+            (call.buf + done as u64) as *const c_void,
+        )
+    };
+    if r < 0 {
+        entry.discard(0);
+        bump(c, Counter::TlsReadFailed);
+        return None;
+    }
+    entry.submit(flags);
+    Some(n)
+}
+
 fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -417,35 +458,21 @@ fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
             break;
         }
         let n = want - done;
-        let n = if n > CAP_LARGE { CAP_LARGE } else { n };
-        // The verifier must see the length in 1..=CAP_LARGE (see `emit_one`).
-        // SAFETY: reads a local.
-        let n = unsafe { core::ptr::read_volatile(&n) };
-        let n = (n.wrapping_sub(1) & (CAP_LARGE - 1)) + 1;
-        let Some(mut entry) = RECORDS.reserve::<[u8; HDR + CAP_LARGE as usize]>(0) else {
-            bump(c, Counter::RingFull);
-            return;
-        };
+        let last = n <= CAP_LARGE;
+        let flags = if last { wake } else { crate::BPF_RB_NO_WAKEUP };
         hdr.offset = done;
-        hdr.cap_len = n;
-        let base = entry.as_mut_ptr() as *mut u8;
-        // SAFETY: entries are 8-aligned and hold the header and CAP_LARGE bytes; the helper
-        // reads the user buffer and fails cleanly on a bad address.
-        let r = unsafe {
-            core::ptr::write(base as *mut RecordHeader, hdr);
-            probe_read_user(
-                base.add(HDR) as *mut c_void,
-                n,
-                (call.buf + done as u64) as *const c_void,
-            )
+        // The smallest record class that holds the rest (a read is mostly a few hundred
+        // bytes: a 16 KiB record for each would fill the ring 64 times sooner).
+        let sent = if n <= CAP_SMALL {
+            emit_one::<{ HDR + CAP_SMALL as usize }, CAP_SMALL>(c, &mut hdr, call, done, n, flags)
+        } else if n <= CAP_MEDIUM {
+            emit_one::<{ HDR + CAP_MEDIUM as usize }, CAP_MEDIUM>(c, &mut hdr, call, done, n, flags)
+        } else {
+            emit_one::<{ HDR + CAP_LARGE as usize }, CAP_LARGE>(c, &mut hdr, call, done, n, flags)
         };
-        if r < 0 {
-            entry.discard(0);
-            bump(c, Counter::TlsReadFailed);
+        let Some(n) = sent else {
             return;
-        }
-        let last = done + n >= want;
-        entry.submit(if last { wake } else { crate::BPF_RB_NO_WAKEUP });
+        };
         bump(c, Counter::Records);
         c.0[Counter::Bytes as usize] += n as u64;
         done += n;
