@@ -91,15 +91,9 @@ fn test_and_sum(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let num = |word: &str| {
-                rest.split(';')
-                    .find_map(|p| p.trim().strip_suffix(word))
-                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            passed += num("passed");
-            failed += num("failed");
+        if let Some((p, f)) = test_summary(&line) {
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait()?;
@@ -108,6 +102,18 @@ fn test_and_sum(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
         bail!("cargo test failed: {status}");
     }
     Ok((passed, failed))
+}
+
+/// (passed, failed) of a libtest `test result:` line.
+fn test_summary(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let num = |word: &str| {
+        rest.split(';')
+            .find_map(|p| p.trim().strip_suffix(word))
+            .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((num("passed"), num("failed")))
 }
 
 fn setup() -> anyhow::Result<()> {

@@ -213,20 +213,9 @@ fn run_kernel(
 
 /// The libtest summary of one binary's log.
 fn results(log: &str) -> (u64, u64) {
-    let (mut passed, mut failed) = (0, 0);
-    for line in log.lines() {
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let num = |word: &str| {
-                rest.split(';')
-                    .find_map(|p| p.trim().strip_suffix(word))
-                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            passed += num("passed");
-            failed += num("failed");
-        }
-    }
-    (passed, failed)
+    log.lines()
+        .filter_map(crate::test_summary)
+        .fold((0, 0), |(p, f), (dp, df)| (p + dp, f + df))
 }
 
 /// What the guest runs once the host's root is mounted: file systems, modules, network and
