@@ -471,11 +471,17 @@ impl Link {
                     start.elapsed()
                 ),
             },
-            _ = gone => tracing::warn!(
-                "the old connection {} before its close was confirmed ({:?})",
-                if status.errored() { "failed" } else { "closed" },
-                start.elapsed()
-            ),
+            // lapin marks the connection closed when the broker's close-ok arrives (or after
+            // the broker's own close), a step before the close future resolves: that is a
+            // confirmed close. Only an error means the broker may not have read everything.
+            _ = gone => if status.errored() {
+                tracing::warn!(
+                    "the old connection failed before its close was confirmed ({:?})",
+                    start.elapsed()
+                )
+            } else {
+                tracing::debug!("old connection closed after {:?}", start.elapsed())
+            },
             _ = tokio::time::sleep(wait) => tracing::warn!(
                 "the broker did not close the old connection within {wait:?}; opening another \
                  anyway"
