@@ -107,7 +107,11 @@ pub const KIND_CLIENT: u8 = 0;
 pub const KIND_PREPARE_REPLY: u8 = 1;
 /// `RecordHeader::kind`: plaintext a TLS session's client sent, as the server's `SSL_read`
 /// returned it (uprobes); addresses and ports as for [`KIND_CLIENT`] (the client's the
-/// source), from the socket the read went to. `seq`, `payload_len` and the flags are 0.
+/// source), from the socket the read went to. `seq` is the position of the record's first
+/// byte in the connection's plaintext (bytes the server read before it since its first read
+/// tied to this socket, wrapping), `offset` its place in the read, `payload_len` what the
+/// read handed over; the flags are 0. Plaintext lost (ring full, a read truncated or
+/// unreadable) shows as a jump in `seq`.
 pub const KIND_TLS_PLAIN: u8 = 2;
 
 /// Most plaintext bytes handed over per `SSL_read` (records of the largest class): a read
@@ -141,6 +145,17 @@ pub struct SslSock {
     /// Host order.
     pub client_port: u16,
     pub server_port: u16,
+}
+
+/// What `SSL_SOCKS` remembers of an SSL object: its connection, and how far its plaintext
+/// has been read there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslStream {
+    pub sock: SslSock,
+    /// Plaintext bytes the server read on this connection (wrapping): the next read's
+    /// `RecordHeader::seq`.
+    pub read: u32,
 }
 
 /// A TLS connection's COM_STMT_PREPAREs whose reply the server has not written yet, as the

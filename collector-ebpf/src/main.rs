@@ -180,23 +180,115 @@ struct Packet {
     len: usize,
 }
 
+/// Where headers are read from: the packet's linear data (the common case), or a copy of the
+/// packet's first bytes (headers a driver left in page fragments).
+trait Headers {
+    /// `skb->len`.
+    fn len(&self) -> usize;
+    /// The header `T` at `off`; `short` if the packet ends first, [`Counter::HeaderNonlinear`]
+    /// if it is not where this source can read it.
+    fn read<T: Copy>(&self, off: usize, short: Counter) -> Result<T, Counter>;
+}
+
 impl Packet {
-    /// Reads the header `T` at `off`, bounds-checked against the linear data. Each header is
-    /// read whole through the one checked pointer: a field read through a pointer recomputed
-    /// from another base after a variable-length hop is rejected by the verifier.
+    /// `T` at `off` if it is in the linear data.
     #[inline(always)]
-    fn read<T: Copy>(&self, off: usize, short: Counter) -> Result<T, Counter> {
+    fn linear<T: Copy>(&self, off: usize) -> Option<T> {
         let start = self.data + off;
         if start + size_of::<T>() > self.data_end {
-            return Err(if off + size_of::<T>() > self.len {
-                short
-            } else {
-                Counter::HeaderNonlinear
-            });
+            return None;
         }
         // SAFETY: `size_of::<T>()` bytes at `start` are inside the linear packet data; all
         // header types are byte arrays (alignment 1).
-        Ok(unsafe { ptr::read_unaligned(start as *const T) })
+        Some(unsafe { ptr::read_unaligned(start as *const T) })
+    }
+}
+
+impl Headers for Packet {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bounds-checked against the linear data. Each header is read whole through the one
+    /// checked pointer: a field read through a pointer recomputed from another base after a
+    /// variable-length hop is rejected by the verifier.
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize, short: Counter) -> Result<T, Counter> {
+        match self.linear(off) {
+            Some(h) => Ok(h),
+            None if off + size_of::<T>() > self.len => Err(short),
+            None => Err(Counter::HeaderNonlinear),
+        }
+    }
+}
+
+/// Bytes of headers copied when they are not all linear: deeper ones (long IPv6 extension
+/// chains) are still counted as `header_nonlinear`.
+const HEADER_COPY: usize = 256;
+
+/// Scratch for [`Copied`]: twice [`HEADER_COPY`], so that a header read at a masked offset
+/// below it stays inside.
+#[map]
+static HEADER_SCRATCH: PerCpuArray<[u8; 2 * HEADER_COPY]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet's first bytes, copied through `bpf_skb_load_bytes` (which reads past the linear
+/// part) into this CPU's scratch.
+struct Copied {
+    buf: *const u8,
+    /// Bytes copied: `HEADER_COPY`, or the whole packet if shorter.
+    copied: usize,
+    len: usize,
+}
+
+impl Copied {
+    #[inline(always)]
+    fn new(ctx: &TcContext, len: usize) -> Result<Self, Counter> {
+        let buf = HEADER_SCRATCH
+            .get_ptr_mut(0)
+            .ok_or(Counter::HeaderNonlinear)? as *mut u8;
+        let n = if len < HEADER_COPY { len } else { HEADER_COPY };
+        if n == 0 {
+            return Err(Counter::HeaderNonlinear);
+        }
+        // In 1..=HEADER_COPY for the verifier.
+        let n = ((n as u32).wrapping_sub(1) & (HEADER_COPY as u32 - 1)) + 1;
+        // SAFETY: the scratch holds 2 * HEADER_COPY bytes; the helper checks the skb side.
+        let r = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                ctx.skb.skb as *const c_void,
+                0,
+                buf as *mut c_void,
+                n,
+            )
+        };
+        if r < 0 {
+            return Err(Counter::HeaderNonlinear);
+        }
+        Ok(Self {
+            buf,
+            copied: n as usize,
+            len,
+        })
+    }
+}
+
+impl Headers for Copied {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize, short: Counter) -> Result<T, Counter> {
+        if off + size_of::<T>() > self.len {
+            return Err(short);
+        }
+        if off + size_of::<T>() > self.copied {
+            return Err(Counter::HeaderNonlinear);
+        }
+        // The mask changes nothing (`off` < HEADER_COPY here) but bounds it for the verifier.
+        let off = off & (HEADER_COPY - 1);
+        // SAFETY: `off + size_of::<T>()` <= 2 * HEADER_COPY: inside the scratch.
+        Ok(unsafe { ptr::read_unaligned(self.buf.add(off) as *const T) })
     }
 }
 
@@ -258,7 +350,20 @@ fn parse(ctx: &TcContext, counters: &mut Counters) -> Result<(Segment, u32, Pack
         data_end: ctx.data_end(),
         len: len as usize,
     };
+    // Headers outside the linear part: parsed again, from a copy. A restart rather than a
+    // helper read at each header, which would double the verifier's paths at every one.
+    let (seg, gso) = match parse_headers(&pkt, protocol) {
+        Err(Counter::HeaderNonlinear) => parse_headers(&Copied::new(ctx, len as usize)?, protocol)?,
+        r => r?,
+    };
+    if gso {
+        bump(counters, Counter::GsoLength);
+    }
+    Ok((seg, ifindex, pkt))
+}
 
+#[inline(always)]
+fn parse_headers(pkt: &impl Headers, protocol: u32) -> Result<Parsed, Counter> {
     // L2. The outer VLAN tag (if any) is already in skb metadata at TC ingress; an inner
     // (QinQ) tag, or both when the frame comes from BPF_PROG_TEST_RUN, is still in the bytes.
     // SAFETY: a load-time constant.
@@ -280,16 +385,11 @@ fn parse(ctx: &TcContext, counters: &mut Counters) -> Result<(Segment, u32, Pack
     if l3_proto == ETH_P_8021Q || l3_proto == ETH_P_8021AD {
         return Err(Counter::VlanTooDeep);
     }
-
-    let (seg, gso) = match l3_proto {
-        ETH_P_IP => parse_ipv4(&pkt, off)?,
-        ETH_P_IPV6 => parse_ipv6(&pkt, off)?,
-        _ => return Err(Counter::NotIp),
-    };
-    if gso {
-        bump(counters, Counter::GsoLength);
+    match l3_proto {
+        ETH_P_IP => parse_ipv4(pkt, off),
+        ETH_P_IPV6 => parse_ipv6(pkt, off),
+        _ => Err(Counter::NotIp),
     }
-    Ok((seg, ifindex, pkt))
 }
 
 #[inline(always)]
@@ -367,7 +467,7 @@ fn mark_prepares(ctx: &TcContext, pkt: &Packet, counters: &mut Counters, seg: &S
         // Read in place where the bytes are linear (the common case), by the helper where not.
         // The verifier tracks packet offsets only below 64 KiB: the bound is stated here.
         let direct = if at < MAX_DIRECT_OFFSET {
-            pkt.read::<[u8; 5]>(at, Counter::TcpShort).ok()
+            pkt.linear::<[u8; 5]>(at)
         } else {
             None
         };
@@ -526,17 +626,17 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
 type Parsed = (Segment, bool);
 
 #[inline(always)]
-fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, Counter> {
+fn parse_ipv4(pkt: &impl Headers, off: usize) -> Result<Parsed, Counter> {
     let ip: Ipv4Hdr = pkt.read(off, Counter::Ipv4Short)?;
     let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
     if ip.ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(Counter::Ipv4BadIhl);
     }
     // Options: the whole header must be there too, checked at its real length.
-    if off + ihl > pkt.len {
+    if off + ihl > pkt.len() {
         return Err(Counter::Ipv4Short);
     }
-    let available = pkt.len - off;
+    let available = pkt.len() - off;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     let (ip_len, gso) = if tot_len == 0 {
         (available, true)
@@ -561,12 +661,12 @@ fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, Counter> {
 }
 
 #[inline(always)]
-fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, Counter> {
+fn parse_ipv6(pkt: &impl Headers, off: usize) -> Result<Parsed, Counter> {
     let ip: Ipv6Hdr = pkt.read(off, Counter::Ipv6Short)?;
     if ip.ver_class_flow[0] >> 4 != 6 {
         return Err(Counter::Ipv6Short);
     }
-    let available = pkt.len - off - IPV6_HLEN;
+    let available = pkt.len() - off - IPV6_HLEN;
     let plen = u16::from_be_bytes(ip.payload_len) as usize;
     let (plen, gso) = if plen == 0 {
         (available, true)
@@ -607,7 +707,7 @@ fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, Counter> {
 
 #[inline(always)]
 fn parse_tcp(
-    pkt: &Packet,
+    pkt: &impl Headers,
     off: usize,
     l4_len: usize,
     family: u8,

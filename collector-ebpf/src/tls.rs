@@ -26,7 +26,7 @@ use aya_ebpf::{
 use collector_common::{
     COM_STMT_PREPARE, COUNTERS_TLS, Counter, Counters, FAMILY_V4, KIND_PREPARE_REPLY,
     KIND_TLS_PLAIN, MAX_RECORDS_PER_SEGMENT, MAX_TLS_READ, REPLY_HEAD, RecordHeader,
-    SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslPrepares, SslSock,
+    SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslPrepares, SslSock, SslStream,
 };
 
 use crate::{CAP_LARGE, CAP_MEDIUM, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags};
@@ -40,9 +40,9 @@ static SSL_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(SSL_CALL_ENT
 static SSL_PREPARES: LruHashMap<u64, SslPrepares> =
     LruHashMap::with_max_entries(SSL_SOCK_ENTRIES, 0);
 
-/// Each SSL object's connection, from its last read syscall.
+/// Each SSL object's connection, from its last read syscall, and its plaintext position.
 #[map]
-static SSL_SOCKS: LruHashMap<u64, SslSock> = LruHashMap::with_max_entries(SSL_SOCK_ENTRIES, 0);
+static SSL_SOCKS: LruHashMap<u64, SslStream> = LruHashMap::with_max_entries(SSL_SOCK_ENTRIES, 0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -225,7 +225,31 @@ fn tie(call: &mut SslCall, sk: u64) {
         client_port: u16::from_be_bytes([ports[0], ports[1]]),
         server_port,
     };
-    let _ = SSL_SOCKS.insert(&call.ssl, &call.sock, 0);
+    // Updated in place: a copy of the entry chosen between two values compiles to a read of
+    // a register the verifier sees as unset on one path.
+    match SSL_SOCKS.get_ptr_mut(&call.ssl) {
+        Some(known) => {
+            // SAFETY: this SSL object's entry, one thread's reads at a time.
+            let known = unsafe { &mut *known };
+            if known.sock == call.sock {
+                return;
+            }
+            // A new connection of the SSL object: its plaintext count starts again. One whose
+            // socket was not known yet keeps what was read meanwhile.
+            if known.sock.client_port != 0 {
+                known.read = 0;
+            }
+            known.sock = call.sock;
+        }
+        None => {
+            // The SSL object's first connection seen: its plaintext count starts.
+            let stream = SslStream {
+                sock: call.sock,
+                read: 0,
+            };
+            let _ = SSL_SOCKS.insert(&call.ssl, &stream, 0);
+        }
+    }
 }
 
 /// `SSL_read` / `SSL_read_ex` return: the plaintext they gave the server, handed over.
@@ -261,16 +285,27 @@ pub fn mrte_ssl_read_ret(ctx: RetProbeContext) -> u32 {
     let Some(c) = counters() else {
         return 0;
     };
-    let mut sock = call.sock;
+    // The connection, tied at this call's read syscall or at an earlier one (a read served
+    // from OpenSSL's buffer). Its position counts every byte read, handed over or not, so
+    // that user space sees each loss as a jump.
+    let Some(stream) = SSL_SOCKS.get_ptr_mut(&call.ssl) else {
+        // Counted from here, so that the first read with a socket shows what went before.
+        bump(c, Counter::TlsNoSocket);
+        let stream = SslStream {
+            sock: SslSock::default(),
+            read: n as u32,
+        };
+        let _ = SSL_SOCKS.insert(&call.ssl, &stream, 0);
+        return 0;
+    };
+    // SAFETY: this SSL object's reads are one thread's, one at a time.
+    let stream = unsafe { &mut *stream };
+    let at = stream.read;
+    stream.read = at.wrapping_add(n as u32);
+    let sock = stream.sock;
     if sock.client_port == 0 {
-        // SAFETY: copied out of the map.
-        match unsafe { SSL_SOCKS.get(&call.ssl) } {
-            Some(s) => sock = *s,
-            None => {
-                bump(c, Counter::TlsNoSocket);
-                return 0;
-            }
-        }
+        bump(c, Counter::TlsNoSocket);
+        return 0;
     }
     bump(c, Counter::TlsReads);
     let mut want = n as u32;
@@ -278,7 +313,7 @@ pub fn mrte_ssl_read_ret(ctx: RetProbeContext) -> u32 {
         want = MAX_TLS_READ;
         bump(c, Counter::TlsTruncated);
     }
-    emit(c, &call, &sock, want);
+    emit(c, &call, &sock, at, want);
     if prepared_on() {
         count_prepares(c, &call, n);
     }
@@ -346,7 +381,7 @@ pub fn mrte_ssl_write(ctx: ProbeContext) -> u32 {
         return 0;
     }
     // SAFETY: copied out of the map.
-    let Some(sock) = (unsafe { SSL_SOCKS.get(&ssl) }).copied() else {
+    let Some(sock) = (unsafe { SSL_SOCKS.get(&ssl) }).map(|s| s.sock) else {
         return 0;
     };
     let Some(c) = counters() else {
@@ -437,7 +472,7 @@ fn emit_one<const SIZE: usize, const CAP: u32>(
     Some(n)
 }
 
-fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
+fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, at: u32, want: u32) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut hdr = RecordHeader {
@@ -461,6 +496,7 @@ fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, want: u32) {
         let last = n <= CAP_LARGE;
         let flags = if last { wake } else { crate::BPF_RB_NO_WAKEUP };
         hdr.offset = done;
+        hdr.seq = at.wrapping_add(done);
         // The smallest record class that holds the rest (a read is mostly a few hundred
         // bytes: a 16 KiB record for each would fill the ring 64 times sooner).
         let sent = if n <= CAP_SMALL {

@@ -21,7 +21,7 @@ use foldhash::{HashMap, HashSet};
 use mysql_async::prelude::Queryable as _;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{status::PipelineCounters, types::SessionKey};
+use crate::{sockets::server_connections, status::PipelineCounters, types::SessionKey};
 
 #[derive(Clone, Debug)]
 pub struct MysqlConfig {
@@ -88,6 +88,8 @@ pub struct Snapshot {
     pub replication_ids: HashSet<u64>,
     /// Rows the socket table could not place.
     pub unresolved: Vec<Unresolved>,
+    /// Reads of the socket table that failed.
+    pub socket_table_errors: u64,
 }
 
 /// A process-list row whose host the socket table could not place, typically a session that
@@ -190,28 +192,6 @@ pub fn split_host(host: &str) -> Option<(&str, u16)> {
         .and_then(|n| n.strip_suffix(']'))
         .unwrap_or(name);
     (!name.is_empty()).then_some((name, port))
-}
-
-/// The server side of the kernel's TCP socket table: (client address, client port) of every
-/// established connection to one of `server_ports`.
-pub fn server_connections(server_ports: &[u16]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for table in [procfs::net::tcp(), procfs::net::tcp6()] {
-        for e in table.into_iter().flatten() {
-            if e.state == procfs::net::TcpState::Established
-                && server_ports.contains(&e.local_address.port())
-            {
-                out.push(SocketAddr::new(
-                    e.remote_address.ip().to_canonical(),
-                    e.remote_address.port(),
-                ));
-            }
-        }
-    }
-    // The table is read in pages; a socket that moves while it is read can show twice.
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// Maps a process-list host to the client address the capture sees.
@@ -425,21 +405,12 @@ impl Mysql {
                 own: own == 1,
             })
             .collect();
-        // /proc/net/tcp is read a page at a time and the kernel resumes each page by position:
-        // while connections open and close, a socket can be skipped. Sessions not found are
-        // looked for again in fresh reads (kept together: a socket seen once is real).
-        let mut connections = server_connections(&self.cfg.server_ports);
-        let mut snap = snapshot(&rows, &connections);
-        for _ in 0..SOCKET_TABLE_RETRIES {
-            if snap.unresolved.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            connections.extend(server_connections(&self.cfg.server_ports));
-            connections.sort();
-            connections.dedup();
-            snap = snapshot(&rows, &connections);
-        }
+        // Off the runtime's thread, which also drains the ring: the socket table of a busy
+        // host, and the name lookups of `resolve`, take their time.
+        let ports = self.cfg.server_ports.clone();
+        let mut snap = tokio::task::spawn_blocking(move || map_rows(&rows, &ports))
+            .await
+            .expect("the process-list mapping does not panic");
         for u in &mut snap.unresolved {
             if let Some(addrs) = &mut u.addrs {
                 let name = split_host(&u.host).map_or("", |(name, _)| name);
@@ -455,6 +426,41 @@ impl Mysql {
         }
         Ok(snap)
     }
+}
+
+/// The process list's rows mapped to the sessions the capture sees, through the socket table.
+/// A dump resumes by position: while connections open and close, a socket can be skipped.
+/// Sessions not found are looked for again in fresh dumps (kept together: a socket seen once
+/// is real).
+fn map_rows(rows: &[Row], server_ports: &[u16]) -> Snapshot {
+    let mut connections = Vec::new();
+    let mut failed = None;
+    let mut read = |connections: &mut Vec<SocketAddr>| match server_connections(server_ports) {
+        Ok(found) => {
+            connections.extend(found);
+            connections.sort();
+            connections.dedup();
+        }
+        Err(e) => failed = Some(e),
+    };
+    read(&mut connections);
+    let mut snap = snapshot(rows, &connections);
+    for _ in 0..SOCKET_TABLE_RETRIES {
+        if snap.unresolved.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        read(&mut connections);
+        snap = snapshot(rows, &connections);
+    }
+    if let Some(e) = failed {
+        tracing::warn!(
+            "reading the TCP socket table (sock_diag netlink) failed: {e}; sessions listed by \
+             host name may stay unresolved"
+        );
+        snap.socket_table_errors += 1;
+    }
+    snap
 }
 
 /// The bootstrap task: first and second pass, then garbage collection every `gc_interval`
@@ -521,6 +527,7 @@ pub async fn run(
         }
         match conn.read().await {
             Ok(snap) => {
+                PipelineCounters::add(&counters.socket_table_errors, snap.socket_table_errors);
                 if pass == Pass::First {
                     first_done = true;
                     second_at = Some(tokio::time::Instant::now() + cfg.second_pass);

@@ -654,7 +654,7 @@ impl RecordSink for Live<'_> {
         if r.kind == capture::RecordKind::TlsPlain {
             let mut out = std::mem::take(&mut self.out);
             self.flows
-                .plaintext(key, r.data, self.now, &self.counters, &mut out);
+                .plaintext(key, r.seq, r.data, self.now, &self.counters, &mut out);
             for o in out.drain(..) {
                 self.emit(key.client, o, time);
             }
@@ -703,7 +703,7 @@ fn from_pcap(
         compressed_sessions = p.compressed_sessions,
         query_attributes = p.query_attributes,
         unreplayable = p.unreplayable_frames + p.unreplayable_attributes,
-        gaps_lost = p.gap_timeouts + p.gap_overflow,
+        gaps_lost = p.gap_timeouts + p.gap_overflow + p.tls_gaps,
         "capture file read"
     );
     Ok(())
@@ -753,7 +753,7 @@ async fn live(
             load_failed = kernel.get(Counter::LoadFailed),
             drain_lost = d.lost,
             malformed = d.malformed,
-            gaps_lost = p.gap_timeouts + p.gap_overflow,
+            gaps_lost = p.gap_timeouts + p.gap_overflow + p.tls_gaps,
             gap_bytes = p.gap_bytes,
             "capture losses"
         );

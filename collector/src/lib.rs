@@ -47,6 +47,7 @@ pub mod protocol;
 pub mod publish;
 pub mod recording;
 pub mod session;
+pub mod sockets;
 pub mod status;
 pub mod tcp;
 pub mod types;

@@ -155,7 +155,10 @@ impl Families {
 /// The help of a pipeline counter family (the `in` of `pipeline_counters!`).
 fn family_help(family: &str) -> &'static str {
     match family {
-        "gaps_lost" => "TCP gaps given up (the session got a COM_QUIT there), by reason",
+        "gaps_lost" => {
+            "TCP gaps given up and TLS plaintext lost (the session got a COM_QUIT there), by \
+             reason"
+        }
         "flows_closed" => "flows ended by the client's FIN or RST, by reason",
         "lost_units" => {
             "units handed to the publishers and not published, by reason; with published_units \

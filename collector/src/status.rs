@@ -80,6 +80,9 @@ pipeline_counters! {
     /// passed 8 MiB in a flow or 64 MiB in all: the session got a COM_QUIT there.
     gap_timeouts in gaps_lost,
     gap_overflow in gaps_lost,
+    /// TLS sessions' plaintext lost before a read (the kernel's position jumped: a read lost
+    /// to a full ring, truncated or unreadable): the session got a COM_QUIT there.
+    tls_gaps in gaps_lost,
     /// Bytes never published because of given-up gaps: the missing ones, those skipped until
     /// the next command, and those still waiting behind a gap when the flow was freed.
     gap_bytes,
@@ -175,6 +178,9 @@ pipeline_counters! {
     replication_skipped,
     /// Process-list rows whose host could not be mapped to an address.
     unresolved_hosts,
+    /// Reads of the kernel's TCP socket table (sock_diag netlink) that failed: the rows
+    /// listed by host name could not be placed then.
+    socket_table_errors,
     /// Synthetic COM_QUIT units for sessions gone from the process list whose end the capture
     /// did not see.
     gc_quits,
@@ -427,7 +433,7 @@ impl Totals {
     }
 
     pub fn gaps_lost(&self) -> u64 {
-        self.pipeline.gap_timeouts + self.pipeline.gap_overflow
+        self.pipeline.gap_timeouts + self.pipeline.gap_overflow + self.pipeline.tls_gaps
     }
 
     /// Flows ended by FIN or RST.

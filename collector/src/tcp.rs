@@ -99,6 +99,9 @@ struct Flow {
     /// A TLS session's FIN or RST (its flags) came; it ends at this deadline, or at the
     /// client's COM_QUIT in the plaintext.
     tls_linger: Option<(Instant, u8)>,
+    /// Plaintext position (the kernel's count of bytes the server read) of the next TLS
+    /// record, once one came.
+    plain_next: Option<u32>,
 }
 
 impl Flow {
@@ -115,6 +118,7 @@ impl Flow {
             published: false,
             follower: Follower::default(),
             tls_linger: None,
+            plain_next: None,
         }
     }
 
@@ -643,11 +647,14 @@ impl Flows {
         }
     }
 
-    /// Plaintext of `key`'s TLS session, as the server read it: to the session follower in
-    /// the order the server read it (the ciphertext's TCP order and gaps do not apply).
+    /// Plaintext of `key`'s TLS session, as the server read it from position `at` on: to the
+    /// session follower in the order the server read it (the ciphertext's TCP order and gaps
+    /// do not apply). Reads arrive in order, so a position other than the one expected is
+    /// plaintext the capture lost.
     pub fn plaintext(
         &mut self,
         key: FlowKey,
+        at: u32,
         data: Bytes,
         now: Instant,
         c: &PipelineCounters,
@@ -661,6 +668,16 @@ impl Flows {
         let flow = self.table.entry(key).or_insert_with(|| Flow::new(0, now));
         flow.last_seen = now;
         let before = out.len();
+        let next = flow.plain_next.replace(at.wrapping_add(data.len() as u32));
+        // The first record's position is 0 unless reads before it were lost (or were made
+        // before the agent started, which the follower knows by itself).
+        if next.unwrap_or(0) != at {
+            let missing = at.wrapping_sub(next.unwrap_or(0));
+            // A position behind the expected one cannot be placed at all.
+            let missing = if (missing as i32) < 0 { 0 } else { missing };
+            flow.follower
+                .plaintext_lost(u64::from(missing), flow.published, c, out);
+        }
         flow.follower.plaintext(data, &self.policy, c, out);
         flow.published |= out[before..].iter().any(|o| matches!(o, Output::Data(_)));
         if let Some((_, flags)) = flow.tls_linger
@@ -778,6 +795,17 @@ impl Flows {
         self.table.keys().map(|k| k.client)
     }
 
+    /// Those of `sessions` whose stream already ended for the consumer (their COM_QUIT, the
+    /// client's or one for a loss, is published) while their flow is still open: a TLS
+    /// session's FIN waiting behind a gap in its ciphertext, say.
+    pub fn ended_sessions(&self, sessions: &[SessionKey]) -> Vec<SessionKey> {
+        self.table
+            .iter()
+            .filter(|(k, f)| f.follower.ended() && sessions.contains(&k.client))
+            .map(|(k, _)| k.client)
+            .collect()
+    }
+
     /// Frees a session's flows; bytes still waiting behind a gap are counted as lost.
     pub fn forget(&mut self, session: &SessionKey, c: &PipelineCounters) {
         let mut freed = 0;
@@ -850,6 +878,109 @@ mod tests {
             f.accept(key(), seg(*seq, 0, data), Instant::now(), c, &mut out);
         }
         flatten(out)
+    }
+
+    /// A TLS session's plaintext with reads lost (the kernel's position jumps): what was
+    /// published ends with a COM_QUIT, the session goes on from the next read that starts a
+    /// command (a header read alone, as MariaDB reads), and a hole before the first record
+    /// publishes nothing until a command.
+    #[test]
+    fn tls_plaintext_lost_ends_the_session_and_resumes_at_a_command() {
+        use mysql_common::constants::CapabilityFlags as F;
+
+        use crate::protocol::{self, test_support::handshake};
+        let base = (F::CLIENT_PROTOCOL_41 | F::CLIENT_SECURE_CONNECTION).bits();
+        let mut request = (base | F::CLIENT_SSL.bits()).to_le_bytes().to_vec();
+        request.resize(32, 0);
+        let hs = protocol::packet(2, &handshake(base | F::CLIENT_SSL.bits(), &[3; 20], None));
+        let q = |n: u8| packet(command::QUERY, &[b'S', b'E', b'L', b' ', b'0' + n]);
+        // Reads as MariaDB makes them: a header, then its payload.
+        let reads = |p: &[u8]| vec![p[..4].to_vec(), p[4..].to_vec()];
+        let start = |f: &mut Flows, c: &PipelineCounters| {
+            let mut out = Vec::new();
+            let now = Instant::now();
+            f.accept(key(), seg(99, TCP_SYN, &[]), now, c, &mut out);
+            f.accept(
+                key(),
+                seg(100, 0, &protocol::packet(1, &request)),
+                now,
+                c,
+                &mut out,
+            );
+            f.accept(
+                key(),
+                seg(136, 0, &[0x16, 3, 1, 0, 2, 1, 0]),
+                now,
+                c,
+                &mut out,
+            );
+            out
+        };
+        let plain = |f: &mut Flows, c: &PipelineCounters, reads: &[(u32, Vec<u8>)]| {
+            let mut out = Vec::new();
+            for (at, r) in reads {
+                f.plaintext(
+                    key(),
+                    *at,
+                    Bytes::from(r.clone()),
+                    Instant::now(),
+                    c,
+                    &mut out,
+                );
+            }
+            flatten(out)
+        };
+        let published_hs = protocol::packet(1, &handshake(base, &[3; 20], None));
+
+        // Whole reads lost between commands, then a payload read lost after its header.
+        for lose_body in [false, true] {
+            let (c, mut f) = (PipelineCounters::default(), Flows::default());
+            start(&mut f, &c);
+            let mut at = 0u32;
+            let mut all = Vec::new();
+            for r in [vec![hs.clone()], reads(&q(1)), reads(&q(2)), reads(&q(3))].concat() {
+                all.push((at, r.clone()));
+                at += r.len() as u32;
+            }
+            // q(2)'s reads (or its payload read only) never came.
+            let lost = if lose_body { 4..5 } else { 3..5 };
+            let missing: u64 = all[lost.clone()].iter().map(|(_, r)| r.len() as u64).sum();
+            let kept: Vec<_> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !lost.contains(i))
+                .map(|(_, r)| r.clone())
+                .collect();
+            let got = plain(&mut f, &c, &kept);
+            let want = [published_hs.clone(), q(1), b"Q".to_vec(), q(3)].concat();
+            assert_eq!(got, want, "lose_body {lose_body}");
+            let l = c.load();
+            assert_eq!(l.tls_gaps, 1);
+            // The header read of a lost payload is left out as well.
+            let left_out = if lose_body { 4 } else { 0 };
+            assert_eq!(l.gap_bytes, missing + left_out, "lose_body {lose_body}");
+        }
+
+        // The handshake response lost: nothing (no COM_QUIT either) until a command.
+        let (c, mut f) = (PipelineCounters::default(), Flows::default());
+        start(&mut f, &c);
+        let at = hs.len() as u32;
+        let r = reads(&q(1));
+        let got = plain(&mut f, &c, &[(at, r[0].clone()), (at + 4, r[1].clone())]);
+        assert_eq!(got, q(1));
+        assert_eq!(c.load().tls_gaps, 1);
+
+        // In order: no loss counted.
+        let (c, mut f) = (PipelineCounters::default(), Flows::default());
+        start(&mut f, &c);
+        let mut at = 0;
+        let mut all = Vec::new();
+        for r in [vec![hs.clone()], reads(&q(1))].concat() {
+            all.push((at, r.clone()));
+            at += r.len() as u32;
+        }
+        assert_eq!(plain(&mut f, &c, &all), [published_hs, q(1)].concat());
+        assert_eq!(c.load().tls_gaps, 0);
     }
 
     #[test]

@@ -811,3 +811,207 @@ async fn prepared_statements_over_tls_replay_identically() {
         );
     }
 }
+
+/// The `mariadb` client over TLS with `SELECT 0, n` queries: its stdout read in a thread,
+/// which counts the rows that came back (the queries the server answered).
+struct CountingClient {
+    client: TlsClient,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    sent: u32,
+}
+
+impl CountingClient {
+    fn start(port: u16) -> Self {
+        let mut child = Command::new("mariadb")
+            .args(["-h127.0.0.1", &format!("-P{port}"), "-umrte", "-pmrte"])
+            .args(["--ssl", "--ssl-verify-server-cert=0", "--batch"])
+            .args(["--skip-column-names", "--unbuffered"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let answered = std::sync::Arc::<std::sync::atomic::AtomicU32>::default();
+        let a = answered.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                if line.is_err() {
+                    break;
+                }
+                a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        Self {
+            client: TlsClient(child),
+            answered,
+            sent: 0,
+        }
+    }
+
+    /// Sends queries up to `n` (not included) and waits until the server answered them all
+    /// (while it keeps answering: a slow machine only makes this slower).
+    fn query_until(&mut self, n: u32) {
+        let mut batch = String::new();
+        for i in self.sent..n {
+            batch.push_str(&format!("SELECT 0, {i};\n"));
+        }
+        self.client.sql(&batch);
+        self.sent = n;
+        let (mut last, mut since) = (0, std::time::Instant::now());
+        loop {
+            let now = self.answered.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= n {
+                return;
+            }
+            if now != last {
+                (last, since) = (now, std::time::Instant::now());
+            }
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(60),
+                "the server stopped answering at {now} of {n}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// The commands of the session whose queries are `SELECT 0, n`: each n, None for a COM_QUIT
+/// (its handshake response and any other command left out); and the session's port.
+fn counted_session(
+    units: &std::collections::HashMap<u16, Vec<collector::encode::Unit>>,
+) -> (u16, Vec<Option<u32>>) {
+    for (&port, units) in units {
+        let mut packets = collector::protocol::Packets::default();
+        let mut got = Vec::new();
+        for u in units {
+            packets.push(&u.data);
+        }
+        while let Some(p) = packets.next_packet() {
+            match p.payload.split_first() {
+                Some((&collector::protocol::command::QUIT, [])) => got.push(None),
+                Some((&collector::protocol::command::QUERY, sql)) => {
+                    let sql = String::from_utf8_lossy(sql);
+                    if let Some(n) = sql.strip_prefix("SELECT 0, ") {
+                        got.push(Some(n.parse().expect("a whole query")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if got.iter().any(Option::is_some) {
+            return (port, got);
+        }
+    }
+    panic!("no session with the test's queries was published");
+}
+
+/// TLS reads lost in the kernel (the agent stopped, its 1 MiB ring full): the plaintext has
+/// no TCP sequence numbers, so the kernel numbers it; the hole shows as a jump, the session
+/// gets a COM_QUIT there (`tls_gaps`) and is published again from the next command. Every
+/// query published is whole and in order; none is missing without a COM_QUIT before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_reads_lost_to_a_full_ring_end_the_session_at_the_hole() {
+    let mq = TestExchange::new("tls_loss");
+    let TlsPair { source, .. } = &TlsPair::start("CREATE DATABASE shop");
+    let mut args = local_server_args(source.port, &mq.exchange);
+    args.push("--ring_buffer_mb=1".into());
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    agent.wait_attached();
+    agent.wait_log("TLS probes attached").await;
+
+    let mut client = CountingClient::start(source.port);
+    let mut units: std::collections::HashMap<u16, Vec<collector::encode::Unit>> =
+        Default::default();
+    let take = |units: &mut std::collections::HashMap<_, Vec<_>>| {
+        for (port, u) in tokio::task::block_in_place(|| mq.units_by_port()) {
+            units.entry(port).or_default().extend(u);
+        }
+    };
+    // Published in full while the agent drains.
+    tokio::task::block_in_place(|| client.query_until(100));
+    let start = std::time::Instant::now();
+    loop {
+        take(&mut units);
+        let seen = units
+            .values()
+            .flatten()
+            .filter(|u| u.data.windows(10).any(|w| w == b"SELECT 0, "))
+            .count();
+        if seen >= 100 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the first queries were not published: {seen}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Nothing drains the ring: some 3,000 records fit, a query makes three.
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::task::block_in_place(|| client.query_until(6_100));
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
+    tokio::task::block_in_place(|| client.query_until(6_200));
+    tokio::task::block_in_place(|| client.client.finish());
+
+    let start = std::time::Instant::now();
+    let (port, _) = loop {
+        take(&mut units);
+        let (port, got) = counted_session(&units);
+        if got.last() == Some(&None) && got.iter().rev().flatten().next() == Some(&6_199) {
+            break (port, got);
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the session's end was not published: {:?}",
+            &got[got.len().saturating_sub(5)..]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    // Two process-list reads after the session left it: the GC must not end it again (its
+    // ciphertext FIN waits behind the TCP gap the full ring left, so its flow is still open).
+    let reads = |agent: &Agent| {
+        agent
+            .log
+            .lock()
+            .unwrap()
+            .matches("read the MySQL process list")
+            .count()
+    };
+    let seen = reads(&agent);
+    let start = std::time::Instant::now();
+    while reads(&agent) < seen + 2 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the bootstrap stopped reading the process list"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let stdout = agent.stop();
+    take(&mut units);
+    let (_, got) = counted_session(&units);
+    assert_eq!(
+        &got[got.len() - 2..],
+        [Some(6_199), None],
+        "the session's end, once"
+    );
+    let t = totals(&stdout);
+    assert!(t.get("ring_full") > 0, "{stdout}");
+    assert!(t.get("tls_gaps") >= 1, "{stdout}");
+    // In order, whole; a jump only right after a COM_QUIT of the agent's.
+    let quits = common::check_ended_at_losses(&got, 6_200, &format!("session {port}"));
+    assert!(quits >= 1, "no COM_QUIT at the hole");
+    assert!(
+        quits <= t.get("tls_gaps") + t.get("mq_lost_sessions"),
+        "a COM_QUIT nothing counted: {stdout}"
+    );
+    let published = got.iter().flatten().count();
+    assert!(published < 6_200, "nothing was lost: {stdout}");
+    eprintln!(
+        "published {published} of 6200 queries, {quits} COM_QUIT at holes; ring_full {}, \
+         tls_gaps {}, gap_bytes {}",
+        t.get("ring_full"),
+        t.get("tls_gaps"),
+        t.get("gap_bytes")
+    );
+}

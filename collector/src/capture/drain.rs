@@ -30,7 +30,7 @@ pub enum RecordKind {
     /// included (1 = the latest).
     PrepareReply { awaiting: u8 },
     /// Plaintext of a TLS session's client, as the server's `SSL_read` returned it (the
-    /// client's address the source); not a TCP segment: no sequence number.
+    /// client's address the source); not a TCP segment: `seq` counts plaintext bytes.
     TlsPlain,
 }
 
@@ -44,7 +44,8 @@ pub struct Record {
     pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
-    /// TCP sequence number of `data[0]`.
+    /// TCP sequence number of `data[0]` (for [`RecordKind::TlsPlain`], its position in the
+    /// connection's plaintext).
     pub seq: u32,
     pub tcp_flags: u8,
     /// Payload length of the whole segment this record came from.

@@ -46,6 +46,12 @@ pub enum TlsError {
          library is not OpenSSL (a wolfSSL or GnuTLS build), or it is linked without symbols"
     )]
     NoLibrary { pid: u32, exe: String },
+    #[error("reading the TCP socket table (sock_diag netlink) for the listener on port {port}")]
+    SocketTable {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading {what}")]
     Proc {
         what: String,
@@ -180,18 +186,11 @@ pub fn server_process(port: u16) -> Result<u32, TlsError> {
         let what = what.to_owned();
         move |source| TlsError::Proc { what, source }
     };
-    let mut inodes = Vec::new();
-    let mut other_user = false;
     let me = nix::unistd::geteuid().as_raw();
-    for table in [procfs::net::tcp(), procfs::net::tcp6()] {
-        let Ok(entries) = table else { continue };
-        for e in entries {
-            if e.state == procfs::net::TcpState::Listen && e.local_address.port() == port {
-                inodes.push(e.inode);
-                other_user |= e.uid != me;
-            }
-        }
-    }
+    let listening =
+        crate::sockets::listeners(port).map_err(|source| TlsError::SocketTable { port, source })?;
+    let inodes: Vec<u64> = listening.iter().map(|&(inode, _)| inode).collect();
+    let other_user = listening.iter().any(|&(_, uid)| uid != me);
     if inodes.is_empty() {
         return Err(TlsError::NoServer { port });
     }

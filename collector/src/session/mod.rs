@@ -215,10 +215,56 @@ impl Follower {
                 return;
             }
             self.plain_resync = false;
+            // A read of a packet header alone starts the command too (the follower's own
+            // resync wants the command byte in the same bytes).
+            if self.resync {
+                self.restart(c);
+            }
         }
         let ciphertext = std::mem::replace(&mut self.wire, std::mem::take(&mut self.plain_wire));
         self.feed(data, policy, c, out);
         self.plain_wire = std::mem::replace(&mut self.wire, ciphertext);
+    }
+
+    /// Plaintext of this TLS session was lost before the next read (`missing` bytes, 0 if
+    /// unknown): what was published of it ends with a COM_QUIT, and the plaintext is left out
+    /// until a read starts a command, as after a TCP gap.
+    pub(crate) fn plaintext_lost(
+        &mut self,
+        missing: u64,
+        published: bool,
+        c: &PipelineCounters,
+        out: &mut Vec<Output>,
+    ) {
+        PipelineCounters::add(&c.tls_gaps, 1);
+        PipelineCounters::add(&c.gap_bytes, missing);
+        if published && !self.ended() {
+            out.push(Output::Quit);
+        }
+        self.resync = true;
+        self.plain_wire.resync();
+        // A compressed wire finds its next frame by itself; the follower's resync then waits
+        // for a command in what it inflates.
+        self.plain_resync = !matches!(self.plain_wire, Wire::Compressed(_));
+    }
+
+    /// After bytes went missing: the packet state starts again at a command.
+    fn restart(&mut self, c: &PipelineCounters) {
+        // The statements stay: the server still has them. PREPAREs whose bytes were lost
+        // will never have their replies paired. So do the wire and what the handshake said.
+        if let Some(s) = self.statements.as_mut() {
+            PipelineCounters::add(&c.stmt_reply_lost, s.forget_awaiting() as u64);
+        }
+        self.left = 0;
+        // A packet start held back until its fate was known: never published.
+        PipelineCounters::add(&c.gap_bytes, self.head.len() as u64);
+        self.head.clear();
+        self.mode = Mode::Keep;
+        self.continues = false;
+        self.collect.clear();
+        self.collect_over = false;
+        self.quit = false;
+        self.resync = false;
     }
 
     /// The rest of the session cannot be made replayable (`why`): it ends here for the
@@ -359,20 +405,7 @@ impl Follower {
                 PipelineCounters::add(&c.gap_bytes, data.len() as u64);
                 return None;
             }
-            // The statements stay: the server still has them. PREPAREs whose bytes were
-            // lost will never have their replies paired. So do the wire and what the
-            // handshake said.
-            if let Some(s) = self.statements.as_mut() {
-                PipelineCounters::add(&c.stmt_reply_lost, s.forget_awaiting() as u64);
-            }
-            self.left = 0;
-            self.head.clear();
-            self.mode = Mode::Keep;
-            self.continues = false;
-            self.collect.clear();
-            self.collect_over = false;
-            self.quit = false;
-            self.resync = false;
+            self.restart(c);
         }
         let mut kept = Kept {
             data: &data,

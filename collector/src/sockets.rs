@@ -1,0 +1,150 @@
+//! The kernel's TCP socket table, through sock_diag netlink: only sockets in the states asked
+//! for come back (the kernel filters), taken one message at a time, so a host with many
+//! sockets costs a buffer, not a copy of its table (as reading /proc/net/tcp does). For the
+//! bootstrap (the server's connections) and the TLS set-up (the server's listener).
+
+use std::{io, net::SocketAddr};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// (client address, client port) of every established connection to one of `server_ports`,
+/// IPv4 and IPv6 (v4-mapped addresses as IPv4).
+pub fn server_connections(server_ports: &[u16]) -> io::Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    each(StateFlags::ESTABLISHED, |h| {
+        let id = &h.socket_id;
+        if server_ports.contains(&id.source_port) {
+            out.push(SocketAddr::new(
+                id.destination_address.to_canonical(),
+                id.destination_port,
+            ));
+        }
+    })?;
+    // A dump resumes by position: a socket that moves while it runs can show twice.
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The sockets listening on TCP `port` (IPv4 or IPv6): inode and owner's uid of each.
+pub fn listeners(port: u16) -> io::Result<Vec<(u64, u32)>> {
+    let mut out = Vec::new();
+    each(StateFlags::LISTEN, |h| {
+        if h.socket_id.source_port == port {
+            out.push((u64::from(h.inode), h.uid));
+        }
+    })?;
+    Ok(out)
+}
+
+/// Every TCP socket (IPv4, then IPv6) in `states`.
+fn each(states: StateFlags, mut visit: impl FnMut(&InetResponseHeader)) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut recv = Vec::with_capacity(32 << 10);
+    for (family, id) in [
+        (AF_INET, SocketId::new_v4()),
+        (AF_INET6, SocketId::new_v6()),
+    ] {
+        dump(&socket, family, id, states.clone(), &mut recv, &mut visit)?;
+    }
+    Ok(())
+}
+
+fn dump(
+    socket: &Socket,
+    family: u8,
+    socket_id: SocketId,
+    states: StateFlags,
+    recv: &mut Vec<u8>,
+    visit: &mut impl FnMut(&InetResponseHeader),
+) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states,
+            socket_id,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
+    let bad = |e: netlink_packet_core::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
+    loop {
+        recv.clear();
+        let n = socket.recv(recv, 0)?;
+        let mut at = 0;
+        while at < n {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&recv[at..n]).map_err(bad)?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => visit(&r.header),
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => return Err(e.to_io()),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            at += len;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// The listening side of connections made here is found, by client port, over IPv4 and
+    /// IPv6; other ports' are not.
+    #[test]
+    fn finds_the_established_connections_to_a_port() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = TcpListener::bind("[::1]:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(v4.local_addr().unwrap()).unwrap();
+        let b = TcpStream::connect(v6.local_addr().unwrap()).unwrap();
+        let c = TcpStream::connect(other.local_addr().unwrap()).unwrap();
+        let (_a, _b, _c) = (
+            v4.accept().unwrap(),
+            v6.accept().unwrap(),
+            other.accept().unwrap(),
+        );
+        let ports = [
+            v4.local_addr().unwrap().port(),
+            v6.local_addr().unwrap().port(),
+        ];
+        let got = server_connections(&ports).unwrap();
+        assert!(got.contains(&a.local_addr().unwrap()), "{got:?}");
+        assert!(got.contains(&b.local_addr().unwrap()), "{got:?}");
+        assert!(!got.contains(&c.local_addr().unwrap()), "{got:?}");
+        let listening = listeners(ports[1]).unwrap();
+        assert_eq!(listening.len(), 1, "{listening:?}");
+        assert_eq!(listening[0].1, nix::unistd::geteuid().as_raw());
+        assert!(listening[0].0 != 0);
+        assert!(
+            listeners(a.local_addr().unwrap().port())
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
