@@ -250,8 +250,11 @@ impl Copied {
         if n == 0 {
             return Err(Counter::HeaderNonlinear);
         }
-        // In 1..=HEADER_COPY for the verifier.
-        let n = ((n as u32).wrapping_sub(1) & (HEADER_COPY as u32 - 1)) + 1;
+        // In 1..=HEADER_COPY for the verifier: read back through a volatile load, or LLVM
+        // drops the mask as redundant and older verifiers (6.1) lose the bound.
+        // SAFETY: reads a local.
+        let n = unsafe { ptr::read_volatile(&(n as u32)) };
+        let n = (n.wrapping_sub(1) & (HEADER_COPY as u32 - 1)) + 1;
         // SAFETY: the scratch holds 2 * HEADER_COPY bytes; the helper checks the skb side.
         let r = unsafe {
             aya_ebpf::helpers::bpf_skb_load_bytes(

@@ -320,8 +320,10 @@ impl CaptureArgs {
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct RabbitArgs {
-    /// RabbitMQ host name or address.
-    #[arg(long, default_value = "127.0.0.1", help_heading = "RabbitMQ")]
+    /// RabbitMQ host name or address; or a cluster's nodes, `host[:port],...` (IPv6 in
+    /// brackets with a port), in order of preference: the agent moves to the next when its
+    /// node goes away, and back when an earlier one answers again.
+    #[arg(long, default_value = "127.0.0.1", value_parser = broker_hosts, help_heading = "RabbitMQ")]
     pub rabbitmq_host: String,
 
     #[arg(long, default_value_t = 5672, help_heading = "RabbitMQ")]
@@ -379,9 +381,12 @@ pub struct RabbitArgs {
 
 impl RabbitArgs {
     pub fn config(&self) -> BrokerConfig {
+        let nodes = crate::publish::broker::parse_nodes(&self.rabbitmq_host, self.rabbitmq_port)
+            .expect("checked when parsed");
         BrokerConfig {
-            host: self.rabbitmq_host.clone(),
-            port: self.rabbitmq_port,
+            host: nodes[0].0.clone(),
+            port: nodes[0].1,
+            nodes,
             user: self.rabbitmq_user.clone(),
             password: self.rabbitmq_password.clone(),
             vhost: self.rabbitmq_vhost.clone(),
@@ -632,6 +637,11 @@ fn snapshot_len(s: &str) -> Result<u32, String> {
             "{v} is outside 4096..=65535 (or 0 for whole segments)"
         ))
     }
+}
+
+fn broker_hosts(s: &str) -> Result<String, String> {
+    crate::publish::broker::parse_nodes(s, 5672)?;
+    Ok(s.to_owned())
 }
 
 fn ring_mb(s: &str) -> Result<u32, String> {

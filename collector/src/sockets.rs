@@ -1,7 +1,9 @@
 //! The kernel's TCP socket table, through sock_diag netlink: only sockets in the states asked
 //! for come back (the kernel filters), taken one message at a time, so a host with many
 //! sockets costs a buffer, not a copy of its table (as reading /proc/net/tcp does). For the
-//! bootstrap (the server's connections) and the TLS set-up (the server's listener).
+//! bootstrap (the server's connections) and the TLS set-up (the server's listener). A kernel
+//! without sock_diag for TCP (`tcp_diag` not built, or a module that cannot be loaded) has the
+//! table read from /proc/net/tcp{,6} instead, said once in the log.
 
 use std::{io, net::SocketAddr};
 
@@ -19,7 +21,7 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 /// IPv4 and IPv6 (v4-mapped addresses as IPv4).
 pub fn server_connections(server_ports: &[u16]) -> io::Result<Vec<SocketAddr>> {
     let mut out = Vec::new();
-    each(StateFlags::ESTABLISHED, |h| {
+    let dumped = each(StateFlags::ESTABLISHED, |h| {
         let id = &h.socket_id;
         if server_ports.contains(&id.source_port) {
             out.push(SocketAddr::new(
@@ -27,7 +29,20 @@ pub fn server_connections(server_ports: &[u16]) -> io::Result<Vec<SocketAddr>> {
                 id.destination_port,
             ));
         }
-    })?;
+    });
+    if let Err(e) = dumped {
+        if !unsupported(&e) {
+            return Err(e);
+        }
+        out = procfs_table(procfs::net::TcpState::Established, |e| {
+            server_ports.contains(&e.local_address.port()).then(|| {
+                SocketAddr::new(
+                    e.remote_address.ip().to_canonical(),
+                    e.remote_address.port(),
+                )
+            })
+        })?;
+    }
     // A dump resumes by position: a socket that moves while it runs can show twice.
     out.sort();
     out.dedup();
@@ -37,11 +52,54 @@ pub fn server_connections(server_ports: &[u16]) -> io::Result<Vec<SocketAddr>> {
 /// The sockets listening on TCP `port` (IPv4 or IPv6): inode and owner's uid of each.
 pub fn listeners(port: u16) -> io::Result<Vec<(u64, u32)>> {
     let mut out = Vec::new();
-    each(StateFlags::LISTEN, |h| {
+    let dumped = each(StateFlags::LISTEN, |h| {
         if h.socket_id.source_port == port {
             out.push((u64::from(h.inode), h.uid));
         }
-    })?;
+    });
+    match dumped {
+        Ok(()) => Ok(out),
+        Err(e) if unsupported(&e) => procfs_table(procfs::net::TcpState::Listen, |e| {
+            (e.local_address.port() == port).then_some((e.inode, e.uid))
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// sock_diag is not there for TCP: the kernel answers ENOENT (no handler for the family and
+/// protocol) or refuses the netlink family.
+fn unsupported(e: &io::Error) -> bool {
+    let unsupported = matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::EPROTONOSUPPORT | libc::EOPNOTSUPP)
+    );
+    if unsupported {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                "the kernel has no sock_diag for TCP ({e}): the socket table is read from \
+                 /proc/net/tcp instead, the whole table at each read"
+            )
+        });
+    }
+    unsupported
+}
+
+/// The fallback: the entries of /proc/net/tcp and tcp6 in `state` that `keep` maps.
+fn procfs_table<T>(
+    state: procfs::net::TcpState,
+    keep: impl Fn(&procfs::net::TcpNetEntry) -> Option<T>,
+) -> io::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for table in [procfs::net::tcp(), procfs::net::tcp6()] {
+        let entries = table.map_err(|e| io::Error::other(e.to_string()))?;
+        out.extend(
+            entries
+                .iter()
+                .filter(|e| e.state == state)
+                .filter_map(&keep),
+        );
+    }
     Ok(out)
 }
 
@@ -146,5 +204,24 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+
+        // The procfs fallback finds the same.
+        let mut table = procfs_table(procfs::net::TcpState::Established, |e| {
+            ports.contains(&e.local_address.port()).then(|| {
+                SocketAddr::new(
+                    e.remote_address.ip().to_canonical(),
+                    e.remote_address.port(),
+                )
+            })
+        })
+        .unwrap();
+        table.sort();
+        table.dedup();
+        assert_eq!(table, got);
+        let inodes = procfs_table(procfs::net::TcpState::Listen, |e| {
+            (e.local_address.port() == ports[1]).then_some((e.inode, e.uid))
+        })
+        .unwrap();
+        assert_eq!(inodes, listening);
     }
 }

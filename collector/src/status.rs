@@ -150,6 +150,11 @@ pipeline_counters! {
     mq_unroutable_units in lost_units,
     /// Connections to the broker opened again after one was given up.
     mq_reconnects,
+    /// Of those, opened on another node than the one given up (`--rabbitmq_host` with several
+    /// nodes); and moves back to an earlier node once it answered again (the publishers
+    /// finish what they have in flight first: nothing is lost in a move back).
+    mq_failovers,
+    mq_failbacks,
     /// Connections given up, by cause: the socket reset or closed; the broker closed the
     /// connection; a publish failed while the connection looked fine; a publish not written
     /// and confirmed (or a channel not opened) within `--rabbitmq_timeout`; blocked by the

@@ -47,8 +47,10 @@ const TESTS: [(&str, &[&str]); 5] = [
     ),
 ];
 
-/// Modules the tests need, loaded in the guest from the unpacked package.
-const MODULES: [&str; 4] = ["sch_ingress", "cls_bpf", "veth", "tun"];
+/// Modules the tests need, loaded in the guest from the unpacked package (an installed kernel
+/// loads them on demand; this one's modules are not where modprobe looks). `tcp_diag` (with
+/// `inet_diag`): the sock_diag socket table.
+const MODULES: [&str; 5] = ["sch_ingress", "cls_bpf", "veth", "tun", "tcp_diag"];
 
 /// The whole guest run; qemu is killed past it.
 const TIMEOUT: Duration = Duration::from_secs(20 * 60);

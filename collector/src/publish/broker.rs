@@ -32,8 +32,12 @@ use crate::status::{BrokerStatus, PipelineCounters};
 /// Where and how to publish.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
+    /// The node this configuration connects to: the first of `nodes` unless [`Self::at`]
+    /// chose another.
     pub host: String,
     pub port: u16,
+    /// Every node, in order of preference (`--rabbitmq_host a,b:5673,...`).
+    pub nodes: Vec<(String, u16)>,
     pub user: String,
     pub password: String,
     pub vhost: String,
@@ -53,12 +57,63 @@ pub struct BrokerConfig {
 
 impl BrokerConfig {
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+        node_addr(&self.host, self.port)
+    }
+
+    /// This configuration for node `i` of `nodes`.
+    pub fn at(&self, i: usize) -> Self {
+        let (host, port) = self.nodes[i].clone();
+        Self {
+            host,
+            port,
+            ..self.clone()
         }
     }
+}
+
+fn node_addr(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The nodes of `--rabbitmq_host`: `host[:port]` separated by commas, an IPv6 address in
+/// brackets when it has a port (`[::1]:5673`); a node without one takes `default_port`.
+pub fn parse_nodes(list: &str, default_port: u16) -> Result<Vec<(String, u16)>, String> {
+    let mut nodes = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let (host, port) = if let Some(rest) = item.strip_prefix('[') {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{item:?}: an IPv6 address in brackets lacks its ']'"))?;
+            match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None if after.is_empty() => (host, None),
+                None => return Err(format!("{item:?}: expected ':PORT' after ']'")),
+            }
+        } else if item.matches(':').count() == 1 {
+            let (host, port) = item.split_once(':').expect("one colon");
+            (host, Some(port))
+        } else {
+            // A bare IPv6 address, or a name.
+            (item, None)
+        };
+        if host.is_empty() {
+            return Err(format!("{list:?}: an empty host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("{item:?}: {p:?} is not a port"))?,
+            None => default_port,
+        };
+        nodes.push((host.to_owned(), port));
+    }
+    Ok(nodes)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +402,9 @@ pub struct Link {
     /// handle drops closes itself, and lapin fails the whole connection (socket closed at
     /// once, close never confirmed) when that meets the connection's own close.
     channels: Mutex<Vec<Channel>>,
+    /// Set when the agent moves to another node: publishers take no new message here and
+    /// leave once what they have in flight is settled.
+    retiring: watch::Sender<bool>,
 }
 
 impl Link {
@@ -354,6 +412,7 @@ impl Link {
         let events = conn.events_listener().boxed();
         Arc::new(Self {
             conn,
+            retiring: watch::channel(false).0,
             dead: watch::channel(None).0,
             events: Mutex::new(Some(events)),
             recheck: tokio::sync::Mutex::new(()),
@@ -374,6 +433,16 @@ impl Link {
 
     pub fn is_dead(&self) -> bool {
         self.dead.borrow().is_some()
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        *self.retiring.borrow()
+    }
+
+    /// Resolves once the agent moves to another node.
+    pub async fn retired(&self) {
+        let mut rx = self.retiring.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// Resolves once the connection is given up, with the cause.
@@ -564,11 +633,22 @@ pub struct Broker {
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// When the current (or last) connection opened.
     last_open: Mutex<Instant>,
+    /// The node of `cfg.nodes` the current (or last) connection went to.
+    node: std::sync::atomic::AtomicUsize,
 }
 
+/// How often a connection to a node other than the first checks whether an earlier node
+/// answers again.
+const FAILBACK_CHECK: Duration = Duration::from_secs(10);
+
 impl Broker {
+    /// The current (or last) node's address.
     pub fn addr(&self) -> String {
-        self.cfg.addr()
+        self.cfg.at(self.node()).addr()
+    }
+
+    fn node(&self) -> usize {
+        self.node.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Connects, logs in, checks (or with `declare`, creates) the exchange, and starts the
@@ -577,7 +657,25 @@ impl Broker {
         cfg: &BrokerConfig,
         counters: Arc<PipelineCounters>,
     ) -> Result<Arc<Self>, PublishError> {
-        let conn = open(cfg).await?;
+        // The first node that answers; if none does, the first node's error (each is logged).
+        let mut first_error = None;
+        let mut opened = None;
+        for i in 0..cfg.nodes.len() {
+            match open(&cfg.at(i)).await {
+                Ok(conn) => {
+                    opened = Some((i, conn));
+                    break;
+                }
+                Err(e) if cfg.nodes.len() > 1 => {
+                    tracing::warn!(node = %cfg.at(i).addr(), "{e}; trying the next node");
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((node, conn)) = opened else {
+            return Err(first_error.expect("a node was tried"));
+        };
         let broker = Arc::new(Self {
             cfg: cfg.clone(),
             current: watch::channel(Some(Link::new(conn))).0,
@@ -586,6 +684,7 @@ impl Broker {
             stop: watch::channel(false).0,
             supervisor: Mutex::default(),
             last_open: Mutex::new(Instant::now()),
+            node: node.into(),
         });
         let task = tokio::spawn(broker.clone().supervise());
         *broker.supervisor.lock().expect("supervisor lock") = Some(task);
@@ -649,9 +748,28 @@ impl Broker {
             let Some(link) = self.current.borrow().clone() else {
                 return;
             };
-            tokio::select! {
-                _ = link.watch(&self.cfg, &self.state) => {}
-                _ = stop.wait_for(|s| *s) => return,
+            // Until it dies; on a node other than the first, until an earlier one answers.
+            let back = {
+                let watching = link.watch(&self.cfg, &self.state);
+                tokio::pin!(watching);
+                loop {
+                    // The check runs beside the watch: a death meanwhile is seen at once.
+                    let check = async {
+                        tokio::time::sleep(FAILBACK_CHECK).await;
+                        self.failback().await
+                    };
+                    tokio::select! {
+                        _ = &mut watching => break None,
+                        _ = stop.wait_for(|s| *s) => return,
+                        back = check, if self.node() > 0 => if back.is_some() {
+                            break back;
+                        },
+                    }
+                }
+            };
+            if let Some(back) = back {
+                self.retire(link, back);
+                continue;
             }
             let cause = *link.dead.borrow();
             let cause = cause.expect("watch returns once dead");
@@ -683,38 +801,87 @@ impl Broker {
         }
     }
 
+    /// A connection to a node earlier than the current one, if one answers now.
+    async fn failback(&self) -> Option<Arc<Link>> {
+        for i in 0..self.node() {
+            let cfg = self.cfg.at(i);
+            let attempt = tokio::time::timeout(cfg.connect_timeout + cfg.timeout, open(&cfg));
+            if let Ok(Ok(conn)) = attempt.await {
+                let from = self.addr();
+                self.node.store(i, std::sync::atomic::Ordering::Relaxed);
+                *self.last_open.lock().expect("last_open lock") = Instant::now();
+                PipelineCounters::add(&self.counters.mq_failbacks, 1);
+                tracing::info!(
+                    from = %from,
+                    to = %cfg.addr(),
+                    "RabbitMQ node answers again: moving back to it"
+                );
+                return Some(Link::new(conn));
+            }
+        }
+        None
+    }
+
+    /// Makes `back` the current connection; `old` is closed once every publisher has left it
+    /// (each settles what it has in flight there first), or after a deadline.
+    fn retire(&self, old: Arc<Link>, back: Arc<Link>) {
+        old.retiring.send_replace(true);
+        self.current.send_replace(Some(back));
+        let cfg = self.cfg.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + cfg.timeout * 3;
+            // Publishers hold the link while they use it.
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            old.close(&cfg).await;
+        });
+    }
+
     /// A new connection: the first attempt at once (but not sooner than a second after the
     /// previous one opened, so that a connection that dies at once does not spin), then one a
     /// second for ten seconds (a broker restart takes a few), then 2 s doubling to 30 s.
-    /// Each failure counts as an MQError.
+    /// Each attempt tries the nodes in order of preference. Each failure counts as an MQError.
     async fn reconnect(&self) -> Arc<Link> {
         let started = Instant::now();
         let mut delay = Duration::from_secs(1);
         let mut log = Throttled::default();
         let since = self.last_open.lock().expect("last_open lock").elapsed();
         tokio::time::sleep(Duration::from_secs(1).saturating_sub(since)).await;
+        let last = self.node();
         loop {
-            let attempt =
-                tokio::time::timeout(self.cfg.connect_timeout + self.cfg.timeout, open(&self.cfg));
-            let error = match attempt.await {
-                Ok(Ok(conn)) => {
-                    *self.last_open.lock().expect("last_open lock") = Instant::now();
-                    return Link::new(conn);
-                }
-                Ok(Err(e)) => e,
-                Err(_) => PublishError::Timeout {
-                    addr: self.addr(),
-                    secs: (self.cfg.connect_timeout + self.cfg.timeout).as_secs(),
-                },
-            };
-            PipelineCounters::add(&self.counters.mq_errors, 1);
-            log.hit(Instant::now(), |more| {
-                tracing::warn!(
-                    retry_in = ?delay,
-                    similar_since_last_warning = more,
-                    "{error}; batches wait in memory meanwhile (--max_mem_mb)"
-                )
-            });
+            for i in 0..self.cfg.nodes.len() {
+                let cfg = self.cfg.at(i);
+                let attempt = tokio::time::timeout(cfg.connect_timeout + cfg.timeout, open(&cfg));
+                let error = match attempt.await {
+                    Ok(Ok(conn)) => {
+                        *self.last_open.lock().expect("last_open lock") = Instant::now();
+                        self.node.store(i, std::sync::atomic::Ordering::Relaxed);
+                        if i != last {
+                            PipelineCounters::add(&self.counters.mq_failovers, 1);
+                            tracing::warn!(
+                                from = %self.cfg.at(last).addr(),
+                                to = %cfg.addr(),
+                                "moved to another RabbitMQ node"
+                            );
+                        }
+                        return Link::new(conn);
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => PublishError::Timeout {
+                        addr: cfg.addr(),
+                        secs: (cfg.connect_timeout + cfg.timeout).as_secs(),
+                    },
+                };
+                PipelineCounters::add(&self.counters.mq_errors, 1);
+                log.hit(Instant::now(), |more| {
+                    tracing::warn!(
+                        retry_in = ?delay,
+                        similar_since_last_warning = more,
+                        "{error}; batches wait in memory meanwhile (--max_mem_mb)"
+                    )
+                });
+            }
             tokio::time::sleep(delay).await;
             if started.elapsed() >= Duration::from_secs(10) {
                 delay = (delay * 2).min(Duration::from_secs(30));
@@ -728,4 +895,28 @@ async fn open(cfg: &BrokerConfig) -> Result<Connection, PublishError> {
     let conn = login(cfg).await?;
     within(cfg, "checking the exchange", check_exchange(cfg, &conn)).await?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nodes;
+
+    #[test]
+    fn node_lists_parse_with_default_ports_and_ipv6() {
+        let n = |s: &str| parse_nodes(s, 5672);
+        assert_eq!(n("127.0.0.1").unwrap(), [("127.0.0.1".into(), 5672)]);
+        assert_eq!(
+            n("a, b:5673,[::1]:5674,::1,[fe80::2]").unwrap(),
+            [
+                ("a".into(), 5672),
+                ("b".into(), 5673),
+                ("::1".into(), 5674),
+                ("::1".into(), 5672),
+                ("fe80::2".into(), 5672),
+            ]
+        );
+        for bad in ["", "a,,b", "a:0", "a:x", "[::1", "[::1]5673", ":5672"] {
+            assert!(n(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -196,6 +196,9 @@ enum End {
     LinkDown,
     /// Only the channel died (closed by the broker): a new one is opened.
     ChannelDown,
+    /// The agent moved to another node, and what was in flight here is settled: the next
+    /// messages go on the new connection, after these (a session's order holds).
+    Retired,
 }
 
 struct Publisher {
@@ -407,7 +410,7 @@ impl Publisher {
             match end {
                 End::Finished => return,
                 End::GaveUp => break,
-                End::LinkDown => {}
+                End::LinkDown | End::Retired => {}
                 End::ChannelDown => {
                     channel_failures += 1;
                     PipelineCounters::add(Down::Channel.counter(&self.shared.counters), 1);
@@ -447,8 +450,13 @@ impl Publisher {
             // while no queue takes what is published (see `unroutable`).
             let blocked = link.conn.status().blocked();
             let held = self.unroutable.held();
+            let retiring = link.is_retiring();
+            if retiring && in_flight.is_empty() {
+                break End::Retired;
+            }
             while !blocked
                 && !held
+                && !retiring
                 && in_flight.len() < MAX_IN_FLIGHT
                 && let Some(mut batch) = pending.batches.pop_front()
             {
@@ -466,13 +474,14 @@ impl Publisher {
             if pending.closing && pending.batches.is_empty() && in_flight.is_empty() {
                 break End::Finished;
             }
-            let room = in_flight.len() < MAX_IN_FLIGHT && !blocked && !held;
+            let room = in_flight.len() < MAX_IN_FLIGHT && !blocked && !held && !retiring;
             // The oldest message is the first due.
             let due = in_flight.front().map(|f| f.deadline);
             tokio::select! {
                 // In this order: a confirm that came is taken before its deadline counts.
                 biased;
                 _ = link.dead() => break End::LinkDown,
+                _ = link.retired(), if !retiring => {}
                 _ = give_up.wait_for(|g| *g) => break End::GaveUp,
                 // The oldest message's next step: its write, or its confirm.
                 step = next_step(in_flight.front_mut()), if !in_flight.is_empty() => match step {
