@@ -510,6 +510,10 @@ fn quoted(t: &[u8], out: &mut Vec<u8>) {
 /// Most statements one connection keeps (the server's own default `max_prepared_stmt_count`
 /// is 16382 for all connections together).
 pub const MAX_STATEMENTS: usize = 16382;
+/// Most PREPAREs one connection keeps waiting for their replies: a client waits for each
+/// (pipelining a few at most), so more means the replies are not seen (asymmetric routing, a
+/// mark the kernel evicted); the oldest go, counted as replies lost.
+pub const MAX_AWAITING: usize = 32;
 /// Most bytes of one command, or of one parameter's long data, kept for rendering.
 pub const MAX_COMMAND: usize = 64 << 20;
 /// MariaDB's statement id for "the statement prepared last" (a PREPARE and its EXECUTE sent
@@ -565,10 +569,17 @@ pub struct Statements {
 }
 
 impl Statements {
-    /// A COM_STMT_PREPARE's SQL (`None`: too large to keep); its reply comes later.
-    pub fn prepare(&mut self, sql: Option<&[u8]>) {
+    /// A COM_STMT_PREPARE's SQL (`None`: too large to keep); its reply comes later. Returns
+    /// how many older PREPAREs were given up for it ([`MAX_AWAITING`]).
+    pub fn prepare(&mut self, sql: Option<&[u8]>) -> usize {
+        let mut lost = 0;
+        while self.awaiting.len() >= MAX_AWAITING {
+            self.awaiting.pop_front();
+            lost += 1;
+        }
         self.awaiting
             .push_back(sql.map(|sql| Statement::from_sql(sql.to_vec())));
+        lost
     }
 
     /// PREPAREs whose reply will never be paired (the stream before them was lost): how many.

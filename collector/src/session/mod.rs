@@ -736,13 +736,15 @@ impl Follower {
                 "a prepared-statement command passed {MAX_COMMAND} bytes: not kept"
             );
             if cmd == command::STMT_PREPARE {
-                statements.prepare(None);
+                let lost = statements.prepare(None);
+                PipelineCounters::add(&c.stmt_reply_lost, lost as u64);
             }
             return;
         }
         if cmd == command::STMT_PREPARE {
             PipelineCounters::add(&c.stmt_prepares, 1);
-            statements.prepare(Some(&body[1..]));
+            let lost = statements.prepare(Some(&body[1..]));
+            PipelineCounters::add(&c.stmt_reply_lost, lost as u64);
             return;
         }
         match statements.command(cmd, &body[1..]) {
@@ -1033,6 +1035,35 @@ mod tests {
         let stream = [packet(0x16, b"SELECT ?"), execute_long(1, 1)].concat();
         assert_eq!(feed(&mut f, &c, &[(0, &stream)]), stream);
         assert_eq!(c.load().stmt_commands, 0);
+    }
+
+    /// PREPAREs whose replies are never seen (asymmetric routing): at most
+    /// [`crate::prepared::MAX_AWAITING`] wait per connection, the older given up and counted;
+    /// a reply then still pairs with the latest.
+    #[test]
+    fn prepares_without_replies_are_bounded_and_counted() {
+        let c = PipelineCounters::default();
+        let mut f = prepared_flows();
+        let n = crate::prepared::MAX_AWAITING + 100;
+        let mut at = 0u32;
+        for i in 0..n {
+            let p = packet(0x16, format!("SELECT ? + {i}").as_bytes());
+            feed(&mut f, &c, &[(at, &p)]);
+            at += p.len() as u32;
+        }
+        let l = c.load();
+        assert_eq!((l.stmt_prepares, l.stmt_reply_lost), (n as u64, 100));
+        f.reply(key(), 1, &prepare_ok(7, 1), &c);
+        let got = feed(&mut f, &c, &[(at, &execute_long(7, 5))]);
+        let last = format!("SELECT 5 + {}", n - 1);
+        assert_eq!(
+            got,
+            protocol::command_packets(command::QUERY, last.as_bytes())
+        );
+        assert_eq!(
+            c.load().stmt_reply_lost,
+            100 + crate::prepared::MAX_AWAITING as u64 - 1
+        );
     }
 
     /// A reply pairs with the latest PREPARE when the kernel counted one since the reply
