@@ -21,7 +21,7 @@ use crate::{
     metrics,
     pipeline::Pipeline,
     publish::{self, BatchLimits, Broker, BrokerConfig, Fanout, PublisherShared, Publishers},
-    recording::{Recorder, SharedRecorder},
+    recording::{Recorder, RecordingWriter},
     status::{BrokerStatus, KernelCost, PipelineCounters, StatusLine, Totals, TotalsReader},
     types::SessionKey,
 };
@@ -92,8 +92,7 @@ pub struct Agent {
     pipeline: Pipeline,
     publishers: Publishers,
     broker: Option<Arc<Broker>>,
-    recorder: Option<SharedRecorder>,
-    counters: Arc<PipelineCounters>,
+    recorder: Option<RecordingWriter>,
     totals: TotalsReader,
     kernel_cost: Option<KernelCost>,
     bootstrap: JoinHandle<()>,
@@ -115,8 +114,7 @@ impl Agent {
             .recording
             .as_ref()
             .map(|(path, file_mb)| Recorder::create(path, file_mb << 20))
-            .transpose()?
-            .map(|r| Arc::new(std::sync::Mutex::new(r)));
+            .transpose()?;
         let metrics_listener = match &cfg.metrics_addr {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,
@@ -139,8 +137,7 @@ impl Agent {
         let counters = Arc::new(PipelineCounters::default());
         let broker = connect_broker(&cfg, &counters, local_ip).await?;
         if let Some(r) = &recorder {
-            let path = r.lock().expect("recorder lock").path();
-            tracing::info!(path = %path.display(), "recording the messages");
+            tracing::info!(path = %r.path().display(), "recording the messages");
         }
         // Connected before attaching, so that the collector's own connection is known and
         // never published, and bad credentials stop the agent before it captures anything.
@@ -156,10 +153,18 @@ impl Agent {
             Err(e) => return Err(e),
         };
         let budget = Arc::new(MemoryBudget::new(plan.queues));
+        let (recorder, recording_queue) = match recorder {
+            Some(r) => {
+                let (writer, queue) = RecordingWriter::start(r, budget.clone(), counters.clone())
+                    .context("starting the recording's thread")?;
+                (Some(writer), Some(queue))
+            }
+            None => (None, None),
+        };
         let latency = metrics::latency_histogram();
         let shared = PublisherShared {
             broker: broker.clone(),
-            recorder: recorder.clone(),
+            recorder: recording_queue,
             local_ip,
             budget: budget.clone(),
             counters: counters.clone(),
@@ -223,7 +228,6 @@ impl Agent {
             publishers,
             broker,
             recorder,
-            counters,
             totals,
             kernel_cost,
             bootstrap,
@@ -310,13 +314,6 @@ impl Agent {
                          --other_hosts to take them"
                     );
                 }
-                if let Some(r) = &self.recorder
-                    && let Err(e) = r.lock().expect("recorder lock").flush()
-                {
-                    // Buffered messages may be missing from the recording.
-                    PipelineCounters::add(&self.counters.record_errors, 1);
-                    tracing::error!("{e}");
-                }
             }
         }
     }
@@ -383,11 +380,9 @@ impl Agent {
         if let Some(broker) = &broker {
             broker.close().await;
         }
-        if let Some(r) = &recorder {
-            let mut r = r.lock().expect("recorder lock");
-            if let Err(e) = r.flush() {
-                tracing::error!("{e}");
-            }
+        // The publishers are done with its queue: the writer writes what is left and ends.
+        if let Some(r) = recorder {
+            r.finish(SHUTDOWN_GRACE).await;
         }
         let end = totals.read(kernel, 0, &flows, broker_status);
         if cfg.status_json {

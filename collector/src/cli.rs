@@ -147,7 +147,8 @@ pub struct Run {
 
     /// Where messages go: rabbitmq, file:PATH, or both (repeat the flag, or a comma list).
     /// A file gets each MRTE message as published, after a 4-byte big-endian length; it is
-    /// cut into PATH, PATH.1, PATH.2, ... of --output_file_mb each. PATH must not exist.
+    /// cut into PATH, PATH.1, PATH.2, ... of --output_file_mb each. PATH must not exist, or be
+    /// a FIFO that a process reads (one stream, not cut).
     #[arg(long, value_delimiter = ',', default_value = "rabbitmq", value_parser = output, help_heading = "Publishing")]
     pub output: Vec<Output>,
 

@@ -1,6 +1,7 @@
-//! The kernel's TCP socket table, through sock_diag netlink: only sockets in the states asked
-//! for come back (the kernel filters), taken one message at a time, so a host with many
-//! sockets costs a buffer, not a copy of its table (as reading /proc/net/tcp does). For the
+//! The kernel's TCP socket table, through sock_diag netlink: only sockets in the states and on
+//! the local port asked for come back (the kernel filters, with a bytecode condition), taken
+//! one message at a time, so a host with many other sockets costs next to nothing (reading
+//! /proc/net/tcp copies the whole table). For the
 //! bootstrap (the server's connections) and the TLS set-up (the server's listener). A kernel
 //! without sock_diag for TCP (`tcp_diag` not built, or a module that cannot be loaded) has the
 //! table read from /proc/net/tcp{,6} instead, said once in the log.
@@ -21,14 +22,15 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 /// IPv4 and IPv6 (v4-mapped addresses as IPv4).
 pub fn server_connections(server_ports: &[u16]) -> io::Result<Vec<SocketAddr>> {
     let mut out = Vec::new();
-    let dumped = each(StateFlags::ESTABLISHED, |h| {
-        let id = &h.socket_id;
-        if server_ports.contains(&id.source_port) {
+    let dumped = server_ports.iter().try_for_each(|&port| {
+        each(StateFlags::ESTABLISHED, port, |h| {
+            let id = &h.socket_id;
             out.push(SocketAddr::new(
                 id.destination_address.to_canonical(),
                 id.destination_port,
             ));
-        }
+        })
+        .map(drop)
     });
     if let Err(e) = dumped {
         if !unsupported(&e) {
@@ -52,13 +54,11 @@ pub fn server_connections(server_ports: &[u16]) -> io::Result<Vec<SocketAddr>> {
 /// The sockets listening on TCP `port` (IPv4 or IPv6): inode and owner's uid of each.
 pub fn listeners(port: u16) -> io::Result<Vec<(u64, u32)>> {
     let mut out = Vec::new();
-    let dumped = each(StateFlags::LISTEN, |h| {
-        if h.socket_id.source_port == port {
-            out.push((u64::from(h.inode), h.uid));
-        }
+    let dumped = each(StateFlags::LISTEN, port, |h| {
+        out.push((u64::from(h.inode), h.uid));
     });
     match dumped {
-        Ok(()) => Ok(out),
+        Ok(_) => Ok(out),
         Err(e) if unsupported(&e) => procfs_table(procfs::net::TcpState::Listen, |e| {
             (e.local_address.port() == port).then_some((e.inode, e.uid))
         }),
@@ -103,19 +103,40 @@ fn procfs_table<T>(
     Ok(out)
 }
 
-/// Every TCP socket (IPv4, then IPv6) in `states`.
-fn each(states: StateFlags, mut visit: impl FnMut(&InetResponseHeader)) -> io::Result<()> {
+/// Every TCP socket (IPv4, then IPv6) in `states` on local port `port`; how many sockets the
+/// kernel sent.
+fn each(
+    states: StateFlags,
+    port: u16,
+    mut visit: impl FnMut(&InetResponseHeader),
+) -> io::Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
     let mut recv = Vec::with_capacity(32 << 10);
+    let mut sent = 0;
     for (family, id) in [
         (AF_INET, SocketId::new_v4()),
         (AF_INET6, SocketId::new_v6()),
     ] {
-        dump(&socket, family, id, states.clone(), &mut recv, &mut visit)?;
+        dump(
+            &socket,
+            family,
+            id,
+            states.clone(),
+            port,
+            &mut recv,
+            &mut |h| {
+                sent += 1;
+                // The kernel filtered; checked again, as a kernel that ignored the condition
+                // would dump everything.
+                if h.socket_id.source_port == port {
+                    visit(h);
+                }
+            },
+        )?;
     }
-    Ok(())
+    Ok(sent)
 }
 
 fn dump(
@@ -123,6 +144,7 @@ fn dump(
     family: u8,
     socket_id: SocketId,
     states: StateFlags,
+    port: u16,
     recv: &mut Vec<u8>,
     visit: &mut impl FnMut(&InetResponseHeader),
 ) -> io::Result<()> {
@@ -142,6 +164,11 @@ fn dump(
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
+    // The crate has no request attributes: the port condition is appended, and the
+    // message's length (its first field) grown to take it.
+    buf.extend_from_slice(&port_condition(port));
+    let len = u32::try_from(buf.len()).expect("a short request");
+    buf[..4].copy_from_slice(&len.to_ne_bytes());
     socket.send(&buf, 0)?;
 
     let bad = |e: netlink_packet_core::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
@@ -164,6 +191,28 @@ fn dump(
             at += len;
         }
     }
+}
+
+/// INET_DIAG_REQ_BYTECODE: local port >= `port` and local port <= `port` (the kernel's
+/// inet_diag_bc_run; GE and LE are in every kernel, EQ only since 4.16). Each test is an
+/// op (code, yes, no: offsets to jump by) and an op whose `no` holds the port; a jump past
+/// the end rejects the socket, one to the end exactly accepts it.
+fn port_condition(port: u16) -> [u8; 20] {
+    const REQ_BYTECODE: u16 = 1;
+    const BC_S_GE: u8 = 2;
+    const BC_S_LE: u8 = 3;
+    let op = |code: u8, yes: u8, no: u16| {
+        let no = no.to_ne_bytes();
+        [code, yes, no[0], no[1]]
+    };
+    let mut attr = [0u8; 20];
+    attr[..2].copy_from_slice(&20u16.to_ne_bytes());
+    attr[2..4].copy_from_slice(&REQ_BYTECODE.to_ne_bytes());
+    attr[4..8].copy_from_slice(&op(BC_S_GE, 8, 20));
+    attr[8..12].copy_from_slice(&op(0, 0, port));
+    attr[12..16].copy_from_slice(&op(BC_S_LE, 8, 12));
+    attr[16..20].copy_from_slice(&op(0, 0, port));
+    attr
 }
 
 #[cfg(test)]
@@ -204,6 +253,16 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+
+        // The kernel filters by port: of the 200 other established sockets, none comes back.
+        let others: Vec<_> = (0..100)
+            .map(|_| TcpStream::connect(other.local_addr().unwrap()).unwrap())
+            .collect();
+        let accepted: Vec<_> = (0..100).map(|_| other.accept().unwrap()).collect();
+        let mut seen = 0;
+        let sent = each(StateFlags::ESTABLISHED, ports[0], |_| seen += 1).unwrap();
+        assert_eq!((sent, seen), (1, 1));
+        drop((others, accepted));
 
         // The procfs fallback finds the same.
         let mut table = procfs_table(procfs::net::TcpState::Established, |e| {

@@ -83,6 +83,11 @@ pipeline_counters! {
     /// TLS sessions' plaintext lost before a read (the kernel's position jumped: a read lost
     /// to a full ring, truncated or unreadable): the session got a COM_QUIT there.
     tls_gaps in gaps_lost,
+    /// Retransmitted segments whose bytes differ from the first copy's (compared with the
+    /// flow's last 4 segments, and with segments waiting behind a gap): a corrupt segment
+    /// that TCP dropped, or bytes injected. Which copy the server took is unknown, so the
+    /// session got a COM_QUIT there and resumed at the next command.
+    retransmit_differs in gaps_lost,
     /// Bytes never published because of given-up gaps: the missing ones, those skipped until
     /// the next command, and those still waiting behind a gap when the flow was freed.
     gap_bytes,
@@ -431,14 +436,15 @@ impl Totals {
     pub fn mq_errors(&self) -> u64 {
         self.pipeline.mq_errors
     }
-    /// Gaps given up: the sessions got a COM_QUIT there.
     /// Sessions ended because the rest could not be made replayable.
     pub fn unreplayable(&self) -> u64 {
         self.pipeline.unreplayable_frames + self.pipeline.unreplayable_attributes
     }
 
+    /// Gaps given up (and streams that cannot be trusted): the sessions got a COM_QUIT there.
     pub fn gaps_lost(&self) -> u64 {
-        self.pipeline.gap_timeouts + self.pipeline.gap_overflow + self.pipeline.tls_gaps
+        let p = &self.pipeline;
+        p.gap_timeouts + p.gap_overflow + p.tls_gaps + p.retransmit_differs
     }
 
     /// Flows ended by FIN or RST.

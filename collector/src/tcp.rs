@@ -102,6 +102,43 @@ struct Flow {
     /// Plaintext position (the kernel's count of bytes the server read) of the next TLS
     /// record, once one came.
     plain_next: Option<u32>,
+    recent: Recent,
+}
+
+/// Segments a flow remembers of those it delivered: a retransmission that covers one is
+/// compared with it.
+const RECENT: usize = 4;
+
+/// The last [`RECENT`] delivered segments' (stream position, length, hash of the bytes): 64
+/// bytes a flow, where keeping their bytes would pin the drain's arena chunks.
+#[derive(Default)]
+struct Recent {
+    segments: [(u64, u32, u32); RECENT],
+    next: usize,
+}
+
+impl Recent {
+    fn hash(data: &[u8]) -> u32 {
+        use std::hash::BuildHasher as _;
+        foldhash::fast::FixedState::with_seed(0x6d72_7465).hash_one(data) as u32
+    }
+
+    fn remember(&mut self, at: u64, data: &[u8]) {
+        self.segments[self.next] = (at, data.len() as u32, Self::hash(data));
+        self.next = (self.next + 1) % RECENT;
+    }
+
+    /// Whether bytes at stream position `at`, delivered before, differ from a remembered
+    /// segment they cover whole.
+    fn differs(&self, at: u64, data: &[u8]) -> bool {
+        let end = at + data.len() as u64;
+        self.segments.iter().any(|&(p, len, hash)| {
+            len > 0 && p >= at && p + u64::from(len) <= end && {
+                let from = (p - at) as usize;
+                Self::hash(&data[from..from + len as usize]) != hash
+            }
+        })
+    }
 }
 
 impl Flow {
@@ -119,6 +156,7 @@ impl Flow {
             follower: Follower::default(),
             tls_linger: None,
             plain_next: None,
+            recent: Recent::default(),
         }
     }
 
@@ -385,6 +423,12 @@ impl Flows {
         };
         if let Some(at) = flow.ahead(seq) {
             // Past a gap: wait for it to fill.
+            if let Some(old) = flow.pending.get(&at) {
+                let n = old.len().min(data.len());
+                if old[..n] != data[..n] {
+                    Self::differs(flow, c, out);
+                }
+            }
             let longer = flow.pending.get(&at).is_none_or(|d| d.len() < data.len());
             if longer {
                 let len = data.len();
@@ -415,10 +459,16 @@ impl Flows {
                 Some(behind) if behind as usize >= data.len() => {
                     PipelineCounters::add(&c.retransmitted, 1);
                     PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
+                    if Self::old_differs(flow, behind, &data) {
+                        Self::differs(flow, c, out);
+                    }
                     return;
                 }
                 Some(behind) => {
                     PipelineCounters::add(&c.retransmitted_bytes, behind as u64);
+                    if Self::old_differs(flow, behind, &data[..behind as usize]) {
+                        Self::differs(flow, c, out);
+                    }
                     data = data.slice(behind as usize..);
                 }
                 None => {
@@ -584,11 +634,33 @@ impl Flows {
         c: &PipelineCounters,
         out: &mut Vec<Output>,
     ) {
+        flow.recent.remember(flow.pos, &data);
         flow.next_seq = flow.next_seq.wrapping_add(data.len() as u32);
         flow.pos += data.len() as u64;
         let before = out.len();
         flow.follower.feed(data, policy, c, out);
         flow.published |= out[before..].iter().any(|o| matches!(o, Output::Data(_)));
+    }
+
+    /// Whether `old`, delivered before and ending `behind` bytes before the expected one,
+    /// differs from what was delivered (bytes from before the flow began are not known).
+    fn old_differs(flow: &Flow, behind: u32, old: &[u8]) -> bool {
+        flow.pos
+            .checked_sub(u64::from(behind))
+            .is_some_and(|at| flow.recent.differs(at, old))
+    }
+
+    /// A retransmission whose bytes differ from the first copy's: which one the server took
+    /// is unknown, so the session ends there (unless its plaintext comes from TLS reads) and
+    /// resumes at the next command.
+    fn differs(flow: &mut Flow, c: &PipelineCounters, out: &mut Vec<Output>) {
+        PipelineCounters::add(&c.retransmit_differs, 1);
+        if !flow.follower.ciphertext() {
+            if !flow.follower.ended() {
+                out.push(Output::Quit);
+            }
+            flow.follower.resync();
+        }
     }
 
     /// Publishes waiting segments that the stream has reached.
@@ -608,6 +680,9 @@ impl Flows {
             flow.pending_bytes -= data.len();
             *total -= data.len();
             let old = (flow.pos - at) as usize;
+            if flow.recent.differs(at, &data[..old.min(data.len())]) {
+                Self::differs(flow, c, out);
+            }
             if old >= data.len() {
                 PipelineCounters::add(&c.retransmitted_bytes, data.len() as u64);
                 continue;
@@ -878,6 +953,44 @@ mod tests {
             f.accept(key(), seg(*seq, 0, data), Instant::now(), c, &mut out);
         }
         flatten(out)
+    }
+
+    /// A retransmission whose bytes differ from what was delivered (whole, or its old head),
+    /// or from a copy waiting behind a gap, ends the session there; it resumes at the next
+    /// command. Identical copies are only retransmissions.
+    #[test]
+    fn differing_retransmitted_bytes_end_the_session() {
+        let c = PipelineCounters::default();
+        let mut f = Flows::default();
+        let q = |n: u8| packet(command::QUERY, &[b'S', b'E', b'L', b' ', b'0' + n]);
+        let (q1, q2, q3, q4, q5) = (q(1), q(2), q(3), q(4), q(5));
+        let len = q1.len() as u32;
+        let at = |n: u32| 1000 + n * len;
+        let changed = |p: &[u8]| {
+            let mut p = p.to_vec();
+            *p.last_mut().unwrap() ^= 1;
+            p
+        };
+        let q2_and_q3: Vec<u8> = [changed(&q2), q3.clone()].concat();
+        let got = feed(
+            &mut f,
+            &c,
+            &[
+                (at(0), &q1),
+                (at(0), &q1),
+                (at(0), &changed(&q1)),
+                (at(1), &q2),
+                (at(1), &q2_and_q3),
+                // q4 is late: q5 waits, and a differing copy of it comes.
+                (at(4), &q5),
+                (at(4), &changed(&q5)),
+                (at(3), &q4),
+            ],
+        );
+        let want: Vec<u8> = [&q1[..], b"Q", &q2, b"Q", &q3, b"Q", &q4, &q5].concat();
+        assert_eq!(got, want);
+        let l = c.load();
+        assert_eq!((l.retransmit_differs, l.retransmitted), (3, 3));
     }
 
     /// A TLS session's plaintext with reads lost (the kernel's position jumps): what was

@@ -115,8 +115,8 @@ async fn sessions_open_before_capture_get_their_database_first_and_a_quit_when_g
         .query_drop(format!("KILL CONNECTION {doomed_id}"))
         .await
         .unwrap();
-    // More than one GC interval.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two GC passes: the second began after the kill.
+    agent.wait_log_more("pass=Gc", 2).await;
 
     let stdout = agent.stop();
     let units = mq.units_by_port();
@@ -371,7 +371,8 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
         .query_drop(format!("KILL CONNECTION {replica_id}"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two GC passes: the second began after the kill.
+    agent.wait_log_more("pass=Gc", 2).await;
     client.query_drop("INSERT INTO t VALUES (2)").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 

@@ -182,3 +182,75 @@ async fn headers_in_page_fragments_are_read_through_the_helper() {
     );
     drop(tun);
 }
+
+/// A retransmission whose bytes differ from the first copy (the case of a corrupt segment TCP
+/// dropped, or of bytes injected): the agent counts it (`retransmit_differs`), ends the session
+/// there with a COM_QUIT, and resumes at the next command; an identical retransmission is only
+/// `retransmitted`.
+#[test]
+fn differing_retransmitted_bytes_end_the_session() {
+    let mut tun = Tun::new();
+    let exchange = broker::TestExchange::new("tun_differs");
+    let port = PORT.to_string();
+    let mut agent = agent::Agent::start(&[
+        &format!("--interface={}", tun.name),
+        "--port",
+        &port,
+        &format!("--rabbitmq_exchange_name={}", exchange.exchange),
+        "--read_timeout=20",
+    ]);
+    agent.wait_attached();
+    let query = |text: &str| {
+        let mut p = ((text.len() + 1) as u32).to_le_bytes()[..3].to_vec();
+        p.push(0);
+        p.push(collector::protocol::command::QUERY);
+        p.extend_from_slice(text.as_bytes());
+        p
+    };
+    let (q1, q2, q3) = (query("SELECT 1"), query("SELECT 2"), query("SELECT 3"));
+    let mut q1_changed = q1.clone();
+    *q1_changed.last_mut().unwrap() = b'9';
+    let client = [198, 18, 9, 2];
+    let len = q1.len() as u32;
+    for (seq, payload) in [
+        (5000, &q1),
+        (5000, &q1),
+        (5000, &q1_changed),
+        (5000 + len, &q2),
+        (5000 + 2 * len, &q3),
+    ] {
+        tun.file
+            .write_all(&ipv4_tcp(client, 41010, seq, payload))
+            .unwrap();
+    }
+    let units = || {
+        exchange
+            .units_by_port()
+            .remove(&41010)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|u| u.data)
+            .collect::<Vec<_>>()
+    };
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "published {got:?}; the agent's log:\n{}",
+            agent.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        got.extend(units());
+    }
+    let out = agent.stop();
+    let t = agent::totals(&out);
+    assert_eq!(
+        got[..4],
+        [q1, collector::encode::COM_QUIT.to_vec(), q2, q3],
+        "{out}"
+    );
+    assert_eq!(t["retransmit_differs"], 1, "{out}");
+    assert_eq!(t["retransmitted"], 2, "{out}");
+    drop(tun);
+}

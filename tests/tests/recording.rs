@@ -6,7 +6,16 @@
 
 mod common;
 
-use std::{collections::HashMap, path::PathBuf, process::Command, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use common::{
     agent::{Agent, binary, fails_before_attaching, local_server_args, totals},
@@ -256,4 +265,203 @@ fn a_recording_needs_no_broker_and_is_never_overwritten() {
         &[],
         &["exists", "never overwritten"],
     );
+}
+
+/// Neither the recording's disk nor the host's socket table stalls the drain: with the
+/// recording going to a FIFO whose reader stops for 2 s at a time, and 50,000 other TCP
+/// sockets on the host while the bootstrap reads the socket table every second, a load that
+/// fills the 1 MiB ring within a fraction of one such stall loses nothing (`ring_full` 0),
+/// and every query is in the recording, each session's in order.
+#[test]
+fn a_stalled_recording_and_50000_sockets_do_not_stall_the_drain() {
+    // 50,000 sockets: connections between loopback listeners of 4 processes of their own
+    // (a process may hold 20,000 files here).
+    let held = SocketHolders::start(4, 6_250);
+    let server = TestServer::start(&[]);
+    let dir = Dir::new();
+    let fifo = dir.0.join("recording.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let load_on = Arc::new(AtomicBool::new(false));
+    let stalls_under_load = Arc::new(AtomicU64::new(0));
+    let reader = std::thread::spawn({
+        let (fifo, load_on, stalls) = (fifo.clone(), load_on.clone(), stalls_under_load.clone());
+        move || {
+            let mut f = std::fs::File::open(&fifo).unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut reading_since = Instant::now();
+            loop {
+                match std::io::Read::read(&mut f, &mut buf).unwrap() {
+                    0 => break got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+                if reading_since.elapsed() > Duration::from_millis(300) {
+                    if load_on.load(Ordering::Relaxed) {
+                        stalls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                    reading_since = Instant::now();
+                }
+            }
+        }
+    });
+
+    let port = server.port.to_string();
+    let fifo_arg = format!("--output=file:{}", fifo.display());
+    let mut agent = Agent::start(&[
+        "--interface=lo",
+        "--port",
+        &port,
+        "--mysql_port",
+        &port,
+        &fifo_arg,
+        "--ring_buffer_mb=1",
+        "--gc_interval=1",
+    ]);
+    agent.wait_attached();
+    load_on.store(true, Ordering::Relaxed);
+    let sent = tokio::runtime::Runtime::new().unwrap().block_on(timed_load(
+        &server,
+        4,
+        Duration::from_secs(8),
+    ));
+    load_on.store(false, Ordering::Relaxed);
+    let reads = agent.log.lock().unwrap().matches("pass=Gc").count();
+    let out = agent.stop();
+    let stream = reader.join().unwrap();
+    drop(held);
+
+    let t = totals(&out);
+    let queries: usize = sent.values().map(Vec::len).sum();
+    assert!(
+        stalls_under_load.load(Ordering::Relaxed) >= 2,
+        "the reader did not stall under load"
+    );
+    assert!(reads >= 4, "{reads} socket table reads under load:\n{out}");
+    assert_eq!(t["ring_full"], 0, "{queries} queries:\n{out}");
+    assert_eq!(t.printed("PacketDropped"), Some(0), "{out}");
+    assert_eq!(t["record_errors"], 0, "{out}");
+    assert_eq!(t["socket_table_errors"], 0, "{out}");
+    assert_eq!(t["recorded_msgs"], t["published_msgs"], "{out}");
+    // The stream as written: every session's queries, in order.
+    let mut got: HashMap<u16, Vec<String>> = HashMap::new();
+    let mut at = 0;
+    while at < stream.len() {
+        let len = u32::from_be_bytes(stream[at..at + 4].try_into().unwrap()) as usize;
+        let message = &stream[at + 4..at + 4 + len];
+        at += 4 + len;
+        for u in collector::encode::decode_message(message).unwrap().units {
+            if let Some(q) = u.data.get(5..).filter(|_| u.data.get(4) == Some(&3)) {
+                let q = String::from_utf8_lossy(q).into_owned();
+                if q.starts_with("SELECT 'load") {
+                    got.entry(u.port).or_default().push(q);
+                }
+            }
+        }
+    }
+    assert_eq!(t["recorded_bytes"], stream.len() as u64, "{out}");
+    let (mut want, mut have): (Vec<_>, Vec<_>) =
+        (sent.into_values().collect(), got.into_values().collect());
+    want.sort();
+    have.sort();
+    assert_eq!(want.len(), have.len(), "sessions");
+    assert!(
+        want == have,
+        "the recording differs from the queries sent ({queries})"
+    );
+}
+
+/// Processes that each hold `connections` loopback connections (2 sockets each) to listeners
+/// of their own, until dropped.
+struct SocketHolders(Vec<std::process::Child>);
+
+impl SocketHolders {
+    fn start(processes: usize, connections: usize) -> Self {
+        const HOLD: &str = r#"
+import socket, sys, resource
+n = int(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+listeners = [socket.create_server(("127.0.0.1", 0), backlog=4096) for _ in range(4)]
+held = []
+for i in range(n):
+    l = listeners[i % 4]
+    c = socket.create_connection(l.getsockname())
+    held += [c, l.accept()[0]]
+print("ready", len(held), flush=True)
+sys.stdin.read()
+"#;
+        // Killed on drop, also when a holder fails to start.
+        let mut holders = Self(Vec::new());
+        holders.0 = (0..processes)
+            .map(|_| {
+                Command::new("python3")
+                    .args(["-c", HOLD, &connections.to_string()])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in &mut holders.0 {
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert_eq!(line.trim(), format!("ready {}", 2 * connections));
+        }
+        holders
+    }
+}
+
+impl Drop for SocketHolders {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `sessions` clients, each querying as fast as it can for `secs`; the queries of each, in
+/// the order sent, by client port.
+async fn timed_load(
+    server: &TestServer,
+    sessions: u32,
+    secs: Duration,
+) -> HashMap<u16, Vec<String>> {
+    let end = Instant::now() + secs;
+    let mut tasks = Vec::new();
+    for k in 0..sessions {
+        let opts = mysql_opts(server.addr());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::new(opts).await.unwrap();
+            let port: u16 = c
+                .query_first::<u16, _>(
+                    "SELECT SUBSTRING_INDEX(HOST, ':', -1) FROM information_schema.PROCESSLIST \
+                     WHERE ID = CONNECTION_ID()",
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            let mut sent = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < end {
+                let q = format!("SELECT 'load-{k}-{i}'");
+                c.query_drop(&q).await.unwrap();
+                sent.push(q);
+                i += 1;
+            }
+            c.disconnect().await.unwrap();
+            (port, sent)
+        }));
+    }
+    let mut out = HashMap::new();
+    for t in tasks {
+        let (port, sent) = t.await.unwrap();
+        out.insert(port, sent);
+    }
+    out
 }

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{
     agent::{Agent, local_server_args, totals},
     broker::TestExchange,
@@ -149,8 +147,9 @@ async fn replaying_the_queue_into_a_second_server_gives_identical_tables() {
     assert!(cli.status.success(), "{cli:?}");
     // Over the server's socket: not captured, not replayed.
     source.root_sql(&format!("KILL CONNECTION {killed_id}"));
-    // More than one GC interval: the killed session is closed on the consumer's side too.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two GC passes (the second began after the kill): the killed session is closed on the
+    // consumer's side too.
+    agent.wait_log_more("pass=Gc", 2).await;
 
     let stdout = agent.stop();
     let t = totals(&stdout);

@@ -26,7 +26,7 @@ use super::{
     fanout::{Batch, LaneReceiver, LaneSender, lane, sessions_of},
 };
 use crate::{
-    encode, memory::MemoryBudget, protocol::starts_command, recording::SharedRecorder,
+    encode, memory::MemoryBudget, protocol::starts_command, recording::RecordingQueue,
     status::PipelineCounters,
 };
 
@@ -35,8 +35,8 @@ use crate::{
 pub struct PublisherShared {
     /// The broker, unless messages only go to a recording.
     pub broker: Option<Arc<Broker>>,
-    /// The recording, if messages go to a file too (or only).
-    pub recorder: Option<SharedRecorder>,
+    /// The recording's queue, if messages go to a file too (or only).
+    pub recorder: Option<RecordingQueue>,
     /// LOCAL_IP of the synthetic messages publishers make themselves.
     pub local_ip: Ipv4Addr,
     pub budget: Arc<MemoryBudget>,
@@ -321,39 +321,39 @@ impl Publisher {
         }
     }
 
+    /// Hands the batch, with its share of the memory budget, to the recording's thread.
     fn deliver_to_file(&mut self, mut batch: Batch) {
-        if batch.units > 0 {
-            self.record(&mut batch);
-            self.published(&batch);
+        if batch.units == 0 {
+            self.shared.budget.give_back(batch.budgeted);
+            return;
         }
-        self.shared.budget.give_back(batch.budgeted);
+        self.published(&batch, batch.buf.len());
+        let message = std::mem::take(&mut batch.buf).freeze();
+        match &self.shared.recorder {
+            Some(r) => r.push_budgeted(message, batch.units, batch.budgeted),
+            None => self.shared.budget.give_back(batch.budgeted),
+        }
     }
 
-    /// Writes the batch to the recording, if there is one and it is not there yet.
-    fn record(&mut self, batch: &mut Batch) {
+    /// Queues the message for the recording, if there is one and it is not there yet.
+    fn record(&mut self, batch: &mut Batch, message: &Bytes) {
         let Some(recorder) = &self.shared.recorder else {
             return;
         };
         if std::mem::replace(&mut batch.recorded, true) {
             return;
         }
-        let c = &self.shared.counters;
-        match recorder.lock().expect("recorder lock").write(&batch.buf) {
-            Ok(()) => {
-                PipelineCounters::add(&c.recorded_msgs, 1);
-                PipelineCounters::add(&c.recorded_bytes, 4 + batch.buf.len() as u64);
-            }
-            Err(e) => {
-                PipelineCounters::add(&c.record_errors, 1);
-                PipelineCounters::add(&c.record_error_units, batch.units);
-                self.record_errors.hit(Instant::now(), |more| {
-                    tracing::error!(
-                        publisher = self.index,
-                        similar_since_last_error = more,
-                        "a message is missing from the recording: {e}"
-                    )
-                });
-            }
+        if !recorder.push(message.clone(), batch.units) {
+            let (index, units) = (self.index, batch.units);
+            self.record_errors.hit(Instant::now(), |more| {
+                tracing::error!(
+                    publisher = index,
+                    units,
+                    similar_since_last_error = more,
+                    "a message is left out of the recording: what waits for its disk (or \
+                     reader) would pass --max_mem_mb"
+                )
+            });
         }
     }
 
@@ -491,8 +491,7 @@ impl Publisher {
                         f.confirm = Some(confirm);
                     }
                     Step::Written(Ok(_)) | Step::Confirmed(Ok(Confirmed::Acked)) => {
-                        let batch = in_flight.pop_front().expect("front").into_batch();
-                        self.done(batch);
+                        self.done(in_flight.pop_front().expect("front"));
                         self.unroutable.routed();
                         published = true;
                     }
@@ -587,8 +586,7 @@ impl Publisher {
         for mut f in in_flight {
             let written = f.write.as_mut().and_then(|w| w.as_mut().now_or_never());
             if !confirm && matches!(written, Some(Ok(_))) {
-                let batch = f.into_batch();
-                self.done(batch);
+                self.done(f);
                 continue;
             }
             PipelineCounters::add(&c.mq_in_flight_units, f.batch.units);
@@ -619,8 +617,8 @@ impl Publisher {
             self.shared.budget.give_back(batch.budgeted);
             return None;
         }
-        self.record(&mut batch);
         let payload = std::mem::take(&mut batch.buf).freeze();
+        self.record(&mut batch, &payload);
         let (ch, data) = (ch.clone(), payload.clone());
         let (exchange, routing_key) = (
             cfg.exchange.as_str().into(),
@@ -652,9 +650,9 @@ impl Publisher {
     }
 
     /// A message the broker has (written without confirms, or confirmed).
-    fn done(&self, batch: Batch) {
-        self.published(&batch);
-        self.shared.budget.give_back(batch.budgeted);
+    fn done(&self, f: InFlight) {
+        self.published(&f.batch, f.payload.len());
+        self.shared.budget.give_back(f.batch.budgeted);
     }
 
     /// Batches whose units are lost: counted in `counter`, and their sessions end; returns
@@ -692,17 +690,14 @@ impl Publisher {
 
     /// Counts a message handed to its last output (the broker, or the recording without
     /// one), and its capture-to-publish latency.
-    fn published(&self, batch: &Batch) {
+    fn published(&self, batch: &Batch, bytes: usize) {
         if batch.captured != 0 {
             let ns = crate::types::monotonic_ns().saturating_sub(batch.captured);
             self.shared.latency.observe(ns as f64 / 1e9);
         }
         PipelineCounters::add(&self.shared.counters.published_msgs, 1);
         PipelineCounters::add(&self.shared.counters.published_units, batch.units);
-        PipelineCounters::add(
-            &self.shared.counters.published_bytes,
-            batch.buf.len() as u64,
-        );
+        PipelineCounters::add(&self.shared.counters.published_bytes, bytes as u64);
     }
 
     /// A message of COM_QUITs for sessions that just lost units (those not ended already);

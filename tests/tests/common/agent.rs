@@ -165,6 +165,40 @@ impl Agent {
         }
     }
 
+    /// How often the log so far contains `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log.lock().unwrap().matches(needle).count()
+    }
+
+    /// Waits (at most 30 s) until the log holds `more` more lines with `needle` than now:
+    /// `pass=Gc` for garbage-collection passes, say.
+    pub fn wait_log_more_blocking(&self, needle: &str, more: usize) {
+        let want = self.log_count(needle) + more;
+        let start = Instant::now();
+        while self.log_count(needle) < want {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the agent did not log {needle:?} {more} more times; its log:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`Self::wait_log_more_blocking`] in a test with a runtime.
+    pub async fn wait_log_more(&self, needle: &str, more: usize) {
+        let want = self.log_count(needle) + more;
+        let start = Instant::now();
+        while self.log_count(needle) < want {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the agent did not log {needle:?} {more} more times; its log:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn logged(&self, needle: &str, since: Instant) -> bool {
         let log = self.log.lock().unwrap();
         assert!(
