@@ -457,6 +457,7 @@ fn new_pipeline(
     );
     let mut pipeline = Pipeline::new(fanout, counters.clone(), true, cfg.include_replication);
     pipeline.flows.set_prepared(cfg.capture.prepared);
+    pipeline.flows.set_command_budget(budget.clone());
     pipeline.set_drain_cadence(cfg.capture.wakeup_interval);
     pipeline.set_memory(plan);
     pipeline

@@ -76,7 +76,10 @@ pub enum RenderError {
     NoLiteral { index: usize, what: &'static str },
     #[error("the statement has {placeholders} placeholders but {params} parameters")]
     Placeholders { placeholders: usize, params: usize },
-    #[error("parameter {index}'s long data passed {MAX_COMMAND} bytes and was not kept")]
+    #[error(
+        "parameter {index}'s long data passed {MAX_COMMAND} bytes, or the memory budget \
+         (--max_mem_mb), and was not kept"
+    )]
     LongDataTooLarge { index: usize },
 }
 
@@ -243,6 +246,20 @@ impl Statement {
                 slot.extend_from_slice(data);
             }
         }
+    }
+
+    /// Parameter `param`'s long data is given up (no memory for it): the next execute is
+    /// not rendered.
+    pub fn give_up_long_data(&mut self, param: usize) {
+        if let Some(slot) = self.long_data.get_mut(param) {
+            *slot = None;
+            self.long_data_over = Some(param);
+        }
+    }
+
+    /// Bytes of long data held.
+    fn long_bytes(&self) -> usize {
+        self.long_data.iter().flatten().map(Vec::len).sum()
     }
 
     /// COM_STMT_RESET: the long data is gone.
@@ -717,6 +734,27 @@ impl Statements {
             }
             command::STMT_FETCH => Err(StatementError::Fetch),
             _ => Ok(None),
+        }
+    }
+
+    /// Bytes of long data the connection's statements hold (a walk over them: asked only of
+    /// connections that sent long data).
+    pub fn long_bytes(&self) -> usize {
+        self.known
+            .values()
+            .chain(self.awaiting.iter().flatten())
+            .map(Statement::long_bytes)
+            .sum()
+    }
+
+    /// A COM_STMT_SEND_LONG_DATA (`body` after the command byte) that there is no memory
+    /// for: its parameter's long data is given up, and the statement's next execute is not
+    /// rendered.
+    pub fn long_data_lost(&mut self, body: &[u8]) {
+        if let (Some(id), Some(param)) = (body.get(..4), body.get(4..6))
+            && let Ok(s) = self.statement(u32::from_le_bytes([id[0], id[1], id[2], id[3]]))
+        {
+            s.give_up_long_data(u16::from_le_bytes([param[0], param[1]]) as usize);
         }
     }
 

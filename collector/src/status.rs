@@ -219,8 +219,15 @@ pipeline_counters! {
     /// EXECUTEs of known statements that could not be rendered (a parameter type or value
     /// with no literal, cut long data), and MariaDB's COM_STMT_BULK_EXECUTE. Not published.
     stmt_unrenderable in stmt_lost,
-    /// Commands over 64 MiB, not kept (their statements unknown). Not published.
+    /// Commands over 64 MiB, or past the memory budget (`command_mem_limit`), not kept (their
+    /// statements unknown). Not published.
     stmt_too_large in stmt_lost,
+    /// Commands collected whole (prepared-statement commands, queries with attributes, the
+    /// handshake) and long-data pieces given up because the bytes collected in all sessions,
+    /// with the batches queued for the broker, would pass the queue budget (`--max_mem_mb`).
+    /// Each is also counted by its outcome: `stmt_too_large`, `unreplayable_attributes`,
+    /// `unreplayable_frames`, or (long data) its execute in `stmt_unrenderable`.
+    command_mem_limit,
     /// COM_STMT_FETCHes left out: the rendered execute returned every row at once.
     stmt_fetches,
     /// Reply heads that could not be paired with a PREPARE (or did not match it), and

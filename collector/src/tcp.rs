@@ -305,6 +305,12 @@ impl Flows {
         self.policy.prepared = on;
     }
 
+    /// Commands collected whole, and long data, take from `budget` (the publishers' queue
+    /// budget): past it they are given up and counted (`command_mem_limit`).
+    pub fn set_command_budget(&mut self, budget: std::sync::Arc<crate::memory::MemoryBudget>) {
+        self.policy.commands = Some(budget);
+    }
+
     /// Describes the query attributes taken off each COM_QUERY (`inspect`).
     pub fn describe_attributes(&mut self) {
         self.policy.describe_attributes = true;

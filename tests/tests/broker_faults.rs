@@ -49,6 +49,9 @@ struct Taken {
 impl Taken {
     fn take(&mut self, mq: &TestExchange) {
         for m in mq.take_all() {
+            if m.data == common::broker::PROBE {
+                continue;
+            }
             self.messages += 1;
             for u in collector::encode::decode_message(&m.data).unwrap().units {
                 self.units += 1;
@@ -179,7 +182,10 @@ async fn survive(fault: Fault, rounds: usize, load: bool, causes: &[&str]) {
         tokio::task::block_in_place(|| faults.cause(fault, &mq.exchange));
         if matches!(fault, Fault::Kill | Fault::StopApp) {
             // The broker's own recovery of the queue is not the agent's to wait for.
-            tokio::task::block_in_place(|| mq.wait_queue_running(120));
+            tokio::task::block_in_place(|| {
+                mq.wait_queue_running(120);
+                mq.wait_routable(120);
+            });
         }
         let lines_then = stdout.lock().unwrap().len();
         let fault_took = round_start.elapsed();

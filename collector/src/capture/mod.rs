@@ -247,13 +247,15 @@ impl Capture {
                     source,
                 }
             })?;
-        let source = open_source(&mut ebpf, cfg)?;
         // The TLS probes first: once the TC programs are attached, the bootstrap's process-list
-        // pass follows at once.
+        // pass follows at once. And before the ring is mapped (its pages count in the RSS at
+        // once): the fentry program's BTF parse takes some 16 MiB for a moment, which would
+        // otherwise add to the ring's in the peak. What they hand over waits in the ring.
         let tls = match (cfg.tls, offsets) {
             (Some(port), Some(offsets)) => attach_tls(&mut ebpf, cfg, port, offsets),
             _ => None,
         };
+        let source = open_source(&mut ebpf, cfg)?;
         let attached = attach_programs(&mut ebpf, cfg)?;
         tracing::info!(
             interface = %cfg.interface, ifindex, mode = attached.mode, ports = ?cfg.ports,

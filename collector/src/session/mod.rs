@@ -17,7 +17,7 @@
 mod attributes;
 mod wire;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use foldhash::HashSet;
@@ -29,6 +29,7 @@ pub use self::{
     wire::{WireError, starts_frame, starts_tls_record},
 };
 use crate::{
+    memory::MemoryBudget,
     prepared::{MAX_COMMAND, Reply, StatementError, Statements},
     protocol::{
         self, HEADER,
@@ -62,6 +63,47 @@ pub(crate) struct Policy {
     /// Query attributes taken off a COM_QUERY are described before it ([`Output::Attributes`]),
     /// for `inspect`.
     pub(crate) describe_attributes: bool,
+    /// What collected commands and long data take from (the publishers' queue budget, which
+    /// they share with what is in transit); none: unbounded (tests, `inspect`).
+    pub(crate) commands: Option<Arc<MemoryBudget>>,
+}
+
+/// Bytes a follower holds of the command budget; given back when done with, or when the
+/// follower goes.
+#[derive(Debug, Default)]
+struct Held {
+    budget: Option<Arc<MemoryBudget>>,
+    bytes: u64,
+}
+
+impl Held {
+    /// Takes `n` bytes more; false if the budget has no room (or nothing is taken: no budget).
+    fn take(&mut self, policy: &Policy, n: usize) -> bool {
+        let Some(budget) = &policy.commands else {
+            return true;
+        };
+        if !budget.try_take(n as u64) {
+            return false;
+        }
+        self.budget.get_or_insert_with(|| budget.clone());
+        self.bytes += n as u64;
+        true
+    }
+
+    /// Gives back all but `keep` bytes.
+    fn keep(&mut self, keep: usize) {
+        let back = self.bytes.saturating_sub(keep as u64);
+        if let Some(b) = &self.budget {
+            b.give_back(back);
+        }
+        self.bytes -= back;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.keep(0);
+    }
 }
 
 /// The semi-sync ACK's magic byte, where a command byte would be.
@@ -121,8 +163,11 @@ pub(crate) struct Follower {
     continues: bool,
     /// The command being collected (command byte and body, over continuation packets).
     collect: Vec<u8>,
-    /// It passed [`MAX_COMMAND`]; the rest is not kept.
+    /// It passed [`MAX_COMMAND`] or the budget; the rest is not kept.
     collect_over: bool,
+    /// The budget's bytes for `collect`, and for the statements' long data.
+    collect_held: Held,
+    long_held: Held,
     /// A replica's session: everything is left out.
     replica: bool,
     /// After a gap given up: bytes are left out until a segment starts with a command.
@@ -263,6 +308,7 @@ impl Follower {
         self.continues = false;
         self.collect.clear();
         self.collect_over = false;
+        self.collect_held.keep(0);
         self.quit = false;
         self.resync = false;
     }
@@ -476,7 +522,10 @@ impl Follower {
                     kept.keep(head_from, i, out);
                 }
                 Mode::Drop => PipelineCounters::add(&c.replication_bytes, head.len() as u64),
-                Mode::Collect(_) => self.collect_bytes(&head[HEADER..]),
+                Mode::Collect(_) => {
+                    self.collect_packet(len, policy, c);
+                    self.collect_bytes(&head[HEADER..]);
+                }
             }
             carried = 0;
             self.left = len - (head.len() - HEADER);
@@ -606,13 +655,48 @@ impl Follower {
         }
     }
 
+    /// A packet of `len` bytes of the command being collected starts: its room is taken from
+    /// the budget at once, in one allocation (a command's pieces reallocated as they came
+    /// would leave the heap fragmented well past what the budget counts).
+    fn collect_packet(&mut self, len: usize, policy: &Policy, c: &PipelineCounters) {
+        if self.collect_over {
+            return;
+        }
+        if self.collect.len() + len > MAX_COMMAND {
+            self.give_up_collect();
+        } else if self.collect_held.take(policy, len) {
+            self.collect.reserve_exact(len);
+        } else {
+            PipelineCounters::add(&c.command_mem_limit, 1);
+            self.give_up_collect();
+        }
+    }
+
+    /// Kept of a command given up: its byte, and the statement id and parameter that may
+    /// follow it (what comes of the command is decided by them).
+    const GIVEN_UP_KEEPS: usize = 7;
+
+    fn give_up_collect(&mut self) {
+        self.collect_over = true;
+        self.collect.truncate(Self::GIVEN_UP_KEEPS);
+        self.collect.shrink_to_fit();
+        self.collect_held.keep(0);
+    }
+
     fn collect_bytes(&mut self, bytes: &[u8]) {
-        if self.collect.len() + bytes.len() > MAX_COMMAND {
-            self.collect_over = true;
-        }
-        if !self.collect_over {
-            self.collect.extend_from_slice(bytes);
-        }
+        let room = if self.collect_over {
+            Self::GIVEN_UP_KEEPS.saturating_sub(self.collect.len())
+        } else {
+            bytes.len()
+        };
+        self.collect
+            .extend_from_slice(&bytes[..room.min(bytes.len())]);
+    }
+
+    /// The collected command, its budget given back (it is used at once).
+    fn take_collected(&mut self) -> Vec<u8> {
+        self.collect_held.keep(0);
+        std::mem::take(&mut self.collect)
     }
 
     /// The current packet is complete; so is its command unless the next packet continues it.
@@ -630,7 +714,7 @@ impl Follower {
             // What was kept before the command goes first.
             kept.flush(out);
             match what {
-                Collected::Statement => self.statement_command(c, out),
+                Collected::Statement => self.statement_command(policy, c, out),
                 Collected::Handshake => self.handshake(c, out),
                 Collected::Query => self.query(policy.describe_attributes, c, out),
                 Collected::ChangeUser => self.change_user(c, out),
@@ -643,7 +727,12 @@ impl Follower {
     /// it is published with [`NOT_REPLAYED`] cleared, and a compressed session's wire waits
     /// for its first command.
     fn handshake(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
-        let mut body = std::mem::take(&mut self.collect);
+        let mut body = self.take_collected();
+        if std::mem::replace(&mut self.collect_over, false) {
+            let why = "the handshake response was not kept (no memory for it)";
+            self.unreplayable(&why, &c.unreplayable_frames, out);
+            return;
+        }
         let caps = CapabilityFlags::from_bits_retain(u32::from_le_bytes([
             body[0], body[1], body[2], body[3],
         ]));
@@ -682,9 +771,12 @@ impl Follower {
 
     /// A COM_QUERY with query attributes, collected: published as the SQL alone.
     fn query(&mut self, describe: bool, c: &PipelineCounters, out: &mut Vec<Output>) {
-        let body = std::mem::take(&mut self.collect);
+        let body = self.take_collected();
         if std::mem::replace(&mut self.collect_over, false) {
-            let why = format!("a COM_QUERY with query attributes passed {MAX_COMMAND} bytes");
+            let why = format!(
+                "a COM_QUERY with query attributes passed {MAX_COMMAND} bytes, or the memory \
+                 budget (--max_mem_mb)"
+            );
             self.unreplayable(&why, &c.unreplayable_attributes, out);
             return;
         }
@@ -706,8 +798,12 @@ impl Follower {
     /// A COM_CHANGE_USER, collected: published, then the database it names as a COM_INIT_DB
     /// (the player's own connection does not change user, but follows the database).
     fn change_user(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
-        let body = std::mem::take(&mut self.collect);
-        self.collect_over = false;
+        let body = self.take_collected();
+        if std::mem::replace(&mut self.collect_over, false) {
+            let why = "a COM_CHANGE_USER was not kept (no memory for it)";
+            self.unreplayable(&why, &c.unreplayable_frames, out);
+            return;
+        }
         out.push(Output::Data(Bytes::from(protocol::command_packets(
             body[0],
             &body[1..],
@@ -722,9 +818,9 @@ impl Follower {
     }
 
     /// A whole prepared-statement command, collected.
-    fn statement_command(&mut self, c: &PipelineCounters, out: &mut Vec<Output>) {
+    fn statement_command(&mut self, policy: &Policy, c: &PipelineCounters, out: &mut Vec<Output>) {
         PipelineCounters::add(&c.stmt_commands, 1);
-        let body = std::mem::take(&mut self.collect);
+        let body = self.take_collected();
         let over = std::mem::replace(&mut self.collect_over, false);
         let statements = self.statements.get_or_insert_with(Default::default);
         statements.attributes = self.attributes == Some(true);
@@ -733,11 +829,15 @@ impl Follower {
             PipelineCounters::add(&c.stmt_too_large, 1);
             tracing::warn!(
                 command = format_args!("0x{cmd:02x}"),
-                "a prepared-statement command passed {MAX_COMMAND} bytes: not kept"
+                "a prepared-statement command passed {MAX_COMMAND} bytes, or the memory budget \
+                 (--max_mem_mb): not kept"
             );
             if cmd == command::STMT_PREPARE {
                 let lost = statements.prepare(None);
                 PipelineCounters::add(&c.stmt_reply_lost, lost as u64);
+            } else if cmd == command::STMT_SEND_LONG_DATA {
+                // The parameter's value is incomplete: its execute must not render.
+                statements.long_data_lost(&body[1..]);
             }
             return;
         }
@@ -747,7 +847,20 @@ impl Follower {
             PipelineCounters::add(&c.stmt_reply_lost, lost as u64);
             return;
         }
-        match statements.command(cmd, &body[1..]) {
+        if cmd == command::STMT_SEND_LONG_DATA
+            && !self.long_held.take(policy, body.len().saturating_sub(7))
+        {
+            PipelineCounters::add(&c.command_mem_limit, 1);
+            statements.long_data_lost(&body[1..]);
+            return;
+        }
+        let result = statements.command(cmd, &body[1..]);
+        // What the statements hold of long data now (used up by an execute, dropped by a
+        // reset or a close, or never kept).
+        if self.long_held.bytes > 0 {
+            self.long_held.keep(statements.long_bytes());
+        }
+        match result {
             Ok(None) => {}
             Ok(Some(sql)) => {
                 PipelineCounters::add(&c.stmt_rendered, 1);
@@ -1026,6 +1139,66 @@ mod tests {
             // The execute after CLOSE: its statement is gone.
             assert_eq!(l.stmt_unknown, 1, "cut at {cut}");
         }
+    }
+
+    /// An EXECUTE of statement `id` binding one string.
+    fn execute_str(id: u32, s: &[u8]) -> Vec<u8> {
+        let mut b = id.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0, 1, 0, 0, 0, 0, 1, 0xfd, 0, 0xfc]);
+        b.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        b.extend_from_slice(s);
+        packet(0x17, &b)
+    }
+
+    /// Commands collected whole, and long data, take from the command budget and give it
+    /// back: an execute larger than the budget is given up (`command_mem_limit`, and
+    /// `stmt_too_large`), a smaller one renders; long data past the budget is given up and
+    /// its execute not rendered; a follower that goes gives back what it held.
+    #[test]
+    fn collected_commands_and_long_data_stay_inside_the_budget() {
+        let c = PipelineCounters::default();
+        let mut f = prepared_flows();
+        let budget = Arc::new(MemoryBudget::new(1000));
+        f.policy.commands = Some(budget.clone());
+        let prepare = packet(0x16, b"SELECT ?");
+        let mut at = 0u32;
+        let mut send = |f: &mut Conn, p: &[u8]| {
+            let got = feed(f, &c, &[(at, p)]);
+            at += p.len() as u32;
+            got
+        };
+        send(&mut f, &prepare);
+        f.reply(key(), 1, &prepare_ok(5, 1), &c);
+        assert!(send(&mut f, &execute_str(5, &[b'a'; 2000])).is_empty());
+        assert_eq!(budget.used(), 0);
+        let small = send(&mut f, &execute_str(5, &[b'b'; 100]));
+        let want = format!("SELECT '{}'", "b".repeat(100));
+        assert_eq!(
+            small,
+            protocol::command_packets(command::QUERY, want.as_bytes())
+        );
+        assert_eq!(budget.used(), 0);
+        let long_data =
+            |n: usize| packet(0x18, &[&[5, 0, 0, 0, 0, 0][..], &vec![b'x'; n]].concat());
+        send(&mut f, &long_data(600));
+        assert_eq!(budget.used(), 600);
+        send(&mut f, &long_data(600));
+        assert!(send(&mut f, &execute_long(5, 1)).is_empty());
+        assert_eq!(budget.used(), 0);
+        send(&mut f, &long_data(300));
+        assert_eq!(budget.used(), 300);
+        let l = c.load();
+        assert_eq!(
+            (
+                l.command_mem_limit,
+                l.stmt_too_large,
+                l.stmt_unrenderable,
+                l.stmt_rendered
+            ),
+            (2, 2, 1, 1)
+        );
+        drop(f);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -17,6 +17,9 @@ use lapin::{
     types::FieldTable,
 };
 
+/// What [`TestExchange::wait_routable`] publishes: not an MRTE message.
+pub const PROBE: &[u8] = b"mrte-test-probe";
+
 pub const AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// One published message as the consumer receives it.
@@ -105,6 +108,50 @@ impl TestExchange {
                 })
             })
         });
+    }
+
+    /// Waits (up to `secs`) until the exchange routes messages to a queue again: listed as
+    /// running, a recovering quorum queue may still take nothing for a while (its binding comes
+    /// back with it). Probed with [`PROBE`] messages, which the test's reader skips.
+    pub fn wait_routable(&self, secs: u64) {
+        let exchange = self.exchange.clone();
+        let start = std::time::Instant::now();
+        loop {
+            let exchange = exchange.clone();
+            let routed = on_own_runtime(async move {
+                let conn = Connection::connect(AMQP_URI, ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                ch.confirm_select(Default::default()).await.ok()?;
+                let confirm = ch
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        lapin::options::BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        PROBE,
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .ok()?
+                    .await
+                    .ok()?;
+                let _ = conn.close(200, "".into()).await;
+                Some(matches!(confirm, lapin::Confirmation::Ack(None)))
+            });
+            if routed == Some(true) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "exchange {} routes nothing after {secs} s",
+                self.exchange
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Binds the queue to the exchange.
