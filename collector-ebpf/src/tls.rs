@@ -90,6 +90,19 @@ pub fn mrte_ssl_read_ex(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `void SSL_free(SSL *ssl)`: the SSL object's connection is over. What was remembered of it
+/// goes, so that a later SSL object at the same address (the allocator reuses it) does not
+/// inherit its connection: one on a unix socket, which no read ties, would otherwise have its
+/// plaintext handed over as the old TCP client's.
+#[uprobe]
+pub fn mrte_ssl_free(ctx: ProbeContext) -> u32 {
+    if let Some(ssl) = ctx.arg::<u64>(0) {
+        let _ = SSL_SOCKS.remove(&ssl);
+        let _ = SSL_PREPARES.remove(&ssl);
+    }
+    0
+}
+
 /// Offsets of the kernel structures between a task and its sockets, from the running
 /// kernel's BTF (load-time constants set by the agent; 0: not known, nothing is read).
 #[unsafe(no_mangle)]

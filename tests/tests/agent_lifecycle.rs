@@ -7,7 +7,7 @@ use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
 
 use collector::capture::{PROGRAM_NAME, REPLIES_PROGRAM_NAME};
 use common::{
-    agent::{Agent, binary, ours_attached, replies_attached, wait_detached},
+    agent::{Agent, binary, ours_attached, replies_attached, wait_detached, wait_stdout_line},
     broker::TestExchange,
 };
 use nix::sys::signal::Signal;
@@ -25,6 +25,7 @@ fn sigint_and_sigterm_detach_and_print_totals() {
             "--status_interval=1",
             &exchange,
         ]);
+        let lines = agent.take_stdout_lines();
         agent.wait_attached();
         assert_eq!(ours_attached("lo"), before + 1, "{sig}: attached once");
         assert_eq!(
@@ -32,15 +33,12 @@ fn sigint_and_sigterm_detach_and_print_totals() {
             replies_before + 1,
             "{sig}: the reply program on egress"
         );
-        std::thread::sleep(Duration::from_millis(1500));
+        // A status line (the first comes with the header), then the signal.
+        wait_stdout_line(&lines, 0, 60, |l| l.starts_with("DateTime"));
         agent.signal(sig);
         let out = agent.wait();
         assert!(out.status.success(), "{sig}: exit status {}", out.status);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            stdout.contains("DateTime"),
-            "{sig}: status header in {stdout}"
-        );
+        let stdout = lines.lock().unwrap().join("\n");
         assert!(
             stdout.contains("Totals: TotalPacket="),
             "{sig}: totals in {stdout}"

@@ -304,12 +304,17 @@ fn mysql_problems_stop_the_agent_before_it_attaches_unless_optional() {
         "--mysql_optional",
         "--status_interval=1",
     ]);
+    let lines = agent.take_stdout_lines();
     agent.wait_attached();
     let log = agent.log.clone();
-    std::thread::sleep(Duration::from_millis(2500));
+    // Two failed retries (each counted), and a status line (its header names the column).
+    while agent.log_count("retrying in") < 2 {
+        agent.wait_log_more_blocking("retrying in", 1);
+    }
+    common::agent::wait_stdout_line(&lines, 0, 60, |l| l.starts_with("DateTime"));
     agent.signal(Signal::SIGINT);
     let out = agent.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stdout = lines.lock().unwrap().join("\n");
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("MySQLError"), "{stdout}");
     assert!(totals(&stdout)["mysql_errors"] >= 2, "{stdout}");
@@ -365,7 +370,8 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
     let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_attached();
     client.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The bootstrap's passes have seen the replica: a GC pass (they come after the first).
+    agent.wait_log_more("pass=Gc", 1).await;
     // The replica goes away: it was never a replayed session, so it gets no COM_QUIT.
     client
         .query_drop(format!("KILL CONNECTION {replica_id}"))
@@ -374,7 +380,6 @@ async fn replica_connections_are_neither_bootstrapped_nor_closed() {
     // Two GC passes: the second began after the kill.
     agent.wait_log_more("pass=Gc", 2).await;
     client.query_drop("INSERT INTO t VALUES (2)").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stdout = agent.stop();
     let units = mq.units_by_port();
@@ -461,7 +466,6 @@ async fn a_mariadb_restart_mid_run_is_survived_and_the_gc_ends_its_sessions() {
     b.query_drop("INSERT INTO t VALUES (1), (2)").await.unwrap();
     b.disconnect().await.unwrap();
     let sent = relay.sent_when_closed(1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let stdout = agent.stop();
     drop(a);
 

@@ -147,7 +147,15 @@ async fn metrics_parse_and_match_the_status_totals() {
         }
         c.disconnect().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Until everything is published (3 sessions of a handshake, 20 queries and a COM_QUIT):
+    // nothing moves after that.
+    tokio::task::block_in_place(|| {
+        common::agent::wait_stdout_line(&stdout, 0, 60, |l| {
+            let t = &serde_json::from_str::<Json>(l).unwrap()["totals"];
+            t["published_units"].as_u64() >= Some(3 * 22)
+                && t["published_units"] == t["batched_units"]
+        })
+    });
 
     let (head, _) = get(&addr, "/nothing");
     assert!(
@@ -238,9 +246,8 @@ async fn metrics_parse_and_match_the_status_totals() {
         sum / count
     );
 
+    // Every line is read once it returns.
     agent.stop();
-    // The reader thread has seen stdout end once the agent exited.
-    std::thread::sleep(Duration::from_millis(200));
     let lines = stdout.lock().unwrap().clone();
     let summary: Json = serde_json::from_str(
         lines

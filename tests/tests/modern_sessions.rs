@@ -291,7 +291,8 @@ async fn workload(read_tls: bool, hook: Option<&str>) {
     }
     let secret_rows = source.root_sql("SELECT COUNT(*) FROM shop.secret");
     assert!(secret_rows.contains("41"), "{secret_rows}");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The agent's own connection is all that is left.
+    tokio::task::block_in_place(|| source.wait_connections(1));
 
     let stdout = agent.stop();
     let t = totals(&stdout);
@@ -552,6 +553,7 @@ async fn query_attributes_are_removed_before_publishing() {
     for c in [&mut after, &mut before, &mut old] {
         c.send(&packet(0, &[1])).await;
     }
+    // No reply is awaited here: time for the last segments to pass the capture.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let stdout = agent.stop();
     task.abort();
@@ -596,6 +598,64 @@ fn tls_programs_released() -> usize {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// TLS sessions on the server's unix socket (the `mariadb` client uses TLS there by default
+/// when the server offers it) after TLS sessions over TCP: the server's reads of them are
+/// nobody's to publish. Each TCP session's SSL object is freed when it ends, and the next one
+/// is often allocated at the same address: before `SSL_free` was probed, the unix session's
+/// plaintext was taken for the old TCP client's (counted as its reads, not as `tls_no_socket`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_on_the_unix_socket_are_not_taken_for_an_ended_tcp_one() {
+    const ROUNDS: usize = 10;
+    let mq = TestExchange::new("tls_unix");
+    let TlsPair { source, .. } = &TlsPair::start(SCHEMA);
+    let args = local_server_args(source.port, &mq.exchange);
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    agent.wait_attached();
+    agent.wait_log("TLS probes attached").await;
+    for i in 0..ROUNDS {
+        let mut tcp = TlsClient::start(source.port);
+        tcp.sql(&format!("INSERT INTO orders VALUES ({i}, 'tcp', 'x');"));
+        tokio::task::block_in_place(|| tcp.finish());
+        let out = source.root_sql_with(
+            &["--ssl"],
+            &format!("SELECT 'unix-{i}'; SHOW SESSION STATUS LIKE 'Ssl_cipher'"),
+        );
+        assert!(
+            out.contains("unix-") && out.contains("TLS"),
+            "not over TLS: {out}"
+        );
+    }
+    tokio::task::block_in_place(|| source.wait_connections(1));
+    let stdout = agent.stop();
+    let t = totals(&stdout);
+    let published: Vec<u8> = mq
+        .take_all()
+        .iter()
+        .flat_map(|m| collector::encode::decode_message(&m.data).unwrap().units)
+        .flat_map(|u| u.data)
+        .collect();
+    let has = |needle: &[u8]| published.windows(needle.len()).any(|w| w == needle);
+    for i in 0..ROUNDS {
+        let insert = format!("INSERT INTO orders VALUES ({i}, 'tcp', 'x')");
+        assert!(
+            has(insert.as_bytes()),
+            "TCP session {i} not published: {stdout}"
+        );
+    }
+    assert!(
+        !has(b"unix-"),
+        "a unix-socket session was published: {stdout}"
+    );
+    // Every read of the unix sessions (login, query, status, quit: four at least) is counted
+    // as one with no connection of the captured port's.
+    assert!(
+        t.get("tls_no_socket") >= 4 * ROUNDS as u64,
+        "{}",
+        t.get("tls_no_socket")
+    );
+    assert!(t.get("tls_read_sessions") >= ROUNDS as u64, "{stdout}");
 }
 
 /// The TLS programs loaded in the kernel now (any process's): by name.
@@ -671,7 +731,7 @@ async fn tls_sessions_under_churn_replay_exactly_and_nothing_stays_attached() {
     for c in steady {
         c.finish();
     }
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| source.wait_connections(1));
     let stdout = agent.stop();
     assert_eq!(tls_programs_released(), 0, "TLS programs left after exit");
 
@@ -766,7 +826,7 @@ async fn prepared_statements_over_tls_replay_identically() {
     agent.wait_attached();
     agent.wait_log("TLS probes attached").await;
     let report = sysbench(pair.source.port, true, "run");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| pair.source.wait_connections(1));
     let stdout = agent.stop();
     let t = totals(&stdout);
     let get = |k: &str| t.get(k);

@@ -167,7 +167,6 @@ async fn prepared_statements_replay_into_identical_tables() {
         t.await.unwrap();
     }
     before.disconnect().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
 
     let log = agent.log.clone();
     let mut stdout = agent.stop();

@@ -14,7 +14,7 @@ use std::{
 
 use collector::encode::decode_message;
 use common::{
-    agent::{Agent, binary, fails_before_attaching, totals},
+    agent::{Agent, binary, fails_before_attaching, totals, wait_stdout_line},
     broker::{Received, TestExchange},
     *,
 };
@@ -165,8 +165,7 @@ async fn fifty_mixed_sessions_reach_the_queue_byte_exact() {
     let sent = relay.sent_when_closed(50).await;
     assert_eq!(sent.len(), 50);
     assert!(sent.values().any(|s| s.len() > 250_000));
-    // Longer than the wake-up re-check and --read_timeout.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // What is still in the ring or a batch goes out at exit.
     agent.signal(Signal::SIGINT);
     let out = agent.wait();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -264,6 +263,7 @@ async fn ipv6_clients_are_counted_as_unencodable_not_lost() {
         &exchange_arg(&mq),
         "--status_interval=1",
     ]);
+    let lines = agent.take_stdout_lines();
     agent.wait_attached();
     let mut sent = Streams::new();
     for (i, addr) in [v4.addr, v6.addr, v4.addr].into_iter().enumerate() {
@@ -279,11 +279,12 @@ async fn ipv6_clients_are_counted_as_unencodable_not_lost() {
             );
         }
     }
-    // One status line at least.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // One status line at least (the first comes with the header).
+    let header = |l: &str| l.starts_with("DateTime");
+    tokio::task::block_in_place(|| wait_stdout_line(&lines, 0, 60, header));
     agent.signal(Signal::SIGINT);
-    let out = agent.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = tokio::task::block_in_place(|| agent.wait());
+    let stdout = lines.lock().unwrap().join("\n");
     assert!(out.status.success(), "{stdout}");
     let (streams, units) = reassemble(&mq.take_all(), Ipv4Addr::LOCALHOST);
     assert_eq!(streams, sent);
@@ -325,6 +326,7 @@ async fn declare_creates_exchange_and_queue_and_confirms_publishes() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let port = s.local_addr().unwrap().port();
+    // The sink's receipt is not known here: time for the last segment to pass the capture.
     tokio::time::sleep(Duration::from_millis(300)).await;
     agent.signal(Signal::SIGINT);
     let out = agent.wait();

@@ -141,14 +141,14 @@ async fn a_semi_sync_replica_is_kept_out_and_counted() {
     }
     let acked = status(&source, "Rpl_semi_sync_master_yes_tx") - acked;
     assert!(acked >= 90, "{acked} transactions acknowledged");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    // ACK packets the source read: one ACK may acknowledge several commits that waited
-    // together, so this can be fewer than the transactions.
+    // A process-list pass that shows the reconnected replica (`replication_skipped`).
+    agent.wait_log_more("pass=Gc", 1).await;
+    // ACK packets the source read (each passed the capture before): one ACK may acknowledge
+    // several commits that waited together, so this can be fewer than the transactions.
     let acks = status(&source, "Rpl_semi_sync_master_get_ack") - got_ack;
     assert!(acks > 0, "no ACK received");
     let stdout = agent.stop();
     inspect.stop();
-    std::thread::sleep(Duration::from_millis(200));
     let lines: Vec<serde_json::Value> = inspected
         .lock()
         .unwrap()

@@ -260,17 +260,18 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
 }
 
 /// The uprobes.
-const UPROBES: [&str; 4] = [
+const UPROBES: [&str; 5] = [
     "mrte_ssl_read",
     "mrte_ssl_read_ex",
     "mrte_ssl_read_ret",
     "mrte_ssl_write",
+    "mrte_ssl_free",
 ];
 const FENTRY: &str = "mrte_tcp_recv";
 const SYS_ENTER: &str = "mrte_sys_enter";
 /// The TLS programs: the uprobes, then the two socket hooks.
-const PROGRAMS: [&str; 6] = [
-    UPROBES[0], UPROBES[1], UPROBES[2], UPROBES[3], FENTRY, SYS_ENTER,
+const PROGRAMS: [&str; 7] = [
+    UPROBES[0], UPROBES[1], UPROBES[2], UPROBES[3], UPROBES[4], FENTRY, SYS_ENTER,
 ];
 
 /// Detaches (and unloads) the TLS programs, so that nothing adds to the ring after it.
@@ -345,6 +346,14 @@ pub fn attach(
             })?;
         read_ex |= symbol == "SSL_read_ex";
     }
+    // A freed SSL object's entries go with it (its address is reused for later ones).
+    uprobe(ebpf, "mrte_ssl_free")?
+        .attach("SSL_free", &library, scope)
+        .map_err(|source| TlsError::Attach {
+            name: "mrte_ssl_free",
+            target: format!("{target}:SSL_free"),
+            source,
+        })?;
     if prepared {
         for symbol in ["SSL_write", "SSL_write_ex"] {
             let r = uprobe(ebpf, "mrte_ssl_write")?.attach(symbol, &library, scope);

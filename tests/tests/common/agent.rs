@@ -81,6 +81,9 @@ pub struct Agent {
     child: Option<Child>,
     /// What the agent logged so far (stderr), once `wait_attached` took it over.
     pub log: Arc<Mutex<String>>,
+    /// The thread reading stdout's lines ([`Self::take_stdout_lines`]): joined once the agent
+    /// exits, so that every line is there when `wait` or `stop` returns.
+    stdout_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -113,6 +116,7 @@ impl Agent {
         Self {
             child: Some(child),
             log: Arc::default(),
+            stdout_reader: None,
         }
     }
 
@@ -222,16 +226,17 @@ impl Agent {
         all
     }
 
-    /// Collects stdout's lines as they come (`stop` then returns the log only).
+    /// Collects stdout's lines as they come (`stop` then returns the log only; every line is
+    /// in them once it returns).
     pub fn take_stdout_lines(&mut self) -> Arc<Mutex<Vec<String>>> {
         let stdout = self.child.as_mut().unwrap().stdout.take().unwrap();
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let l = lines.clone();
-        std::thread::spawn(move || {
+        self.stdout_reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 l.lock().unwrap().push(line);
             }
-        });
+        }));
         lines
     }
 
@@ -275,7 +280,12 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        out.join().unwrap()
+        let out = out.join().unwrap();
+        // The pipe's end follows the exit: the last lines are read by then.
+        if let Some(reader) = self.stdout_reader.take() {
+            reader.join().unwrap();
+        }
+        out
     }
 }
 
@@ -285,6 +295,31 @@ impl Drop for Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Waits (at most `secs`) for a line of `lines` (see [`Agent::take_stdout_lines`]), from the
+/// `from`th on, that `pred` takes; returns its index. Panics with the lines if none comes.
+pub fn wait_stdout_line(
+    lines: &Mutex<Vec<String>>,
+    from: usize,
+    secs: u64,
+    pred: impl Fn(&str) -> bool,
+) -> usize {
+    let start = Instant::now();
+    loop {
+        {
+            let lines = lines.lock().unwrap();
+            if let Some(i) = lines.iter().skip(from).position(|l| pred(l)) {
+                return from + i;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "no such line in {secs} s:\n{}",
+                lines.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -128,10 +128,18 @@ impl TestServer {
         super::mysql_opts(self.addr())
     }
 
-    /// Runs SQL as the server's root over its socket; panics on failure.
+    /// Runs SQL as the server's root over its socket, without TLS (the client's default is
+    /// to use it where the server offers it, and then the server's TLS reads of the test's
+    /// own sessions would count in the agent's); panics on failure.
     pub fn root_sql(&self, sql: &str) -> String {
+        self.root_sql_with(&["--skip-ssl"], sql)
+    }
+
+    /// [`Self::root_sql`] with other client options (`--ssl`: over TLS).
+    pub fn root_sql_with(&self, options: &[&str], sql: &str) -> String {
         let out = Command::new("mariadb")
             .arg(format!("--socket={}", self.dir.join("sock").display()))
+            .args(options)
             .args(["--batch", "--skip-column-names", "-e", sql])
             .output()
             .unwrap();
@@ -163,6 +171,28 @@ impl TestServer {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (at most 60 s) until no more than `most` client connections are left (the
+    /// agent's own, say): the server has read the others' last commands, their COM_QUITs
+    /// too, which over TLS is when the capture sees them (it reads what the server decrypts).
+    pub fn wait_connections(&self, most: usize) {
+        let sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                   WHERE COMMAND NOT IN ('Daemon', 'Binlog Dump') AND ID <> CONNECTION_ID() \
+                   AND USER NOT IN ('system user', 'event_scheduler')";
+        let start = Instant::now();
+        loop {
+            let n: usize = self.root_sql(sql).trim().parse().unwrap();
+            if n <= most {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{n} connections left: {}",
+                self.root_sql("SHOW PROCESSLIST")
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
