@@ -116,14 +116,20 @@ impl TestExchange {
     pub fn wait_routable(&self, secs: u64) {
         let exchange = self.exchange.clone();
         let start = std::time::Instant::now();
+        let mut rebound = false;
         loop {
             let exchange = exchange.clone();
-            let routed = on_own_runtime(async move {
+            let outcome = on_own_runtime(async move {
                 let conn = Connection::connect(AMQP_URI, ConnectionProperties::default())
                     .await
-                    .ok()?;
-                let ch = conn.create_channel().await.ok()?;
-                ch.confirm_select(Default::default()).await.ok()?;
+                    .map_err(|e| format!("connect: {e}"))?;
+                let ch = conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| format!("channel: {e}"))?;
+                ch.confirm_select(Default::default())
+                    .await
+                    .map_err(|e| format!("confirm_select: {e}"))?;
                 let confirm = ch
                     .basic_publish(
                         exchange.as_str().into(),
@@ -136,19 +142,41 @@ impl TestExchange {
                         BasicProperties::default(),
                     )
                     .await
-                    .ok()?
+                    .map_err(|e| format!("publish: {e}"))?
                     .await
-                    .ok()?;
+                    .map_err(|e| format!("confirm: {e}"))?;
                 let _ = conn.close(200, "".into()).await;
-                Some(matches!(confirm, lapin::Confirmation::Ack(None)))
+                match confirm {
+                    lapin::Confirmation::Ack(None) => Ok(()),
+                    lapin::Confirmation::Ack(Some(_)) => Err("returned: unroutable".to_owned()),
+                    other => Err(format!("{other:?}")),
+                }
             });
-            if routed == Some(true) {
-                return;
+            let Err(why) = outcome else { return };
+            // A binding made just before a SIGKILL can be lost with it (the broker's
+            // metadata, not the agent's doing): made again, once, and said.
+            let bindings = rabbitmqctl(&["list_bindings", "source_name", "destination_name"])
+                .unwrap_or_default();
+            let bound = bindings.lines().any(|l| {
+                l.split_whitespace()
+                    .eq([self.exchange.as_str(), self.queue.as_str()])
+            });
+            if !bound && !rebound && start.elapsed() > Duration::from_secs(5) {
+                eprintln!(
+                    "{}: the broker lost the binding in its restart: bound again",
+                    self.queue
+                );
+                self.bind();
+                rebound = true;
+                continue;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(secs),
-                "exchange {} routes nothing after {secs} s",
-                self.exchange
+                "exchange {} routes nothing after {secs} s (last probe: {why}; bound: {bound}); \
+                 queues:\n{}",
+                self.exchange,
+                rabbitmqctl(&["list_queues", "name", "type", "state", "messages"])
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
