@@ -240,8 +240,7 @@ impl Statement {
         if let Some(slot) = self.long_data.get_mut(param) {
             let slot = slot.get_or_insert_with(Vec::new);
             if slot.len() + data.len() > MAX_COMMAND {
-                *slot = Vec::new();
-                self.long_data_over = Some(param);
+                self.give_up_long_data(param);
             } else {
                 slot.extend_from_slice(data);
             }
@@ -708,10 +707,8 @@ impl Statements {
             // Of a statement not known, these change nothing that could be published: its
             // executes are what is counted.
             command::STMT_SEND_LONG_DATA => {
-                let param = body
-                    .get(4..6)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-                    .ok_or(StatementError::Short { len: body.len() })?;
+                let (_, param) =
+                    long_data_target(body).ok_or(StatementError::Short { len: body.len() })?;
                 if let Ok(s) = self.statement(id) {
                     s.long_data(param, &body[6..]);
                 }
@@ -751,10 +748,10 @@ impl Statements {
     /// for: its parameter's long data is given up, and the statement's next execute is not
     /// rendered.
     pub fn long_data_lost(&mut self, body: &[u8]) {
-        if let (Some(id), Some(param)) = (body.get(..4), body.get(4..6))
-            && let Ok(s) = self.statement(u32::from_le_bytes([id[0], id[1], id[2], id[3]]))
+        if let Some((id, param)) = long_data_target(body)
+            && let Ok(s) = self.statement(id)
         {
-            s.give_up_long_data(u16::from_le_bytes([param[0], param[1]]) as usize);
+            s.give_up_long_data(param);
         }
     }
 
@@ -774,6 +771,14 @@ impl Statements {
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
     }
+}
+
+/// The statement id and parameter a COM_STMT_SEND_LONG_DATA names (`body` after the command
+/// byte).
+fn long_data_target(body: &[u8]) -> Option<(u32, usize)> {
+    let id = u32::from_le_bytes(body.get(..4)?.try_into().ok()?);
+    let param = u16::from_le_bytes(body.get(4..6)?.try_into().ok()?);
+    Some((id, param as usize))
 }
 
 #[cfg(test)]

@@ -16,7 +16,11 @@ use std::{
     time::Duration,
 };
 
-use collector::{capture::Transport, memory::MemoryPlan};
+use collector::{
+    capture::Transport,
+    memory::MemoryPlan,
+    protocol::{Packets, packet},
+};
 use common::{
     NetNs,
     agent::Agent,
@@ -43,6 +47,15 @@ fn syn(i: usize) -> Vec<u8> {
     f[29] = 100 + (i / 60_000) as u8;
     f[34..36].copy_from_slice(&(1024 + (i % 60_000) as u16).to_be_bytes());
     f
+}
+
+/// Prints the agent's RSS now and its peak, `when`.
+fn rss(agent: &Agent, when: &str) {
+    eprintln!(
+        "agent RSS {when}: {} KiB (peak {} KiB)",
+        agent.proc_status_bytes("VmRSS") >> 10,
+        agent.proc_status_bytes("VmHWM") >> 10
+    );
 }
 
 /// Holds TCP connections in a process of its own: `serve` accepts (SO_REUSEPORT, so that two
@@ -137,12 +150,6 @@ async fn a_syn_flood_and_20000_idle_connections_stay_inside_the_memory_plan() {
         .max_flows();
 
     // A session that publishes before and after everything else.
-    let rss = |agent: &Agent, when: &str| {
-        eprintln!(
-            "agent RSS {when}: {} KiB",
-            agent.proc_status_bytes("VmRSS") >> 10
-        )
-    };
     rss(&agent, "attached");
     let mut steady = ns.run(|| TcpStream::connect(("198.18.7.1", PORT)).unwrap());
     steady.write_all(&numbered_query(0, 0)).unwrap();
@@ -231,13 +238,6 @@ struct Raw {
     stmt: u32,
 }
 
-fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = (payload.len() as u32).to_le_bytes()[..3].to_vec();
-    p.push(seq);
-    p.extend_from_slice(payload);
-    p
-}
-
 fn read_packet(s: &mut TcpStream) -> Vec<u8> {
     use std::io::Read as _;
     let mut head = [0u8; 4];
@@ -324,32 +324,33 @@ fn send_interleaved(sessions: &mut [Raw], bytes: &[Vec<u8>]) {
     }
 }
 
-/// The COM_QUERY payloads (command byte on) published for each client port so far.
-fn published_queries(
-    mq: &TestExchange,
-    seen: &mut std::collections::HashMap<u16, Vec<u8>>,
-) -> std::collections::HashMap<u16, Vec<Vec<u8>>> {
-    for (port, units) in mq.units_by_port() {
-        let stream = seen.entry(port).or_default();
-        for u in units {
-            stream.extend_from_slice(&u.data);
+/// The COM_QUERY payloads (command byte on) published per client port, taken from the queue
+/// as they come.
+#[derive(Default)]
+struct Published(std::collections::HashMap<u16, (Packets, Vec<Vec<u8>>)>);
+
+impl Published {
+    fn take(&mut self, mq: &TestExchange) {
+        for (port, units) in mq.units_by_port() {
+            let (packets, queries) = self.0.entry(port).or_default();
+            for u in units {
+                packets.push(&u.data);
+                while let Some(p) = packets.next_packet() {
+                    if p.payload.first() == Some(&0x03) {
+                        queries.push(p.payload);
+                    }
+                }
+            }
         }
     }
-    seen.iter()
-        .map(|(port, stream)| {
-            let mut s = &stream[..];
-            let mut queries = Vec::new();
-            while s.len() >= 4 {
-                let len = u32::from_le_bytes([s[0], s[1], s[2], 0]) as usize;
-                let Some(p) = s.get(4..4 + len) else { break };
-                if p.first() == Some(&0x03) {
-                    queries.push(p.to_vec());
-                }
-                s = &s[4 + len..];
-            }
-            (*port, queries)
-        })
-        .collect()
+
+    fn of(&self, port: u16) -> &[Vec<u8>] {
+        self.0.get(&port).map_or(&[], |(_, queries)| queries)
+    }
+
+    fn has(&self, port: u16, query: &str) -> bool {
+        self.of(port).iter().any(|q| q == query.as_bytes())
+    }
 }
 
 #[test]
@@ -365,26 +366,20 @@ fn huge_commands_in_many_sessions_stay_inside_the_memory_plan() {
     let args = common::agent::local_server_args(db.port, &mq.exchange);
     let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_attached();
-    let rss = |agent: &Agent, when: &str| {
-        eprintln!(
-            "agent RSS {when}: {} KiB (peak {} KiB)",
-            agent.proc_status_bytes("VmRSS") >> 10,
-            agent.proc_status_bytes("VmHWM") >> 10
-        )
-    };
     rss(&agent, "attached");
 
     let mut marker = Raw::connect(db.addr(), "big");
-    let mut seen = Default::default();
+    let mut published = Published::default();
     // Until the marker query `n` is published: the drain has taken every byte sent before it.
-    let mut settled = |marker: &mut Raw, n: usize| {
+    let settled = |published: &mut Published, marker: &mut Raw, n: usize| {
         let q = format!("\x03SELECT 'marker-{n}'");
         marker.s.write_all(&packet(0, q.as_bytes())).unwrap();
         let start = std::time::Instant::now();
-        while !published_queries(&mq, &mut seen)
-            .get(&marker.port)
-            .is_some_and(|qs| qs.iter().any(|p| p == q.as_bytes()))
-        {
+        loop {
+            published.take(&mq);
+            if published.has(marker.port, &q) {
+                break;
+            }
             assert!(start.elapsed() < Duration::from_secs(120), "marker {n}");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -406,45 +401,44 @@ fn huge_commands_in_many_sessions_stay_inside_the_memory_plan() {
             .collect()
     }));
     send_interleaved(&mut sessions, &first);
-    settled(&mut marker, 1);
+    settled(&mut published, &mut marker, 1);
     let held = agent.proc_status_bytes("VmRSS");
     rss(&agent, "with the commands in progress");
     let mut rest: Vec<Vec<u8>> = executes.iter().map(|e| e[cut..].to_vec()).collect();
     rest.extend(sessions[PARTIAL..].iter().map(|r| r.execute(None)));
     send_interleaved(&mut sessions, &rest);
-    settled(&mut marker, 2);
+    settled(&mut published, &mut marker, 2);
     rss(&agent, "with the commands done");
     // Every session is still followed: a small execute of each is published.
     for (i, r) in sessions.iter_mut().enumerate() {
         let e = r.execute(Some(format!("small-{i}").as_bytes()));
         r.s.write_all(&e).unwrap();
     }
-    settled(&mut marker, 3);
+    settled(&mut published, &mut marker, 3);
     let start = std::time::Instant::now();
-    let queries = loop {
-        let queries = published_queries(&mq, &mut seen);
-        let small = sessions.iter().enumerate().filter(|(i, r)| {
-            let want = format!("\x03SELECT 'small-{i}'");
-            queries
-                .get(&r.port)
-                .is_some_and(|qs| qs.iter().any(|q| q == want.as_bytes()))
-        });
-        if small.count() == sessions.len() || start.elapsed() > Duration::from_secs(60) {
-            break queries;
+    let small = |published: &Published, i: usize, r: &Raw| {
+        published.has(r.port, &format!("\x03SELECT 'small-{i}'"))
+    };
+    loop {
+        published.take(&mq);
+        let all = sessions
+            .iter()
+            .enumerate()
+            .all(|(i, r)| small(&published, i, r));
+        if all || start.elapsed() > Duration::from_secs(60) {
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
     let peak = agent.proc_status_bytes("VmHWM");
-    let log = agent.log.clone();
-    let mut out = agent.stop();
-    out.push_str(&log.lock().unwrap());
+    let out = agent.stop();
     let t = common::agent::totals(&out);
     let big = |r: &Raw| {
-        queries.get(&r.port).map_or(0, |qs| {
-            qs.iter()
-                .filter(|q| q.len() > VALUE && q.starts_with(b"\x03SELECT "))
-                .count()
-        })
+        published
+            .of(r.port)
+            .iter()
+            .filter(|q| q.len() > VALUE && q.starts_with(b"\x03SELECT "))
+            .count()
     };
     let partial = sessions[..PARTIAL].iter().map(big).sum::<usize>() as u64;
     let long = sessions[PARTIAL..].iter().map(big).sum::<usize>() as u64;
@@ -482,12 +476,6 @@ fn huge_commands_in_many_sessions_stay_inside_the_memory_plan() {
     assert!(over_budget >= lost_partial + unrenderable, "{out}");
     assert!(over_budget <= lost_partial + 4 * LONG as u64, "{out}");
     for (i, r) in sessions.iter().enumerate() {
-        let want = format!("\x03SELECT 'small-{i}'");
-        assert!(
-            queries
-                .get(&r.port)
-                .is_some_and(|qs| qs.iter().any(|q| q == want.as_bytes())),
-            "session {i}: {out}"
-        );
+        assert!(small(&published, i, r), "session {i}: {out}");
     }
 }

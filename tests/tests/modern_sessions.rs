@@ -648,6 +648,11 @@ async fn tls_sessions_on_the_unix_socket_are_not_taken_for_an_ended_tcp_one() {
         !has(b"unix-"),
         "a unix-socket session was published: {stdout}"
     );
+    eprintln!(
+        "tls_no_socket {} for {ROUNDS} unix-socket sessions, tls_read_sessions {}",
+        t.get("tls_no_socket"),
+        t.get("tls_read_sessions")
+    );
     // Every read of the unix sessions (login, query, status, quit: four at least) is counted
     // as one with no connection of the captured port's.
     assert!(
