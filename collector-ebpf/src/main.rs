@@ -26,19 +26,19 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
     bindings::BPF_F_CURRENT_CPU,
+    bindings::TC_ACT_UNSPEC,
     helpers::{bpf_ktime_get_ns, bpf_perf_event_output, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, LruHashMap, PerCpuArray, PerfEventByteArray, RingBuf},
     programs::TcContext,
 };
 use collector_common::{
-    AWAITING_ENTRIES, Awaiting, COM_STMT_PREPARE, COUNTER_COUNT, COUNTERS_EGRESS,
-    COUNTERS_INGRESS, Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, FlowKey,
-    KIND_CLIENT, KIND_PREPARE_REPLY, LinkKind, MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE,
-    PERF_MAX_SAMPLE, PORT_MAP_ENTRIES, PREPARE_SCAN, RECORD_CAPACITIES, REPLY_HEAD, RecordHeader,
-    TCP_FIN, TCP_RST, TCP_SYN, Transport,
+    AWAITING_ENTRIES, Awaiting, COM_STMT_PREPARE, COUNTER_COUNT, COUNTERS_EGRESS, COUNTERS_INGRESS,
+    Counter, Counters, DEFAULT_RING_BYTES, FAMILY_V4, FAMILY_V6, FlowKey, KIND_CLIENT,
+    KIND_PREPARE_REPLY, LinkKind, MAX_RECORDS_PER_SEGMENT, MAX_SEGMENT_CAPTURE, PERF_MAX_SAMPLE,
+    PORT_MAP_ENTRIES, PREPARE_SCAN, RECORD_CAPACITIES, REPLY_HEAD, RecordHeader, TCP_FIN, TCP_RST,
+    TCP_SYN, Transport,
 };
 
 /// Load-time constants (`.rodata`, set by the agent with `EbpfLoader::override_global`); the
@@ -69,6 +69,14 @@ static OTHER_HOSTS: u8 = 0;
 
 /// `skb->pkt_type` of a frame addressed to another host's MAC (uapi `if_packet.h`).
 const PACKET_OTHERHOST: u32 = 3;
+
+/// The first captured port; with `MORE_PORTS` non-zero, `PORTS` holds the others. A packet on
+/// the one port most captures have is matched without touching the 64 KiB `PORTS` array,
+/// whose line for the port is a cache miss at request rates.
+#[unsafe(no_mangle)]
+static FIRST_PORT: u16 = 0;
+#[unsafe(no_mangle)]
+static MORE_PORTS: u8 = 1;
 
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_ENTRIES, 0);
@@ -397,7 +405,14 @@ fn parse_headers(pkt: &impl Headers, protocol: u32) -> Result<Parsed, Counter> {
 
 #[inline(always)]
 fn captured_port(port: u16) -> bool {
-    matches!(PORTS.get(port as u32), Some(v) if *v != 0)
+    // SAFETY: load-time constants.
+    let (first, more) = unsafe {
+        (
+            ptr::read_volatile(&FIRST_PORT),
+            ptr::read_volatile(&MORE_PORTS),
+        )
+    };
+    port == first || (more != 0 && matches!(PORTS.get(port as u32), Some(v) if *v != 0))
 }
 
 #[inline(always)]
@@ -521,7 +536,13 @@ fn mark_prepares(ctx: &TcContext, pkt: &Packet, counters: &mut Counters, seg: &S
 /// Adds `n` (wrapping: a negative amount is its two's complement) to `MARKS`, atomically.
 #[inline(always)]
 fn add_marks(n: u64) {
-    if let Some(p) = MARKS.get_ptr_mut(0) {
+    atomic_add(&MARKS, n);
+}
+
+/// Adds `n` (wrapping) to the one value of a count shared by all CPUs, atomically.
+#[inline(always)]
+pub(crate) fn atomic_add(count: &Array<u64>, n: u64) {
+    if let Some(p) = count.get_ptr_mut(0) {
         // SAFETY: the map's one value, 8-aligned, shared by all CPUs: only atomic access (the
         // BPF target has no `AtomicU64::fetch_add`; the intrinsic is its atomic add).
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
@@ -616,7 +637,10 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
         if ret < 0 {
             return Err(Counter::RingFull);
         }
-    } else if RECORDS.output::<ReplyRecord>(&rec, wake_flags(size_of::<ReplyRecord>() as u64)).is_err() {
+    } else if RECORDS
+        .output::<ReplyRecord>(&rec, wake_flags(size_of::<ReplyRecord>() as u64))
+        .is_err()
+    {
         return Err(Counter::RingFull);
     }
     bump(counters, Counter::Records);
@@ -836,7 +860,11 @@ fn emit(
         hdr.seq = seg.seq.wrapping_add(done);
         let from = seg.payload_off + done;
         // Only the segment's last record may wake the reader.
-        let flags = if n <= CAP_LARGE { wake } else { BPF_RB_NO_WAKEUP };
+        let flags = if n <= CAP_LARGE {
+            wake
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
         let sent = if fixed {
             emit_one::<{ HDR + CAP_LARGE as usize }, CAP_LARGE>(ctx, &mut hdr, from, n, flags)
         } else if n <= CAP_SMALL {

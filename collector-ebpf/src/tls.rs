@@ -20,7 +20,7 @@ use aya_ebpf::{
         generated::bpf_probe_read_user as probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use collector_common::{
@@ -29,11 +29,22 @@ use collector_common::{
     SSL_CALL_ENTRIES, SSL_SOCK_ENTRIES, SslCall, SslPrepares, SslSock, SslStream,
 };
 
-use crate::{CAP_LARGE, CAP_MEDIUM, CAP_SMALL, COUNTERS, HDR, RECORDS, bump, prepared_on, wake_flags};
+use crate::{
+    CAP_LARGE, CAP_MEDIUM, CAP_SMALL, COUNTERS, HDR, RECORDS, atomic_add, bump, prepared_on,
+    wake_flags,
+};
+
+const BPF_NOEXIST: u64 = 1;
 
 /// `SSL_read`s under way, by thread.
 #[map]
 static SSL_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(SSL_CALL_ENTRIES, 0);
+
+/// The number of `SSL_CALLS` entries (atomically kept): while it is 0, which is always the case
+/// on a server without TLS sessions, a read syscall or TCP read costs no hash lookup. Each
+/// thread adds and removes only its own entry, so the count is exact.
+#[map]
+static SSL_CALLS_OPEN: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Each SSL object's PREPAREs awaiting their reply (prepared statements followed).
 #[map]
@@ -56,7 +67,9 @@ const SKC_FAMILY: usize = 16;
 fn counters() -> Option<&'static mut Counters> {
     // SAFETY: a per-CPU map value; this block is only written by these programs, which do
     // not preempt each other on a CPU.
-    COUNTERS.get_ptr_mut(COUNTERS_TLS).map(|c| unsafe { &mut *c })
+    COUNTERS
+        .get_ptr_mut(COUNTERS_TLS)
+        .map(|c| unsafe { &mut *c })
 }
 
 fn enter(ssl: u64, buf: u64, readbytes: u64) {
@@ -67,7 +80,22 @@ fn enter(ssl: u64, buf: u64, readbytes: u64) {
         readbytes,
         sock: SslSock::default(),
     };
-    let _ = SSL_CALLS.insert(&id, &call, 0);
+    // A new entry is counted; one left by a call that never returned is replaced.
+    if SSL_CALLS.insert(&id, &call, BPF_NOEXIST).is_ok() {
+        atomic_add(&SSL_CALLS_OPEN, 1);
+    } else {
+        let _ = SSL_CALLS.insert(&id, &call, 0);
+    }
+}
+
+/// Whether any thread is inside a probed `SSL_read`.
+#[inline(always)]
+fn calls_open() -> bool {
+    match SSL_CALLS_OPEN.get_ptr(0) {
+        // SAFETY: as in `crate::any_marks`.
+        Some(p) => (unsafe { core::ptr::read_volatile(p) }) != 0,
+        None => true,
+    }
 }
 
 /// `int SSL_read(SSL *ssl, void *buf, int num)`
@@ -147,8 +175,9 @@ fn fd_sock(fd: u64) -> Option<u64> {
     let files = kptr(task, off(&OFF_TASK_FILES))?;
     let fdt = kptr(files, off(&OFF_FILES_FDT))?;
     // SAFETY: as in `kptr`.
-    let max = unsafe { bpf_probe_read_kernel((fdt as usize + off(&OFF_FDT_MAX_FDS)) as *const u32) }
-        .ok()?;
+    let max =
+        unsafe { bpf_probe_read_kernel((fdt as usize + off(&OFF_FDT_MAX_FDS)) as *const u32) }
+            .ok()?;
     if fd >= u64::from(max) {
         return None;
     }
@@ -163,6 +192,9 @@ fn fd_sock(fd: u64) -> Option<u64> {
 /// probed call), and hands the socket itself: no walk of the file table.
 #[aya_ebpf::macros::fentry(function = "tcp_recvmsg")]
 pub fn mrte_tcp_recv(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
+    if !calls_open() {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     // SAFETY: a pointer into the map's value, only this thread's entry.
     let Some(call) = SSL_CALLS.get_ptr_mut(&id).map(|c| unsafe { &mut *c }) else {
@@ -180,7 +212,7 @@ pub fn mrte_tcp_recv(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
 #[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_enter")]
 pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
     let nr: u64 = ctx.arg(1);
-    if !matches!(nr, SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG) {
+    if !matches!(nr, SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG) || !calls_open() {
         return 0;
     }
     let id = bpf_get_current_pid_tgid();
@@ -273,7 +305,9 @@ pub fn mrte_ssl_read_ret(ctx: RetProbeContext) -> u32 {
     let Some(call) = (unsafe { SSL_CALLS.get(&id) }).copied() else {
         return 0;
     };
-    let _ = SSL_CALLS.remove(&id);
+    if SSL_CALLS.remove(&id).is_ok() {
+        atomic_add(&SSL_CALLS_OPEN, 0u64.wrapping_sub(1));
+    }
     let ret: i64 = ctx.ret::<i64>() as i32 as i64;
     if ret <= 0 {
         return 0;
@@ -403,7 +437,11 @@ pub fn mrte_ssl_write(ctx: ProbeContext) -> u32 {
     let awaiting = state.awaiting;
     state.awaiting = 0;
     let _ = SSL_PREPARES.insert(&ssl, &state, 0);
-    let n = if num < REPLY_HEAD as u64 { num as u32 } else { REPLY_HEAD };
+    let n = if num < REPLY_HEAD as u64 {
+        num as u32
+    } else {
+        REPLY_HEAD
+    };
     // SAFETY: reads a local (see `emit_one`).
     let n = unsafe { core::ptr::read_volatile(&n) };
     let n = (n.wrapping_sub(1) & (CAP_SMALL - 1)) + 1;
@@ -527,4 +565,3 @@ fn emit(c: &mut Counters, call: &SslCall, sock: &SslSock, at: u32, want: u32) {
         done += n;
     }
 }
-

@@ -14,14 +14,16 @@
 //! - `saturated`: sysbench as fast as it goes; qps and p95 latency ratios.
 //! - `paced`: sysbench held at `--rate` transactions/s; CPU time per query by process (the
 //!   capturer, RabbitMQ, MariaDB, and the softirq time of the whole machine), and the kernel
-//!   programs' ns per run and runs per query (the agent with `--bpf_stats`). At a paced rate
+//!   programs' ns per run and runs per query (from a run of the agent with `--bpf_stats`,
+//!   whose clock reads the CPU figures of the other rows do not include). At a paced rate
 //!   these are far steadier than saturated qps on a noisy VM.
 //!
 //! `cargo xtask bench overhead -- [--secs 10] [--rounds 5] [--threads 4] [--rate 12000]
 //!  [--modes saturated,paced] [--workloads oltp_point_select,oltp_read_write]
 //!  [--agent_args "--batch_segments=200 ..."] [--baseline_bin PATH] [--configs 1,4]`
 //! (`--configs`: a subset by index: 1 the agent, 2 without prepared statements, 3 tcpdump, 4
-//! the baseline; nothing attached always runs.)
+//! the baseline, 5 the agent with `--bpf_stats` (paced only: the kernel programs' ns per run;
+//! the other rows run without stats); nothing attached always runs.)
 //! (paced runs use the first workload.)
 
 #[path = "../tests/common/mod.rs"]
@@ -53,6 +55,10 @@ enum Config {
     AgentRaw,
     Tcpdump,
     Baseline,
+    /// The agent with `--bpf_stats` (paced only): the kernel programs' ns per run. Its stats
+    /// cost two clock reads per run of every program, the `sys_enter` one included where it is
+    /// attached, so the CPU columns come from the agent without them.
+    AgentStats,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -278,14 +284,14 @@ fn run_capturing(config: Config, s: &Setup) -> Run {
                 ..Default::default()
             }
         }
-        Config::Agent | Config::AgentRaw | Config::Baseline => {
+        Config::Agent | Config::AgentRaw | Config::Baseline | Config::AgentStats => {
             let (exchange, consumer) = TestExchange::consumed("overhead");
             let name = format!("--rabbitmq_exchange_name={}", exchange.exchange);
             let mut args = vec!["--interface=lo", "--port=3306", &name];
             if config == Config::AgentRaw {
                 args.push("--prepared_statements=off");
             }
-            if s.mode == Mode::Paced {
+            if config == Config::AgentStats {
                 args.push("--bpf_stats");
             }
             args.extend(s.agent_args);
@@ -299,6 +305,7 @@ fn run_capturing(config: Config, s: &Setup) -> Run {
             let (queries, qps, p95_ms) = parse_sysbench(&output(&mut bench));
             let cpu = process_cpu(agent.pid()) - cpu0;
             let t = totals(&agent.stop());
+            let stats = config == Config::AgentStats;
             let get = |k: &str| t.get(k);
             let published = get("published_units");
             let got = consumer.wait(|c| c.units >= published, Duration::from_secs(10));
@@ -317,10 +324,18 @@ fn run_capturing(config: Config, s: &Setup) -> Run {
                 consumed,
                 messages: get("published_msgs"),
                 rendered: get("stmt_rendered"),
-                ingress_runs: get("kernel_runs"),
-                ingress_ns: get("kernel_ns_per_packet"),
-                egress_runs: get("reply_kernel_runs"),
-                egress_ns: get("reply_kernel_ns_per_packet"),
+                ingress_runs: if stats { get("kernel_runs") } else { 0 },
+                ingress_ns: if stats {
+                    get("kernel_ns_per_packet")
+                } else {
+                    0
+                },
+                egress_runs: if stats { get("reply_kernel_runs") } else { 0 },
+                egress_ns: if stats {
+                    get("reply_kernel_ns_per_packet")
+                } else {
+                    0
+                },
                 rss_mb: get("rss_peak_mb"),
                 ..Default::default()
             }
@@ -362,7 +377,10 @@ fn rounds(configs: &[(Config, String)], rounds: usize, s: &Setup) -> Vec<Vec<Run
 }
 
 fn is_agent(c: Config) -> bool {
-    matches!(c, Config::Agent | Config::AgentRaw | Config::Baseline)
+    matches!(
+        c,
+        Config::Agent | Config::AgentRaw | Config::Baseline | Config::AgentStats
+    )
 }
 
 /// Units the agent published that the consumer did not get, and what it counted as dropped.
@@ -417,13 +435,23 @@ fn main() {
             format!("baseline build ({})", b.display()),
         ));
     }
-    // A subset, by index in the order above (nothing attached stays first: ratios need it).
+    configs.push((
+        Config::AgentStats,
+        "mrte-collector, `--bpf_stats` (kernel columns)".into(),
+    ));
+    // A subset, by index (nothing attached stays: ratios need it).
     let only: Vec<usize> = a.list("configs", &[]);
     if !only.is_empty() {
-        let mut k = 0;
-        configs.retain(|_| {
-            k += 1;
-            k == 1 || only.contains(&(k - 1))
+        configs.retain(|(c, _)| {
+            let index = match c {
+                Config::Nothing => return true,
+                Config::Agent => 1,
+                Config::AgentRaw => 2,
+                Config::Tcpdump => 3,
+                Config::Baseline => 4,
+                Config::AgentStats => 5,
+            };
+            only.contains(&index)
         });
     }
     prepare();
@@ -456,11 +484,13 @@ fn main() {
     if modes.iter().any(|m| m == "paced") {
         let workload = &workloads[0];
         let runs = rounds(&configs, rounds_n, &setup(Mode::Paced, workload));
+        let stats = Config::AgentStats;
         md.push_str(&format!(
             "### Paced: `{workload}` at {rate} transactions/s\n\n\
              CPU time (user + system) per query by process during the run; softirq: the whole \
              machine's, where loopback's packets and the TC programs run. Kernel programs: \
-             the agent with `--bpf_stats` (which itself adds two clock reads per run). \
+             from the agent with `--bpf_stats` (a configuration of its own: the stats add two \
+             clock reads to every run of every program, which the other rows do not pay). \
              Lost: units the agent counted as dropped / units published that the consumer did \
              not get, all rounds.\n\n\
              | configuration | qps (median) | capturer us/query | RabbitMQ us/query | MariaDB us/query | softirq us/query | ingress ns/run | egress ns/run | ingress runs/query | units/message (median) | lost | peak RSS MiB (max) |\n\
@@ -484,18 +514,14 @@ fn main() {
                 fmt_spread(&per_q(&|x| x.broker_cpu), 2),
                 fmt_spread(&per_q(&|x| x.server_cpu), 2),
                 fmt_spread(&per_q(&|x| x.softirq), 2),
-                col(ns(&|x| x.ingress_ns), 0, agent),
-                col(
-                    ns(&|x| x.egress_ns),
-                    0,
-                    *config == Config::Agent || *config == Config::Baseline
-                ),
+                col(ns(&|x| x.ingress_ns), 0, *config == stats),
+                col(ns(&|x| x.egress_ns), 0, *config == stats),
                 col(
                     r.iter()
                         .map(|x| x.ingress_runs as f64 / x.queries.max(1.0))
                         .collect(),
                     2,
-                    agent
+                    *config == stats
                 ),
                 if agent {
                     format!(
@@ -519,6 +545,8 @@ fn main() {
         }
         md.push('\n');
     }
+    // The stats configuration only serves the paced kernel columns.
+    configs.retain(|(c, _)| *c != Config::AgentStats);
     if modes.iter().any(|m| m == "saturated") {
         md.push_str(
             "### Saturated\n\n\

@@ -8,7 +8,7 @@
 //! record (getrusage RUSAGE_THREAD), and losses; each as min/median/max over rounds and as a
 //! ratio of medians against the default.
 //!
-//! `cargo xtask bench -- [--secs N] [--rounds N] [--conns N] [--sizes 64,1024,16384]`
+//! `cargo xtask bench -- [--secs N] [--rounds N] [--conns N] [--sizes 64,1024,16384] [--hot_only]`
 
 use std::{
     io::{Read, Write},
@@ -29,6 +29,8 @@ struct Args {
     conns: usize,
     sizes: Vec<usize>,
     out: std::path::PathBuf,
+    /// Only the kernel programs' hot cost (BPF_PROG_TEST_RUN), no load.
+    hot_only: bool,
 }
 
 fn args() -> Args {
@@ -38,6 +40,7 @@ fn args() -> Args {
         conns: 4,
         sizes: vec![64, 1024, 16384],
         out: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
+        hot_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -48,6 +51,7 @@ fn args() -> Args {
             "--conns" => a.conns = v().parse().unwrap(),
             "--sizes" => a.sizes = v().split(',').map(|s| s.parse().unwrap()).collect(),
             "--out" => a.out = v().into(),
+            "--hot_only" => a.hot_only = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -214,6 +218,10 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 
 fn main() {
     let a = args();
+    if a.hot_only {
+        println!("{}", hot_cost());
+        return;
+    }
     let stats_fd = collector::capture::enable_bpf_stats().expect("BPF_ENABLE_STATS (root?)");
     let transports = [
         (Some(Transport::RingClasses), "ring (size classes)"),

@@ -227,3 +227,40 @@ async fn the_reply_program_takes_only_the_awaited_reply() {
     assert_eq!(got, [6, 4, 0, 2, 2, 1, 1]);
     assert_eq!(e.get(Counter::Bytes), 16);
 }
+
+/// Several ports: the first is matched by a load-time constant, the others through the port
+/// array. Segments to each are captured, on any other port (the reply direction too) left out.
+#[tokio::test]
+async fn every_given_port_is_captured_and_only_those() {
+    let payload = b"\x05\x00\x00\x00\x03hello";
+    let ports = [PORT, PORT + 7, PORT + 9];
+    let mut cap = TestCapture::start_with(CaptureConfig::new("lo", ports.to_vec()));
+    for (dport, captured) in [
+        (ports[0], true),
+        (ports[1], true),
+        (ports[2], true),
+        (PORT + 1, false),
+        (PORT + 8, false),
+    ] {
+        let frame = frame(0x0800, &ipv4(5, 6, 0, None, &tcp(dport, 5, 0x18, payload)));
+        let before = cap.counters();
+        assert_eq!(cap.capture.test_run(&frame, 1).unwrap().retval, CONTINUE);
+        let after = cap.counters();
+        let (records, other) = if captured { (1, 0) } else { (0, 1) };
+        assert_eq!(
+            delta(&before, &after, Counter::Records),
+            records,
+            "port {dport}"
+        );
+        assert_eq!(
+            delta(&before, &after, Counter::OtherPort),
+            other,
+            "port {dport}"
+        );
+    }
+    cap.collect_until(Duration::from_secs(5), "records", |r, _| r.len() >= 3)
+        .await;
+    let mut got: Vec<u16> = cap.records.iter().map(|r| r.dport).collect();
+    got.sort_unstable();
+    assert_eq!(got, ports.to_vec());
+}

@@ -435,6 +435,9 @@ fn load(
         cfg.ring_bytes as u64 / 8
     };
     let perf = cfg.transport == Transport::PerfSkb;
+    // `check` has made sure there is one.
+    let first_port = cfg.ports.first().copied().unwrap_or(0);
+    let more_ports = u8::from(cfg.ports.len() > 1);
     let mut loader = EbpfLoader::new();
     // Unknown ones stay 0: the TLS programs then read nothing (`attach_tls` says why).
     if let Some(offsets) = tls_offsets {
@@ -449,6 +452,8 @@ fn load(
         .override_global("WAKE_AT_BYTES", &wake_at, true)
         .override_global("PREPARED", &u8::from(cfg.prepared), true)
         .override_global("OTHER_HOSTS", &u8::from(cfg.other_hosts), true)
+        .override_global("FIRST_PORT", &first_port, true)
+        .override_global("MORE_PORTS", &more_ports, true)
         // The unused transport's map is kept at its minimum size.
         .map_max_entries("RECORDS", if perf { page_size() } else { cfg.ring_bytes })
         .load(EBPF_OBJECT)?)
