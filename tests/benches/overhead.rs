@@ -305,7 +305,7 @@ fn run_capturing(config: Config, s: &Setup) -> Run {
             let (queries, qps, p95_ms) = parse_sysbench(&output(&mut bench));
             let cpu = process_cpu(agent.pid()) - cpu0;
             let t = totals(&agent.stop());
-            let stats = config == Config::AgentStats;
+            let stats = config == Config::AgentStats || s.agent_args.contains(&"--bpf_stats");
             let get = |k: &str| t.get(k);
             let published = get("published_units");
             let got = consumer.wait(|c| c.units >= published, Duration::from_secs(10));
@@ -484,7 +484,6 @@ fn main() {
     if modes.iter().any(|m| m == "paced") {
         let workload = &workloads[0];
         let runs = rounds(&configs, rounds_n, &setup(Mode::Paced, workload));
-        let stats = Config::AgentStats;
         md.push_str(&format!(
             "### Paced: `{workload}` at {rate} transactions/s\n\n\
              CPU time (user + system) per query by process during the run; softirq: the whole \
@@ -506,6 +505,8 @@ fn main() {
             let col =
                 |v: Vec<f64>, d: usize, on: bool| if on { fmt_spread(&v, d) } else { "-".into() };
             let agent = is_agent(*config);
+            // The stats configuration, or any with `--bpf_stats` among `--agent_args`.
+            let kernel = agent && r.iter().all(|x| x.ingress_runs > 0);
             let ns = |f: &dyn Fn(&Run) -> u64| r.iter().map(|x| f(x) as f64).collect::<Vec<_>>();
             md.push_str(&format!(
                 "| {name} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -514,14 +515,18 @@ fn main() {
                 fmt_spread(&per_q(&|x| x.broker_cpu), 2),
                 fmt_spread(&per_q(&|x| x.server_cpu), 2),
                 fmt_spread(&per_q(&|x| x.softirq), 2),
-                col(ns(&|x| x.ingress_ns), 0, *config == stats),
-                col(ns(&|x| x.egress_ns), 0, *config == stats),
+                col(ns(&|x| x.ingress_ns), 0, kernel),
+                col(
+                    ns(&|x| x.egress_ns),
+                    0,
+                    kernel && *config != Config::AgentRaw
+                ),
                 col(
                     r.iter()
                         .map(|x| x.ingress_runs as f64 / x.queries.max(1.0))
                         .collect(),
                     2,
-                    *config == stats
+                    kernel
                 ),
                 if agent {
                     format!(
