@@ -14,7 +14,7 @@
 //! so the packet and the programs after them are untouched.
 #![no_std]
 #![no_main]
-// `atomic_xadd`: the BPF target's atomic add (see `add_marks`).
+// `atomic_xadd`: the BPF target's atomic add (see `atomic_add`).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
@@ -148,7 +148,7 @@ pub fn mrte_replies(ctx: TcContext) -> i32 {
     bump(counters, Counter::Packets);
     // While no connection awaits a reply, nothing on egress is wanted: not even the headers
     // are read.
-    if !any_marks() {
+    if !nonzero(&MARKS) {
         bump(counters, Counter::Unawaited);
         return TC_ACT_UNSPEC;
     }
@@ -445,7 +445,7 @@ fn capture(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
             if let Some(v) = AWAITING.get_ptr_mut(&key) {
                 // SAFETY: a pointer to the map value.
                 let count = unsafe { core::mem::replace(&mut (*v).count, 0) };
-                add_marks(0u64.wrapping_sub(count as u64));
+                atomic_add(&MARKS, 0u64.wrapping_sub(count as u64));
                 let _ = AWAITING.remove(&key);
             }
         }
@@ -529,17 +529,12 @@ fn mark_prepares(ctx: &TcContext, pkt: &Packet, counters: &mut Counters, seg: &S
             }
         }
     }
-    add_marks(found as u64);
+    atomic_add(&MARKS, found as u64);
     counters.0[Counter::PrepareMarked as usize] += found as u64;
 }
 
-/// Adds `n` (wrapping: a negative amount is its two's complement) to `MARKS`, atomically.
-#[inline(always)]
-fn add_marks(n: u64) {
-    atomic_add(&MARKS, n);
-}
-
-/// Adds `n` (wrapping) to the one value of a count shared by all CPUs, atomically.
+/// Adds `n` (wrapping: a negative amount is its two's complement) to the one value of a count
+/// shared by all CPUs (`MARKS`, `SSL_CALLS_OPEN`), atomically.
 #[inline(always)]
 pub(crate) fn atomic_add(count: &Array<u64>, n: u64) {
     if let Some(p) = count.get_ptr_mut(0) {
@@ -549,11 +544,11 @@ pub(crate) fn atomic_add(count: &Array<u64>, n: u64) {
     }
 }
 
-/// Whether any connection awaits a reply.
+/// Whether such a count is non-zero (true if its value cannot be read: the safe side).
 #[inline(always)]
-fn any_marks() -> bool {
-    match MARKS.get_ptr(0) {
-        // SAFETY: as in `add_marks`; a plain load of an aligned u64 is atomic.
+pub(crate) fn nonzero(count: &Array<u64>) -> bool {
+    match count.get_ptr(0) {
+        // SAFETY: as in `atomic_add`; a plain load of an aligned u64 is atomic.
         Some(p) => (unsafe { core::ptr::read_volatile(p) }) != 0,
         None => true,
     }
@@ -610,7 +605,7 @@ fn reply(ctx: &TcContext, counters: &mut Counters) -> Result<(), Counter> {
     // seen, or a client pipelined PREPAREs): user space pairs only replies with one.
     let awaiting = v.count;
     v.count = 0;
-    add_marks(0u64.wrapping_sub(awaiting as u64));
+    atomic_add(&MARKS, 0u64.wrapping_sub(awaiting as u64));
     rec.hdr.kind = KIND_PREPARE_REPLY;
     rec.hdr.awaiting = if awaiting > 255 { 255 } else { awaiting as u8 };
     if seg.payload_len >= REPLY_HEAD {

@@ -30,8 +30,8 @@ use collector_common::{
 };
 
 use crate::{
-    CAP_LARGE, CAP_MEDIUM, CAP_SMALL, COUNTERS, HDR, RECORDS, atomic_add, bump, prepared_on,
-    wake_flags,
+    CAP_LARGE, CAP_MEDIUM, CAP_SMALL, COUNTERS, HDR, RECORDS, atomic_add, bump, nonzero,
+    prepared_on, wake_flags,
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -85,16 +85,6 @@ fn enter(ssl: u64, buf: u64, readbytes: u64) {
         atomic_add(&SSL_CALLS_OPEN, 1);
     } else {
         let _ = SSL_CALLS.insert(&id, &call, 0);
-    }
-}
-
-/// Whether any thread is inside a probed `SSL_read`.
-#[inline(always)]
-fn calls_open() -> bool {
-    match SSL_CALLS_OPEN.get_ptr(0) {
-        // SAFETY: as in `crate::any_marks`.
-        Some(p) => (unsafe { core::ptr::read_volatile(p) }) != 0,
-        None => true,
     }
 }
 
@@ -192,7 +182,7 @@ fn fd_sock(fd: u64) -> Option<u64> {
 /// probed call), and hands the socket itself: no walk of the file table.
 #[aya_ebpf::macros::fentry(function = "tcp_recvmsg")]
 pub fn mrte_tcp_recv(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
-    if !calls_open() {
+    if !nonzero(&SSL_CALLS_OPEN) {
         return 0;
     }
     let id = bpf_get_current_pid_tgid();
@@ -212,7 +202,8 @@ pub fn mrte_tcp_recv(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
 #[aya_ebpf::macros::raw_tracepoint(tracepoint = "sys_enter")]
 pub fn mrte_sys_enter(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
     let nr: u64 = ctx.arg(1);
-    if !matches!(nr, SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG) || !calls_open() {
+    if !matches!(nr, SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG) || !nonzero(&SSL_CALLS_OPEN)
+    {
         return 0;
     }
     let id = bpf_get_current_pid_tgid();

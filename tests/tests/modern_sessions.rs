@@ -675,6 +675,19 @@ fn tls_programs_loaded() -> usize {
         .count()
 }
 
+/// The newest loaded `SSL_CALLS_OPEN` map's count (the running agent's): `SSL_read`s under way.
+fn ssl_calls_open() -> u64 {
+    let info = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some("SSL_CALLS_OPEN"))
+        .max_by_key(|m| m.id())
+        .expect("no SSL_CALLS_OPEN map loaded");
+    let map =
+        aya::maps::Map::from_map_data(aya::maps::MapData::from_id(info.id()).unwrap()).unwrap();
+    let count: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
+    count.get(&0, 0).unwrap()
+}
+
 /// The uprobe path under churn: 200 TLS connections of the `mariadb` client open, write and
 /// close (four at a time) while 4 long-lived TLS sessions write beside them. Replayed, every
 /// row is there (each session's plaintext exact, in order, however the descriptors and SSL
@@ -737,6 +750,9 @@ async fn tls_sessions_under_churn_replay_exactly_and_nothing_stays_attached() {
         c.finish();
     }
     tokio::task::block_in_place(|| source.wait_connections(1));
+    // Every connection has ended, so no SSL_read is under way: the count that spares the
+    // socket hook its lookup is back at 0 (one left high would cost every read a lookup).
+    assert_eq!(ssl_calls_open(), 0, "SSL_read calls counted as under way");
     let stdout = agent.stop();
     assert_eq!(tls_programs_released(), 0, "TLS programs left after exit");
 
